@@ -1,0 +1,49 @@
+"""FHIR ingestion: one DAG per FHIR source of `sources.yml`, each delivery loaded as one batch.
+
+The DAG finds the source's pending deliveries (or takes `delivery_path` from the trigger form) and maps one
+ingestion task over them; all logic lives in `health_ingest`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, Param, task
+from health_ingest.orchestration import doc_md, schedule_for, sources_of_kind
+
+for source in sources_of_kind("fhir"):
+    with DAG(
+        dag_id=source.dag_id,
+        description=f"Load FHIR deliveries of {source.name} into the warehouse",
+        doc_md=doc_md(source),
+        schedule=schedule_for(source),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        tags=["fhir", "ingest", *source.tags],
+        default_args={"owner": source.owner, "retries": source.retries, "retry_delay": timedelta(minutes=2)},
+        params={
+            "delivery_path": Param(
+                None,
+                type=["null", "string"],
+                description="A folder of NDJSON files to load now, instead of the inbox's pending deliveries.",
+            )
+        },
+    ) as dag:
+
+        @task
+        def find_deliveries(source_name: str, params=None) -> list[str]:
+            from health_ingest.orchestration import find_deliveries
+
+            return find_deliveries(source_name, params or {})
+
+        @task(max_active_tis_per_dagrun=1)
+        def ingest(source_name: str, delivery: str) -> dict:
+            from health_ingest.orchestration import ingest_fhir_delivery
+
+            return ingest_fhir_delivery(source_name, delivery)
+
+        ingest.partial(source_name=source.name).expand(delivery=find_deliveries(source.name))
+
+    globals()[source.dag_id] = dag

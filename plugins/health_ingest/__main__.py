@@ -1,0 +1,3 @@
+from health_ingest.cli import main
+
+raise SystemExit(main())

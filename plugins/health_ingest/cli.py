@@ -1,0 +1,287 @@
+"""The `health-ingest` command: the demo, one-off ingestion, the warehouse and the keys."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from health_ingest import config
+from health_ingest.errors import HealthIngestError
+
+log = logging.getLogger("health_ingest")
+
+DEMO_SOURCE = "smart_sample"
+DEMO_SAMPLE = Path("samples") / "smart-bulk-10"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except HealthIngestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Embedded warehouse (unless one is configured), migrations, Airflow metadata, and one real DAG run."""
+    from health_ingest.airflow_env import airflow_environment
+    from health_ingest.sources.registry import get_source
+    from health_ingest.warehouse import batches
+    from health_ingest.warehouse.connection import connect, warehouse_url
+    from health_ingest.warehouse.migrations import migrate
+
+    os.environ[config.ENV_DEMO] = "1"
+    started = time.monotonic()
+    configured = bool(os.environ.get(config.ENV_WAREHOUSE_URL))
+    _say(
+        "warehouse",
+        "starting the embedded PostgreSQL" if not configured else "using HEALTH_INGEST_WAREHOUSE_URL",
+    )
+    url = warehouse_url()
+    conn = connect(url)
+    try:
+        applied = migrate(conn)
+        _say("warehouse", f"migrations applied: {len(applied)} new")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT now()")
+            (run_started,) = cur.fetchone()
+    finally:
+        conn.close()
+
+    source = get_source(DEMO_SOURCE)
+    sample = (config.project_root() / DEMO_SAMPLE).resolve()
+    env = {**os.environ, **airflow_environment(), config.ENV_WAREHOUSE_URL: url, config.ENV_DEMO: "1"}
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    airflow_log = config.state_dir() / "demo-airflow.log"
+    _say("airflow", f"initialising metadata (SQLite) and running DAG {source.dag_id}; log: {airflow_log}")
+    with airflow_log.open("w") as log_file:
+        for command in (
+            [airflow, "db", "migrate"],
+            [airflow, "dags", "test", source.dag_id, "--conf", f'{{"delivery_path": "{sample}"}}'],
+        ):
+            code = subprocess.run(command, env=env, stdout=log_file, stderr=subprocess.STDOUT).returncode
+            if code != 0:
+                log_file.flush()
+                print(_tail(airflow_log, 40), file=sys.stderr)
+                print(
+                    f"error: '{' '.join(command[1:3])}' exited {code}; full log: {airflow_log}",
+                    file=sys.stderr,
+                )
+                return 1
+
+    conn = connect(url)
+    conn.autocommit = True
+    try:
+        demo_batches = [
+            b for b in batches.recent_batches(conn, limit=5, source=source.name) if b.started_at >= run_started
+        ]
+        if not demo_batches or demo_batches[0].status != "committed":
+            error = demo_batches[0].error if demo_batches else "no batch was recorded"
+            print(f"error: the demo batch did not commit: {error}; log: {airflow_log}", file=sys.stderr)
+            return 1
+        batch = demo_batches[0]
+        counts = batches.counts_by_type(conn, batch.batch_id)
+    finally:
+        conn.close()
+    _print_demo_summary(batch, counts, url, time.monotonic() - started, configured)
+    return 0
+
+
+def cmd_ingest_fhir(args: argparse.Namespace) -> int:
+    """One batch without Airflow: the same code the DAG task calls."""
+    from health_ingest.pipeline import run_fhir_batch
+    from health_ingest.report import batch_counts_table
+    from health_ingest.sources.registry import get_source
+
+    source = get_source(args.source)
+    progress = None if args.quiet else _progress_printer()
+    result = run_fhir_batch(Path(args.path), source, progress=progress)
+    counts = [(t, c.rows_read, c.rows_loaded, c.rows_quarantined) for t, c in sorted(result.counts.items())]
+    print(batch_counts_table(counts))
+    print(f"\nbatch {result.batch_id} committed in {result.elapsed:.1f} s (key {result.key_id})")
+    for name in result.skipped_files:
+        print(f"skipped {name}: not named after a FHIR resource type")
+    return 0
+
+
+def cmd_warehouse_migrate(args: argparse.Namespace) -> int:
+    from health_ingest.warehouse.connection import connect, redact, warehouse_url
+    from health_ingest.warehouse.migrations import migrate
+
+    url = warehouse_url()
+    conn = connect(url)
+    try:
+        applied = migrate(conn)
+    finally:
+        conn.close()
+    for migration in applied:
+        print(f"applied {migration.version:04d}_{migration.name}")
+    print(f"warehouse {redact(url)} is up to date ({len(applied)} applied now)")
+    return 0
+
+
+def cmd_warehouse_status(args: argparse.Namespace) -> int:
+    from health_ingest.report import table
+    from health_ingest.warehouse import batches
+    from health_ingest.warehouse.connection import connect, redact, warehouse_url
+    from health_ingest.warehouse.migrations import require_migrated
+
+    url = warehouse_url()
+    conn = connect(url)
+    conn.autocommit = True
+    try:
+        require_migrated(conn)
+        rows = batches.recent_batches(conn, limit=args.limit, source=args.source)
+    finally:
+        conn.close()
+    print(f"warehouse {redact(url)}: {len(rows)} most recent batches\n")
+    print(
+        table(
+            ["batch", "source", "status", "started (UTC)", "read", "loaded", "quarantined", "key", "error"],
+            [
+                (
+                    b.batch_id,
+                    b.source,
+                    b.status,
+                    b.started_at,
+                    b.rows_read,
+                    b.rows_loaded,
+                    b.rows_quarantined,
+                    b.key_id,
+                    (b.error or "")[:80],
+                )
+                for b in rows
+            ],
+            right={4, 5, 6},
+        )
+    )
+    return 0
+
+
+def cmd_warehouse_url(args: argparse.Namespace) -> int:
+    from health_ingest.warehouse.connection import warehouse_url
+
+    print(warehouse_url())
+    return 0
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    from health_ingest.privacy.keyring import new_keyring_file
+
+    path = Path(args.keyring)
+    if path.exists():
+        print(f"error: {path} exists; keys are never overwritten", file=sys.stderr)
+        return 2
+    keyring = new_keyring_file(path)
+    print(f"wrote {path} (mode 0600) with active key {keyring.active_id}; set {config.ENV_KEYRING}={path}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from health_ingest.privacy.keyring import load_keyring, read_keyring_file
+
+    keyring = read_keyring_file(Path(args.keyring)) if args.keyring else load_keyring()
+    for key_id, key in sorted(keyring.keys.items()):
+        flags = [f for f, on in (("active", key_id == keyring.active_id), ("demo", key.demo)) if on]
+        print(f"{key_id}  {len(key.secret) * 8}-bit  {' '.join(flags)}")
+    return 0
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="health-ingest", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(title="commands")
+
+    demo = commands.add_parser("demo", help="run the FHIR DAG end to end on the bundled sample")
+    demo.set_defaults(run=cmd_demo)
+
+    ingest = commands.add_parser("ingest", help="load one delivery as one batch, without Airflow")
+    ingest_kinds = ingest.add_subparsers(title="kinds")
+    fhir = ingest_kinds.add_parser("fhir", help="a folder of FHIR NDJSON files, or one file")
+    fhir.add_argument("path")
+    fhir.add_argument("--source", required=True, help="a source name from the sources file")
+    fhir.add_argument("--quiet", action="store_true", help="no progress lines")
+    fhir.set_defaults(run=cmd_ingest_fhir)
+
+    warehouse = commands.add_parser("warehouse", help="the PostgreSQL warehouse")
+    actions = warehouse.add_subparsers(title="actions")
+    actions.add_parser("migrate", help="apply pending migrations").set_defaults(run=cmd_warehouse_migrate)
+    status = actions.add_parser("status", help="recent batches and their counts")
+    status.add_argument("--limit", type=int, default=20)
+    status.add_argument("--source")
+    status.set_defaults(run=cmd_warehouse_status)
+    actions.add_parser("url", help="print the warehouse URL (starts the embedded one)").set_defaults(
+        run=cmd_warehouse_url
+    )
+
+    keys = commands.add_parser("keys", help="pseudonymisation keys (never prints key material)")
+    key_actions = keys.add_subparsers(title="actions")
+    new = key_actions.add_parser("new", help="write a new keyring file with one random key")
+    new.add_argument("--keyring", required=True)
+    new.set_defaults(run=cmd_keys_new)
+    listing = key_actions.add_parser("list", help="key ids of a keyring")
+    listing.add_argument("--keyring")
+    listing.set_defaults(run=cmd_keys_list)
+    return parser
+
+
+def _progress_printer():
+    started = time.monotonic()
+
+    def progress(file_name: str, rows: int) -> None:
+        elapsed = max(time.monotonic() - started, 1e-6)
+        print(f"  {file_name}: {rows:,} records ({rows / elapsed:,.0f}/s overall)", file=sys.stderr)
+
+    return progress
+
+
+def _say(step: str, message: str) -> None:
+    print(f"[{step}] {message}", flush=True)
+
+
+def _tail(path: Path, lines: int) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _print_demo_summary(batch, counts, url: str, elapsed: float, configured: bool) -> None:
+    from health_ingest.report import batch_counts_table
+    from health_ingest.warehouse.connection import redact
+
+    print()
+    print(f"Demo batch {batch.batch_id} ({batch.status}, pseudonymisation key {batch.key_id})")
+    print()
+    print(batch_counts_table(counts))
+    print()
+    print(f"Elapsed: {elapsed:.1f} s")
+    print(f"Warehouse: {redact(url)}")
+    if configured:
+        psql = "psql"
+    else:
+        from health_ingest.warehouse.embedded import psql_path
+
+        psql = str(psql_path())
+    print("Query it, for example:")
+    print(f"  {psql} '{redact(url)}' -c 'SELECT resource_type, rows_read, rows_loaded, rows_quarantined")
+    print(f"      FROM ingest.batch_files WHERE batch_id = '\\''{batch.batch_id}'\\'''")
+    print(f"  {psql} '{redact(url)}' -c \"SELECT resource->>'gender', resource->>'birthDate' FROM fhir.patient\"")
+    print("  health-ingest warehouse status")

@@ -1,0 +1,29 @@
+"""Named errors with exit codes, whose messages never carry record values."""
+
+from __future__ import annotations
+
+
+class HealthIngestError(Exception):
+    """Base of the project's errors; `exit_code` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class ConfigurationError(HealthIngestError):
+    exit_code = 2
+
+
+class KeyringError(ConfigurationError):
+    pass
+
+
+class DeliveryError(HealthIngestError):
+    """The delivery cannot be read as a whole (missing folder, no files): nothing was loaded."""
+
+    exit_code = 3
+
+
+class LoadError(HealthIngestError):
+    """The batch was rolled back: the warehouse holds nothing of it."""
+
+    exit_code = 4

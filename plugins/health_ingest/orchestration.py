@@ -1,0 +1,86 @@
+"""What the DAG files call: schedules built from the sources file, and the bodies of their tasks.
+
+Heavy modules are imported inside the functions: Airflow parses DAG files every few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from health_ingest.sources.registry import Source, load_sources
+
+log = logging.getLogger(__name__)
+
+
+def sources_of_kind(kind: str) -> list[Source]:
+    return [s for s in load_sources().values() if s.kind == kind]
+
+
+def schedule_for(source: Source):
+    """The source's cron schedule, or-ed with an Asset whose watcher fires when a delivery lands."""
+    from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable
+
+    from health_ingest.sources.triggers import DeliveryReadyTrigger
+
+    assets = None
+    if source.inbox is not None:
+        assets = Asset(
+            name=f"{source.name}_deliveries",
+            uri=f"file://{source.inbox}",
+            watchers=[
+                AssetWatcher(name=f"{source.name}_delivery_ready", trigger=DeliveryReadyTrigger(str(source.inbox)))
+            ],
+        )
+    if source.schedule and assets is not None:
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(source.schedule, timezone="UTC"), assets=assets)
+    if source.schedule:
+        return CronTriggerTimetable(source.schedule, timezone="UTC")
+    return assets
+
+
+def doc_md(source: Source) -> str:
+    inbox = f"`{source.inbox}`" if source.inbox else "none (deliveries are given as a parameter)"
+    return (
+        f"### {source.kind.upper()} source `{source.name}`\n\n{source.description}\n\n"
+        f"- **Runs**: on `{source.schedule or 'no schedule'}` (UTC), and as soon as a delivery's `_READY` "
+        f"marker appears in the inbox {inbox}.\n"
+        "- **One batch per delivery**: land, read, check, pseudonymise, stage, verify, commit. A batch commits "
+        "whole or not at all; bad records go to `ingest.quarantine` with file, line and reason.\n"
+        "- **Trigger a delivery by hand**: *Trigger DAG* with `delivery_path` set to a folder of NDJSON files.\n"
+        "- **After a failure**: `health-ingest warehouse status` shows the batch and its error; the delivery stays "
+        "pending and the next run takes it again.\n"
+    )
+
+
+def find_deliveries(source_name: str, params: dict[str, Any]) -> list[str]:
+    """The deliveries this run loads: the one given as a parameter, else every pending one in the inbox."""
+    from health_ingest.sources.inbox import pending_deliveries
+    from health_ingest.sources.registry import get_source
+
+    if params.get("delivery_path"):
+        return [str(Path(params["delivery_path"]).resolve())]
+    source = get_source(source_name)
+    found = [str(p) for p in pending_deliveries(source.inbox)] if source.inbox else []
+    log.info("source %s: %d pending deliveries", source_name, len(found))
+    return found
+
+
+def ingest_fhir_delivery(source_name: str, delivery: str) -> dict[str, Any]:
+    """Run one batch; configuration errors fail the task without retry (retrying cannot help)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from health_ingest.errors import ConfigurationError
+    from health_ingest.pipeline import run_fhir_batch
+    from health_ingest.sources.inbox import mark_done
+    from health_ingest.sources.registry import get_source
+
+    try:
+        source = get_source(source_name)
+        result = run_fhir_batch(Path(delivery), source)
+    except ConfigurationError as error:
+        raise AirflowFailException(str(error)) from None
+    if source.inbox and Path(delivery).parent == source.inbox:
+        mark_done(Path(delivery))
+    return result.to_summary()

@@ -1,0 +1,1 @@
+"""Pseudonymisation: keys, identifier tokens and the rewriting of resources."""

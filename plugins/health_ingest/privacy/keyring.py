@@ -1,0 +1,122 @@
+"""Pseudonymisation keys: kept outside the warehouse and the repository, each with an id stored on every batch."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from health_ingest import config
+from health_ingest.errors import KeyringError
+
+log = logging.getLogger(__name__)
+
+KEY_ID = re.compile(r"^[a-z0-9]{1,11}$")
+MIN_SECRET_BYTES = 32
+DEMO_KEYRING_NAME = "keyring.demo.json"
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    key_id: str
+    secret: bytes = field(repr=False)
+    demo: bool = False
+
+
+@dataclass(frozen=True)
+class Keyring:
+    keys: dict[str, MasterKey] = field(repr=False)
+    active_id: str
+
+    @property
+    def active(self) -> MasterKey:
+        return self.keys[self.active_id]
+
+    def subkey(self, purpose: str, key_id: str | None = None) -> bytes:
+        """An independent 32-byte key per purpose, so one leaked subkey exposes nothing else."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        master = self.keys[key_id or self.active_id]
+        info = f"health-ingest/{purpose}".encode()
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master.secret)
+
+
+def load_keyring(path: Path | None = None) -> Keyring:
+    """The configured keyring; outside demo mode a missing, short or demo key is refused."""
+    configured = path or (Path(os.environ[config.ENV_KEYRING]) if os.environ.get(config.ENV_KEYRING) else None)
+    if configured is None:
+        if not config.demo_mode():
+            raise KeyringError(
+                f"no pseudonymisation keyring: set {config.ENV_KEYRING} to a keyring file "
+                f"(create one with 'health-ingest keys new --keyring FILE'), or {config.ENV_DEMO}=1 for a demo"
+            )
+        return _demo_keyring()
+    keyring = read_keyring_file(configured)
+    if keyring.active.demo and not config.demo_mode():
+        raise KeyringError(f"{configured}: the active key is a demo key; refusing outside demo mode")
+    return keyring
+
+
+def read_keyring_file(path: Path) -> Keyring:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KeyringError(f"{path}: keyring file not found") from None
+    except (OSError, ValueError) as error:
+        raise KeyringError(f"{path}: unreadable keyring ({type(error).__name__})") from None
+    keys: dict[str, MasterKey] = {}
+    for entry in document.get("keys", []):
+        key_id = str(entry.get("id", ""))
+        if not KEY_ID.match(key_id):
+            raise KeyringError(f"{path}: key id '{key_id}' must match {KEY_ID.pattern}")
+        try:
+            secret = base64.b64decode(entry["secret"], validate=True)
+        except (KeyError, ValueError):
+            raise KeyringError(f"{path}: key '{key_id}' has no valid base64 secret") from None
+        if len(secret) < MIN_SECRET_BYTES:
+            raise KeyringError(f"{path}: key '{key_id}' is shorter than {MIN_SECRET_BYTES} bytes")
+        keys[key_id] = MasterKey(key_id, secret, demo=bool(entry.get("demo", False)))
+    active = document.get("active")
+    if active not in keys:
+        raise KeyringError(f"{path}: the active key '{active}' is not in the keyring")
+    return Keyring(keys=keys, active_id=active)
+
+
+def new_keyring_file(path: Path, *, demo: bool = False) -> Keyring:
+    """Write a keyring holding one fresh random key (mode 0600)."""
+    key_id = "k" + datetime.now(UTC).strftime("%y%m%d") + secrets.token_hex(2)
+    secret = secrets.token_bytes(MIN_SECRET_BYTES)
+    document = {
+        "active": key_id,
+        "keys": [
+            {
+                "id": key_id,
+                "secret": base64.b64encode(secret).decode(),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "demo": demo,
+            }
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=2)
+    return Keyring(keys={key_id: MasterKey(key_id, secret, demo)}, active_id=key_id)
+
+
+def _demo_keyring() -> Keyring:
+    path = config.state_dir() / DEMO_KEYRING_NAME
+    keyring = read_keyring_file(path) if path.exists() else new_keyring_file(path, demo=True)
+    log.warning(
+        "DEMO MODE: pseudonyms use a generated demo key (%s) kept in the state folder. "
+        "Never load real patient data this way.",
+        keyring.active_id,
+    )
+    return keyring

@@ -1,0 +1,165 @@
+"""Rewrite one FHIR resource so that no direct identifier is left: allow-list extensions, tokens for ids."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from health_ingest.privacy.tokens import Tokeniser
+
+# Fields that hold direct identifiers or free text about a person: removed wherever they appear.
+DROPPED_FIELDS = frozenset({"telecom", "photo", "contact", "note", "comment", "patientInstruction"})
+
+# Only these extensions survive: an unknown extension may carry identifiers (a mother's maiden name,
+# a birth place, a geolocation).
+ALLOWED_EXTENSIONS = frozenset(
+    {
+        "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+        "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
+        "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex",
+        "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+    }
+)
+ADDRESS_KEPT_FIELDS = ("use", "type", "state", "country", "postalCode")
+PATIENT_FIELDS = ("subject", "patient", "beneficiary")
+_GONE = object()
+PSEUDONYMISED_TAG = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "PSEUDED",
+    "display": "pseudonymized",
+}
+
+REFERENCE = re.compile(
+    r"^(?P<base>(?:https?://[^?#]*/)?)(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-.]{1,64})"
+    r"(?P<history>/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
+CONDITIONAL_REFERENCE = re.compile(r"^(?P<type>[A-Z][A-Za-z]{1,63})\?(?P<query>.+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Pseudonymised:
+    """What the warehouse needs beside the rewritten resource."""
+
+    resource_id: str
+    patient_id: str | None
+
+
+class ResourcePseudonymiser:
+    """Applies the project's rules to a parsed resource, in place (the caller owns the dict)."""
+
+    def __init__(self, tokeniser: Tokeniser, *, birth_date_precision: str = "year") -> None:
+        if birth_date_precision not in {"year", "month"}:
+            raise ValueError("birth_date_precision must be 'year' or 'month'")
+        self.tokens = tokeniser
+        self._birth_date_length = 4 if birth_date_precision == "year" else 7
+
+    def pseudonymise(self, resource: dict[str, Any]) -> Pseudonymised:
+        resource_type = resource["resourceType"]
+        resource_id = self.tokens.resource_id(resource_type, resource["id"])
+        patient_id = resource_id if resource_type == "Patient" else self._patient_of(resource)
+        self._scrub(resource)
+        resource["id"] = resource_id
+        birth_date = resource.get("birthDate")
+        if isinstance(birth_date, str):
+            resource["birthDate"] = birth_date[: self._birth_date_length]
+        meta = resource.setdefault("meta", {})
+        meta.setdefault("security", []).append(PSEUDONYMISED_TAG)
+        return Pseudonymised(resource_id, patient_id)
+
+    def rewrite_reference(self, reference: str) -> str:
+        """`Type/id`, absolute URLs and `_history` keep their shape; anything unparsed becomes a token."""
+        if reference.startswith("#"):
+            return reference  # a contained resource: its id is local to the resource
+        match = REFERENCE.match(reference)
+        if match:
+            token = self.tokens.resource_id(match["type"], match["id"])
+            history = match["history"] or ""
+            return f"{match['base']}{match['type']}/{token}{history}"
+        if reference.startswith("urn:uuid:"):
+            return "urn:uuid:" + self.tokens.uuid("urn-uuid", reference[9:].lower())
+        conditional = CONDITIONAL_REFERENCE.match(reference)
+        if conditional:
+            query = "&".join(self._rewrite_search_parameter(p) for p in conditional["query"].split("&"))
+            return f"{conditional['type']}?{query}"
+        return "urn:pseudonym:" + self.tokens.token("reference", reference)
+
+    # --- implementation details ---------------------------------------------------------------
+
+    def _patient_of(self, resource: dict[str, Any]) -> str | None:
+        for field_name in PATIENT_FIELDS:
+            value = resource.get(field_name)
+            if isinstance(value, dict):
+                match = REFERENCE.match(value.get("reference") or "")
+                if match and match["type"] == "Patient":
+                    return self.tokens.resource_id("Patient", match["id"])
+        return None
+
+    def _rewrite_search_parameter(self, parameter: str) -> str:
+        name, _, value = parameter.partition("=")
+        if name == "identifier" and "|" in value:
+            system, _, identifier = value.rpartition("|")
+            return f"identifier={system}|{self.tokens.identifier(system, identifier)}"
+        return f"{name}=" + self.tokens.token("search-parameter", parameter)
+
+    def _scrub(self, node: dict[str, Any]) -> None:
+        for key in list(node):
+            value = node.get(key, _GONE)
+            if value is _GONE:
+                continue  # removed with its reference (a Reference's display)
+            if key in DROPPED_FIELDS:
+                del node[key]
+            elif key == "extension" or key == "modifierExtension":
+                kept = [e for e in value if isinstance(e, dict) and e.get("url") in ALLOWED_EXTENSIONS]
+                if kept:
+                    node[key] = kept
+                else:
+                    del node[key]
+            elif key == "reference" and isinstance(value, str):
+                node[key] = self.rewrite_reference(value)
+                node.pop("display", None)
+            elif key == "identifier":
+                self._tokenise_identifiers(value)
+            elif key == "name" and not isinstance(value, str):
+                del node[key]  # HumanName (Patient, Practitioner, RelatedPerson...); org names are strings
+            elif key == "address":
+                node[key] = self._generalise_addresses(value)
+            elif key == "text" and isinstance(value, dict) and "div" in value:
+                del node[key]  # narrative: rendered from the very fields we remove
+            elif key in ("data", "url", "title") and "contentType" in node:
+                del node[key]  # attachment contents (a clinical note holds the patient's name)
+            elif key == "data" and isinstance(value, str):
+                del node[key]
+            elif isinstance(value, dict):
+                self._scrub(value)
+            elif isinstance(value, list):
+                for item in value:
+                    if isinstance(item, dict):
+                        self._scrub(item)
+        if "display" in node and ("reference" in node or "identifier" in node):
+            del node["display"]  # a Reference's display is usually a person's name
+
+    def _tokenise_identifiers(self, value: Any) -> None:
+        for identifier in value if isinstance(value, list) else [value]:
+            if not isinstance(identifier, dict):
+                continue
+            raw = identifier.get("value")
+            if isinstance(raw, str):
+                identifier["value"] = self.tokens.identifier(identifier.get("system", ""), raw)
+            elif "value" in identifier:
+                del identifier["value"]
+            identifier.pop("assigner", None)
+            identifier.pop("extension", None)
+
+    def _generalise_addresses(self, value: Any) -> Any:
+        addresses = value if isinstance(value, list) else [value]
+        kept = []
+        for address in addresses:
+            if not isinstance(address, dict):
+                continue
+            generalised = {k: address[k] for k in ADDRESS_KEPT_FIELDS if k in address}
+            if isinstance(generalised.get("postalCode"), str):
+                generalised["postalCode"] = generalised["postalCode"][:3]
+            if generalised:
+                kept.append(generalised)
+        return kept if isinstance(value, list) else (kept[0] if kept else {})

@@ -1,0 +1,43 @@
+"""Keyed, irreversible pseudonyms: HMAC-SHA256 with one domain per identifier system, encoded as FHIR ids."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import uuid
+from functools import lru_cache
+
+from health_ingest.privacy.keyring import Keyring
+
+TOKEN_PURPOSE = "identifier-tokens"
+
+
+class Tokeniser:
+    """Maps (domain, value) to `<key id>.<base32 of the HMAC>`: at most 64 characters, a valid FHIR id."""
+
+    def __init__(self, keyring: Keyring, *, id_space: str) -> None:
+        self.key_id = keyring.active_id
+        self.id_space = id_space
+        key = keyring.subkey(TOKEN_PURPOSE)
+        prefix = self.key_id + "."
+
+        @lru_cache(maxsize=1 << 17)
+        def token(domain: str, value: str) -> str:
+            mac = hmac.digest(key, f"{domain}\x1f{value}".encode(), "sha256")
+            return prefix + base64.b32encode(mac).decode("ascii").rstrip("=").lower()
+
+        @lru_cache(maxsize=1 << 12)
+        def token_uuid(domain: str, value: str) -> str:
+            mac = hmac.digest(key, f"{domain}\x1f{value}".encode(), "sha256")
+            return str(uuid.UUID(bytes=mac[:16], version=4))
+
+        self.token = token
+        self.uuid = token_uuid
+
+    def resource_id(self, resource_type: str, resource_id: str) -> str:
+        """Resource ids are tokenised within the source's id space, per resource type."""
+        return self.token(f"resource|{self.id_space}|{resource_type}", resource_id)
+
+    def identifier(self, system: str, value: str) -> str:
+        """Identifier values are tokenised per system, so the same SSN links across sources."""
+        return self.token(f"identifier|{system}", value)

@@ -1,0 +1,1 @@
+"""Data quality: per-record structural checks on the hot path, reconciliation and suites after staging."""

@@ -1,0 +1,86 @@
+"""Structural checks of one NDJSON line. A rejection names a reason and never quotes the record."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a record goes to quarantine: a stable code for queries, a message for people."""
+
+    reason: str
+    message: str
+
+
+def check_line(raw: bytes, expected_type: str) -> dict[str, Any] | Rejection:
+    """Parse one line and return the resource, or the reason it cannot be loaded."""
+    if b"\\u0000" in raw:
+        return Rejection("nul_character", "contains a \\u0000 escape, which PostgreSQL jsonb cannot store")
+    try:
+        resource = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        return _parse_failure(raw, error)
+    if not isinstance(resource, dict):
+        return Rejection("not_an_object", f"a JSON {_json_kind(resource)}, not a resource object")
+    resource_type = resource.get("resourceType")
+    if resource_type is None:
+        return Rejection("missing_resource_type", "no resourceType")
+    if resource_type != expected_type:
+        shown = (
+            f"'{resource_type}'"
+            if isinstance(resource_type, str) and TYPE_NAME.match(resource_type)
+            else ("not a valid type name")
+        )
+        return Rejection("wrong_resource_type", f"resourceType {shown} in a file of {expected_type}")
+    resource_id = resource.get("id")
+    if resource_id is None or resource_id == "":
+        return Rejection("missing_id", "no id")
+    if not isinstance(resource_id, str) or not FHIR_ID.match(resource_id):
+        return Rejection("invalid_id", "id is not a FHIR id (1-64 characters of A-Z a-z 0-9 - .)")
+    meta = resource.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        return Rejection("invalid_meta", "meta is not an object")
+    if meta and "lastUpdated" in meta and not _is_instant(meta["lastUpdated"]):
+        return Rejection("invalid_last_updated", "meta.lastUpdated is not a FHIR instant with a time zone")
+    return resource
+
+
+def last_updated(resource: dict[str, Any]) -> str | None:
+    """meta.lastUpdated of a resource that passed `check_line` (so already validated)."""
+    meta = resource.get("meta")
+    return meta.get("lastUpdated") if meta else None
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+def _parse_failure(raw: bytes, error: orjson.JSONDecodeError) -> Rejection:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as decode_error:
+        return Rejection("invalid_utf8", f"not valid UTF-8 (byte {decode_error.start + 1} of the line)")
+    # orjson's message says where parsing stopped, never what it read
+    return Rejection("invalid_json", f"not valid JSON: {error.msg} at column {error.colno}")
+
+
+def _is_instant(value: object) -> bool:
+    if not isinstance(value, str) or not INSTANT.match(value):
+        return False
+    try:
+        return datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
+
+
+def _json_kind(value: object) -> str:
+    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")

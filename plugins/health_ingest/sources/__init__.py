@@ -1,0 +1,1 @@
+"""Sources: the sources file, and landing deliveries into the ingestion zone."""

@@ -1,0 +1,46 @@
+"""A source's inbox: deliveries are sub-folders, and a marker file written last says one is complete.
+
+`_READY` (written by the sender) -> `_QUEUED` (seen by the triggerer) -> `_DONE` (committed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+READY = "_READY"
+QUEUED = "_QUEUED"
+DONE = "_DONE"
+
+
+def pending_deliveries(inbox: Path) -> list[Path]:
+    """Deliveries that are complete and not yet committed, oldest marker first."""
+    if not inbox.is_dir():
+        return []
+    found = []
+    for folder in inbox.iterdir():
+        if folder.is_dir() and not (folder / DONE).exists():
+            marker = next((folder / m for m in (QUEUED, READY) if (folder / m).exists()), None)
+            if marker is not None:
+                found.append((marker.stat().st_mtime, folder))
+    return [folder for _, folder in sorted(found)]
+
+
+def claim_next_ready(inbox: str) -> str | None:
+    """Rename the oldest `_READY` to `_QUEUED` and return its delivery's name (None when nothing is ready)."""
+    for folder in pending_deliveries(Path(inbox)):
+        ready = folder / READY
+        if ready.exists():
+            try:
+                os.replace(ready, folder / QUEUED)
+            except FileNotFoundError:
+                continue  # claimed by someone else meanwhile
+            return folder.name
+    return None
+
+
+def mark_done(delivery: Path) -> None:
+    """Only a committed batch marks its delivery done; a failed one stays pending for the next run."""
+    for marker in (READY, QUEUED):
+        (delivery / marker).unlink(missing_ok=True)
+    (delivery / DONE).touch()

@@ -1,0 +1,123 @@
+"""The sources file: which sources exist, where their deliveries land, and when they run."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from health_ingest import config
+from health_ingest.errors import ConfigurationError
+
+SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+KINDS = {"fhir", "claims"}
+FORMATS = {"fhir": {"ndjson"}, "claims": {"snds", "synthea", "cms-rif"}}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One declared source; the DAG generator and the CLI both read this."""
+
+    name: str
+    kind: str
+    format: str
+    description: str = ""
+    schedule: str | None = None
+    inbox: Path | None = None
+    owner: str = "health-ingest"
+    retries: int = 2
+    tags: tuple[str, ...] = ()
+    id_space: str = ""
+    linking_identifiers: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def dag_id(self) -> str:
+        return f"{self.kind}_{self.name}"
+
+
+def load_sources(path: Path | None = None) -> dict[str, Source]:
+    """Parse and validate the sources file; errors name the file and the entry."""
+    import yaml
+
+    path = path or config.sources_file()
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigurationError(f"{path}: sources file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigurationError(f"{path}: not valid YAML ({error})") from None
+
+    entries = document.get("sources")
+    if not isinstance(entries, list):
+        raise ConfigurationError(f"{path}: expected a top-level 'sources:' list")
+    sources: dict[str, Source] = {}
+    for position, entry in enumerate(entries, start=1):
+        source = _parse_source(path, position, entry)
+        if source.name in sources:
+            raise ConfigurationError(f"{path}: source #{position} repeats the name '{source.name}'")
+        sources[source.name] = source
+    return sources
+
+
+def get_source(name: str, path: Path | None = None) -> Source:
+    sources = load_sources(path)
+    if name not in sources:
+        known = ", ".join(sorted(sources)) or "none"
+        raise ConfigurationError(f"unknown source '{name}' (declared: {known})")
+    return sources[name]
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+def _parse_source(path: Path, position: int, entry: object) -> Source:
+    where = f"{path}: source #{position}"
+    if not isinstance(entry, dict):
+        raise ConfigurationError(f"{where}: expected a mapping")
+    name = entry.get("name")
+    if not isinstance(name, str) or not SOURCE_NAME.match(name):
+        raise ConfigurationError(f"{where}: 'name' must match {SOURCE_NAME.pattern}")
+    where = f"{path}: source '{name}'"
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        raise ConfigurationError(f"{where}: 'kind' must be one of {sorted(KINDS)}")
+    fmt = entry.get("format", "ndjson" if kind == "fhir" else None)
+    if fmt not in FORMATS[kind]:
+        raise ConfigurationError(f"{where}: 'format' must be one of {sorted(FORMATS[kind])}")
+    unknown = set(entry) - {
+        "name",
+        "kind",
+        "format",
+        "description",
+        "schedule",
+        "inbox",
+        "owner",
+        "retries",
+        "tags",
+        "id_space",
+        "linking_identifiers",
+    }
+    if unknown:
+        raise ConfigurationError(f"{where}: unknown keys {sorted(unknown)}")
+    inbox = entry.get("inbox")
+    inbox_path = None
+    if inbox:
+        inbox_path = Path(inbox)
+        if not inbox_path.is_absolute():
+            inbox_path = config.state_dir() / inbox_path
+    retries = entry.get("retries", 2)
+    if not isinstance(retries, int) or retries < 0:
+        raise ConfigurationError(f"{where}: 'retries' must be a non-negative integer")
+    return Source(
+        name=name,
+        kind=kind,
+        format=fmt,
+        description=str(entry.get("description", "")).strip(),
+        schedule=entry.get("schedule"),
+        inbox=inbox_path,
+        owner=str(entry.get("owner", "health-ingest")),
+        retries=retries,
+        tags=tuple(str(tag) for tag in entry.get("tags", ())),
+        id_space=str(entry.get("id_space") or name),
+        linking_identifiers=tuple(str(s) for s in entry.get("linking_identifiers", ())),
+    )

@@ -1,0 +1,1 @@
+"""The PostgreSQL warehouse: connections, migrations, staging and the atomic commit of a batch."""

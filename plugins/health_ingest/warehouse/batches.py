@@ -1,0 +1,130 @@
+"""The life of a batch row in `ingest.batches`: loading, then committed, rejected or failed."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+SOURCE_LOCK_PREFIX = "health_ingest:source:"
+COMMIT_LOCK = 0x436F6D6D  # serialises commits so that commit_seq order is commit order
+NOTIFY_CHANNEL = "health_ingest_batches"
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    batch_id: str
+    source: str
+    kind: str
+    status: str
+    started_at: datetime
+    committed_at: datetime | None
+    rows_read: int
+    rows_loaded: int
+    rows_quarantined: int
+    key_id: str
+    error: str | None
+
+
+def lock_source(conn, source: str) -> None:
+    """One batch per source at a time: a second run waits for the first to finish (session lock)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (SOURCE_LOCK_PREFIX + source,))
+
+
+def unlock_source(conn, source: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (SOURCE_LOCK_PREFIX + source,))
+
+
+def fail_abandoned_batches(conn, source: str) -> int:
+    """Holding the source lock, any batch still 'loading' belongs to a process that died."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            UPDATE ingest.batches SET status = 'failed', finished_at = now(),
+                   error = 'abandoned: the process loading it stopped before it finished; nothing was committed'
+             WHERE source = %s AND status = 'loading'
+            """,
+            (source,),
+        )
+        return cur.rowcount
+
+
+def open_batch(conn, *, source: str, kind: str, key_id: str, delivery: str) -> str:
+    batch_id = str(uuid.uuid4())
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            INSERT INTO ingest.batches (batch_id, source, kind, status, key_id, delivery)
+            VALUES (%s, %s, %s, 'loading', %s, %s)
+            """,
+            (batch_id, source, kind, key_id, delivery),
+        )
+    return batch_id
+
+
+def mark_committed(
+    cur, batch_id: str, *, rows_read: int, rows_loaded: int, rows_quarantined: int, input_sha256: str
+) -> int:
+    """Inside the load transaction: the batch becomes visible to consumers at the same instant as its rows."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (COMMIT_LOCK,))
+    cur.execute(
+        """
+        UPDATE ingest.batches
+           SET status = 'committed', committed_at = now(), finished_at = now(),
+               commit_seq = nextval('ingest.commit_seq'),
+               rows_read = %s, rows_loaded = %s, rows_quarantined = %s, input_sha256 = %s
+         WHERE batch_id = %s AND status = 'loading'
+        RETURNING commit_seq, source
+        """,
+        (rows_read, rows_loaded, rows_quarantined, input_sha256, batch_id),
+    )
+    row = cur.fetchone()
+    if row is None:
+        raise RuntimeError("the batch row is no longer 'loading'; refusing to commit over it")
+    commit_seq, source = row
+    cur.execute(
+        "SELECT pg_notify(%s, json_build_object('batch_id', %s::text, 'source', %s::text, 'commit_seq', %s)::text)",
+        (NOTIFY_CHANNEL, batch_id, source, commit_seq),
+    )
+    return commit_seq
+
+
+def mark_failed(conn, batch_id: str, error: str, *, status: str = "failed") -> None:
+    with conn.cursor() as cur:
+        cur.execute(
+            "UPDATE ingest.batches SET status = %s, finished_at = now(), error = %s WHERE batch_id = %s",
+            (status, error[:2000], batch_id),
+        )
+
+
+def recent_batches(conn, limit: int = 20, source: str | None = None) -> list[BatchRow]:
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT batch_id::text, source, kind, status, started_at, committed_at,
+                   rows_read, rows_loaded, rows_quarantined, key_id, error
+              FROM ingest.batches
+             WHERE %(source)s::text IS NULL OR source = %(source)s
+             ORDER BY started_at DESC
+             LIMIT %(limit)s
+            """,
+            {"source": source, "limit": limit},
+        )
+        return [BatchRow(*row) for row in cur.fetchall()]
+
+
+def counts_by_type(conn, batch_id: str) -> list[tuple[str, int, int, int]]:
+    """(resource type, read, loaded, quarantined) of one batch, from its recorded files."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT resource_type, sum(rows_read)::bigint, sum(rows_loaded)::bigint, sum(rows_quarantined)::bigint
+              FROM ingest.batch_files
+             WHERE batch_id = %s AND status = 'loaded'
+             GROUP BY resource_type ORDER BY resource_type
+            """,
+            (batch_id,),
+        )
+        return cur.fetchall()
