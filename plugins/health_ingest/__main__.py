@@ -1,3 +1,6 @@
-from health_ingest.cli import main
+"""`python -m health_ingest`; guarded because Airflow imports every module under `plugins/`."""
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    from health_ingest.cli import main
+
+    raise SystemExit(main())

