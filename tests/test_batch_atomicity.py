@@ -62,7 +62,7 @@ def test_a_failure_during_commit_leaves_nothing_of_the_batch(db, smart_source, m
         return real_merge(cur, batch_id, resource_type)
 
     monkeypatch.setattr(merge, "merge_resource_type", merge_then_crash)
-    with pytest.raises(LoadError, match="RuntimeError while committing"):
+    with pytest.raises(LoadError, match="RuntimeError while merging"):
         run_fhir_batch(SAMPLE, smart_source)
 
     assert len(merged) == 3

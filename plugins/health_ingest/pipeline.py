@@ -5,8 +5,12 @@ DAG tasks, the CLI and the tests all call `run_fhir_batch`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import re
+import shutil
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -175,6 +179,7 @@ class _BatchLoader:
         self.pseudonymiser = ResourcePseudonymiser(Tokeniser(keyring, id_space=source.id_space))
         self.progress = progress
         self.position = "while landing the delivery"
+        self._producer_position = "while reading the delivery"
         self.times = StepTimes()
 
     def load(self, conn, delivery: Path) -> BatchResult:
@@ -188,7 +193,7 @@ class _BatchLoader:
 
         conn.autocommit = False
         with conn.cursor() as cur:
-            file_counts = self._stage(cur, landed)
+            file_counts = self._stage_and_merge(cur, landed)
             clock = time.perf_counter()
             self.position = "while verifying the staged batch"
             reconcile_staging(cur, landed, file_counts)
@@ -196,10 +201,6 @@ class _BatchLoader:
 
             clock = time.perf_counter()
             self.position = "while committing"
-            for resource_type in sorted({f.resource_type for f in landed.loadable}):
-                duplicates = merge.merge_resource_type(cur, self.batch_id, resource_type)
-                for file_no, count in duplicates.items():
-                    file_counts[file_no].rows_quarantined += count
             merge.record_files(cur, self.batch_id, landed, file_counts)
             merge.quarantine_rejected(cur, self.batch_id, landed)
             counts = _counts_by_type(landed, file_counts)
@@ -213,7 +214,7 @@ class _BatchLoader:
                 input_sha256=landed.input_sha256,
             )
         conn.commit()
-        self.times.commit = time.perf_counter() - clock
+        self.times.commit += time.perf_counter() - clock
         return BatchResult(
             batch_id=self.batch_id,
             source=self.source.name,
@@ -227,21 +228,75 @@ class _BatchLoader:
             times=self.times,
         )
 
-    def _stage(self, cur, landed: LandedDelivery) -> dict[int, FileCounts]:
-        file_counts: dict[int, FileCounts] = {}
+    def _stage_and_merge(self, cur, landed: LandedDelivery) -> dict[int, FileCounts]:
+        """Python encodes the next file into a spool while PostgreSQL copies and merges the previous one.
+
+        The two cores both work, memory stays flat (spools are files), and a type is merged as soon as its
+        last file is staged. Everything stays inside the load transaction.
+        """
         for resource_type in sorted({f.resource_type for f in landed.loadable}):
             staging.create_staging_table(cur, resource_type)
-        for landed_file in landed.loadable:
-            counts = file_counts[landed_file.file_no] = FileCounts()
-            clock = time.perf_counter()
-            python_before = self.times.read + self.times.check + self.times.pseudonymise
-            staging.copy_rows(
-                cur, staging.staging_table(landed_file.resource_type), self._encode_file(landed_file, counts)
-            )
-            python_spent = self.times.read + self.times.check + self.times.pseudonymise - python_before
-            self.times.stage += max(0.0, time.perf_counter() - clock - python_spent)
-            log.info("%s: %d read, %d quarantined", landed_file.name, counts.rows_read, counts.rows_quarantined)
+        file_counts = {f.file_no: FileCounts() for f in landed.loadable}
+        last_file_of_type = {f.resource_type: f.file_no for f in landed.loadable}
+        handoff: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        producer = threading.Thread(
+            target=self._encode_into_spools,
+            args=(landed, file_counts, landed.folder / ".spool", handoff, stop),
+            name="encode",
+            daemon=True,
+        )
+        producer.start()
+        try:
+            while (item := handoff.get()) is not None:
+                if isinstance(item, _ProducerFailure):
+                    self.position = item.position
+                    raise item.error
+                landed_file, spool = item
+                clock = time.perf_counter()
+                self.position = f"while staging {landed_file.name}"
+                staging.copy_spool(cur, staging.staging_table(landed_file.resource_type), spool)
+                spool.unlink()
+                self.times.stage += time.perf_counter() - clock
+                counts = file_counts[landed_file.file_no]
+                log.info("%s: %d read, %d quarantined", landed_file.name, counts.rows_read, counts.rows_quarantined)
+                if last_file_of_type[landed_file.resource_type] == landed_file.file_no:
+                    clock = time.perf_counter()
+                    self.position = f"while merging {landed_file.resource_type}"
+                    duplicates = merge.merge_resource_type(cur, self.batch_id, landed_file.resource_type)
+                    for file_no, count in duplicates.items():
+                        file_counts[file_no].rows_quarantined += count
+                    self.times.commit += time.perf_counter() - clock
+        finally:
+            stop.set()
+            while producer.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    handoff.get_nowait()
+                producer.join(0.05)
+            shutil.rmtree(landed.folder / ".spool", ignore_errors=True)
         return file_counts
+
+    def _encode_into_spools(
+        self,
+        landed: LandedDelivery,
+        file_counts: dict[int, FileCounts],
+        spool_folder: Path,
+        handoff: queue.Queue,
+        stop: threading.Event,
+    ) -> None:
+        try:
+            spool_folder.mkdir(mode=0o700)
+            for landed_file in landed.loadable:
+                if stop.is_set():
+                    return
+                spool = spool_folder / f"{landed_file.file_no}.copy"
+                with spool.open("wb", buffering=1 << 20) as handle:
+                    for row in self._encode_file(landed_file, file_counts[landed_file.file_no]):
+                        handle.write(row)
+                handoff.put((landed_file, spool))
+            handoff.put(None)
+        except BaseException as error:
+            handoff.put(_ProducerFailure(error, self._producer_position))
 
     def _encode_file(self, landed_file: LandedFile, counts: FileCounts) -> Iterator[bytes]:
         """The hot loop: one COPY row per line, good or rejected, so nothing read goes unaccounted."""
@@ -257,7 +312,7 @@ class _BatchLoader:
             if entry is None:
                 break
             line_no, raw = entry
-            self.position = f"at {name} line {line_no}"
+            self._producer_position = f"at {name} line {line_no}"
             counts.rows_read += 1
             checked = check_line(raw, expected_type)
             t2 = clock()
@@ -275,6 +330,12 @@ class _BatchLoader:
             yield row
         if progress:
             progress(name, counts.rows_read)
+
+
+@dataclass(frozen=True)
+class _ProducerFailure:
+    error: BaseException
+    position: str
 
 
 def _counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> dict[str, TypeCounts]:

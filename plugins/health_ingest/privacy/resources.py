@@ -23,7 +23,21 @@ ALLOWED_EXTENSIONS = frozenset(
 )
 ADDRESS_KEPT_FIELDS = ("use", "type", "state", "country", "postalCode")
 PATIENT_FIELDS = ("subject", "patient", "beneficiary")
-_GONE = object()
+
+_DROP, _REFERENCE, _EXTENSION, _IDENTIFIER, _NAME, _ADDRESS, _NARRATIVE, _ATTACHMENT = (object() for _ in range(8))
+_ACTIONS = {
+    **dict.fromkeys(DROPPED_FIELDS, _DROP),
+    "reference": _REFERENCE,
+    "extension": _EXTENSION,
+    "modifierExtension": _EXTENSION,
+    "identifier": _IDENTIFIER,
+    "name": _NAME,
+    "address": _ADDRESS,
+    "text": _NARRATIVE,
+    "data": _ATTACHMENT,
+    "url": _ATTACHMENT,
+    "title": _ATTACHMENT,
+}
 PSEUDONYMISED_TAG = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
     "code": "PSEUDED",
@@ -103,41 +117,48 @@ class ResourcePseudonymiser:
         return f"{name}=" + self.tokens.token("search-parameter", parameter)
 
     def _scrub(self, node: dict[str, Any]) -> None:
-        for key in list(node):
-            value = node.get(key, _GONE)
-            if value is _GONE:
-                continue  # removed with its reference (a Reference's display)
-            if key in DROPPED_FIELDS:
-                del node[key]
-            elif key == "extension" or key == "modifierExtension":
-                kept = [e for e in value if isinstance(e, dict) and e.get("url") in ALLOWED_EXTENSIONS]
+        """Walk one element. Keys are looked up once in `_ACTIONS`; most keys need no action but descent."""
+        removed = []
+        for key, value in node.items():
+            action = _ACTIONS.get(key)
+            if action is None:
+                kind = type(value)
+                if kind is dict:
+                    self._scrub(value)
+                elif kind is list:
+                    for item in value:
+                        if type(item) is dict:
+                            self._scrub(item)
+            elif action is _DROP:
+                removed.append(key)
+            elif action is _REFERENCE:
+                if type(value) is str:
+                    node[key] = self.rewrite_reference(value)
+                    if "display" in node:
+                        removed.append("display")  # a Reference's display is usually a person's name
+            elif action is _EXTENSION:
+                kept = [e for e in value if type(e) is dict and e.get("url") in ALLOWED_EXTENSIONS]
                 if kept:
                     node[key] = kept
                 else:
-                    del node[key]
-            elif key == "reference" and isinstance(value, str):
-                node[key] = self.rewrite_reference(value)
-                node.pop("display", None)
-            elif key == "identifier":
+                    removed.append(key)
+            elif action is _IDENTIFIER:
                 self._tokenise_identifiers(value)
-            elif key == "name" and not isinstance(value, str):
-                del node[key]  # HumanName (Patient, Practitioner, RelatedPerson...); org names are strings
-            elif key == "address":
+                if type(value) is dict and "display" in node:
+                    removed.append("display")  # a logical Reference: its display names someone
+            elif action is _NAME:
+                if type(value) is not str:
+                    removed.append(key)  # HumanName (Patient, Practitioner...); organisation names are strings
+            elif action is _ADDRESS:
                 node[key] = self._generalise_addresses(value)
-            elif key == "text" and isinstance(value, dict) and "div" in value:
-                del node[key]  # narrative: rendered from the very fields we remove
-            elif key in ("data", "url", "title") and "contentType" in node:
-                del node[key]  # attachment contents (a clinical note holds the patient's name)
-            elif key == "data" and isinstance(value, str):
-                del node[key]
-            elif isinstance(value, dict):
+            elif action is _NARRATIVE and type(value) is dict and "div" in value:
+                removed.append(key)  # rendered from the very fields removed here
+            elif action is _ATTACHMENT and ("contentType" in node or (key == "data" and type(value) is str)):
+                removed.append(key)  # attachment contents: a clinical note holds the patient's name
+            elif type(value) is dict:
                 self._scrub(value)
-            elif isinstance(value, list):
-                for item in value:
-                    if isinstance(item, dict):
-                        self._scrub(item)
-        if "display" in node and ("reference" in node or "identifier" in node):
-            del node["display"]  # a Reference's display is usually a person's name
+        for key in removed:
+            node.pop(key, None)
 
     def _tokenise_identifiers(self, value: Any) -> None:
         for identifier in value if isinstance(value, list) else [value]:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import io
-from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 COPY_CHUNK = 1 << 18
 STAGING_COLUMNS = "file_no, line_no, id, patient_id, last_updated, reason, message, resource"
@@ -33,16 +32,10 @@ def create_staging_table(cur, resource_type: str) -> str:
     return table
 
 
-def copy_rows(cur, table: str, rows: Iterable[bytes]) -> None:
-    """Stream already-encoded COPY text rows; PostgreSQL ingests while Python produces the next chunk."""
-    stream = _RowStream(iter(rows))
-    try:
-        cur.copy_expert(f"COPY {table} ({STAGING_COLUMNS}) FROM STDIN", stream, size=COPY_CHUNK)
-    except Exception:
-        if stream.error is not None:
-            # psycopg2 would report the producer's exception by its repr, which may quote a value
-            raise stream.error from None
-        raise
+def copy_spool(cur, table: str, spool: Path) -> None:
+    """COPY a file of already-encoded rows (text format) into a staging table."""
+    with spool.open("rb") as handle:
+        cur.copy_expert(f"COPY {table} ({STAGING_COLUMNS}) FROM STDIN", handle, size=COPY_CHUNK)
 
 
 def encode_loaded(
@@ -68,34 +61,3 @@ def encode_rejected(file_no: int, line_no: int, reason: str, message: str) -> by
 
 def _text(value: str) -> bytes:
     return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r").encode()
-
-
-class _RowStream(io.RawIOBase):
-    """A file-like view of an iterator of rows, read by psycopg2's `copy_expert` in large chunks."""
-
-    def __init__(self, rows: Iterator[bytes]) -> None:
-        self._rows = rows
-        self._pending = b""
-        self.error: BaseException | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        parts = [self._pending]
-        length = len(self._pending)
-        try:
-            for row in self._rows:
-                parts.append(row)
-                length += len(row)
-                if 0 <= size <= length:
-                    break
-        except BaseException as error:
-            self.error = error
-            raise
-        data = b"".join(parts)
-        if size < 0 or len(data) <= size:
-            self._pending = b""
-            return data
-        self._pending = data[size:]
-        return data[:size]

@@ -1,0 +1,32 @@
+"""Scaled FHIR datasets made of the sample's real records, replicated under new ids with references kept."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from health_ingest.formats.ndjson import read_lines, resource_type_of
+
+# Every UUID in the sample is a resource id (or an identifier equal to one): suffixing them all keeps each
+# copy's references pointing inside the same copy.
+UUID = re.compile(rb"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
+
+
+def build_fhir_dataset(sample: Path, target: Path, resources: int) -> int:
+    """Write at least `resources` records (whole copies of the sample) to `target`; return the exact count."""
+    files = sorted(p for p in sample.glob("*.ndjson") if resource_type_of(p))
+    per_copy = sum(1 for f in files for _ in read_lines(f))
+    copies = max(1, math.ceil(resources / per_copy))
+    done = target / "_COMPLETE"
+    if done.exists() and done.read_text() == str(copies * per_copy):
+        return copies * per_copy
+    target.mkdir(parents=True, exist_ok=True)
+    for source_file in files:
+        lines = [raw.rstrip(b"\n") for _, raw in read_lines(source_file)]
+        with (target / source_file.name).open("wb") as out:
+            for copy in range(copies):
+                suffix = b"\\1-r%d" % copy
+                out.write(b"\n".join(UUID.sub(suffix, line) for line in lines) + b"\n")
+    done.write_text(str(copies * per_copy))
+    return copies * per_copy

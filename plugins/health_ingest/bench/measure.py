@@ -1,0 +1,88 @@
+"""One measured run in a fresh process (so peak RSS belongs to this size alone): the pipeline, then the floor."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+from health_ingest import config
+from health_ingest.bench.floor import bare_copy, parse_only
+from health_ingest.pipeline import run_fhir_batch
+from health_ingest.sources.registry import Source
+from health_ingest.warehouse.connection import connect
+
+BENCH_SOURCE = Source(name="bench", kind="fhir", format="ndjson", id_space="bench")
+
+
+class BackendMemory(threading.Thread):
+    """Samples the RSS of the PostgreSQL backend serving the pipeline's connection (a local server only)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.peak = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        conn = connect(self.url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            while not self.stopped.wait(0.2):
+                cur.execute("SELECT pid FROM pg_stat_activity WHERE application_name = 'health-ingest'")
+                for (pid,) in cur.fetchall():
+                    with contextlib.suppress(psutil.Error):
+                        self.peak = max(self.peak, psutil.Process(pid).memory_info().rss)
+        conn.close()
+
+
+def measure(url: str, dataset: Path) -> dict:
+    sampler = BackendMemory(url)
+    sampler.start()
+    started = time.perf_counter()
+    result = run_fhir_batch(dataset, BENCH_SOURCE, url=url)
+    wall = time.perf_counter() - started
+    sampler.stopped.set()
+    sampler.join()
+    pipeline_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    shutil.rmtree(config.state_dir() / "landing" / BENCH_SOURCE.name / result.batch_id, ignore_errors=True)
+
+    parsed, parse_seconds = parse_only(dataset)
+    conn = connect(url)
+    copied, copy_seconds = bare_copy(conn, dataset)
+    conn.close()
+    return {
+        "resources": result.rows_read,
+        "loaded": result.rows_loaded,
+        "quarantined": result.rows_quarantined,
+        "end_to_end_seconds": wall,
+        "steps_seconds": vars(result.times),
+        "floor": {
+            "bare_copy_seconds": copy_seconds,
+            "bare_copy_rows": copied,
+            "orjson_parse_seconds": parse_seconds,
+            "orjson_parse_rows": parsed,
+        },
+        "peak_rss_bytes": {"pipeline": pipeline_peak, "postgresql_backend": sampler.peak},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m health_ingest.bench.measure")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--dataset", required=True, type=Path)
+    args = parser.parse_args()
+    json.dump(measure(args.url, args.dataset), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

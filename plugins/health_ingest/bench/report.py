@@ -1,0 +1,129 @@
+"""Drive the benchmark and report it: a table for people, JSON for machines (`BENCH_OUT`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from health_ingest import config
+from health_ingest.bench.datasets import build_fhir_dataset
+from health_ingest.report import table
+
+FULL_SIZES = (100_000, 1_000_000)
+QUICK_SIZES = (20_000,)
+STEPS = ("land", "read", "check", "pseudonymise", "stage", "verify", "commit")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m health_ingest.bench")
+    parser.add_argument("--quick", action="store_true", help="one small size, for CI")
+    parser.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench-results.json"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault(config.ENV_DEMO, "1")  # the benchmark's pseudonyms use the demo key
+
+    started = time.perf_counter()
+    admin_url = _server()
+    runs = []
+    for size in QUICK_SIZES if args.quick else FULL_SIZES:
+        dataset = config.project_root() / ".bench" / f"fhir-{size}"
+        print(f"[bench] dataset of {size:,} resources in {dataset}", flush=True)
+        build_fhir_dataset(config.project_root() / "samples" / "smart-bulk-10", dataset, size)
+        url = _fresh_database(admin_url, f"bench_{size}")
+        print(f"[bench] running the batch path and the floor on {size:,} resources", flush=True)
+        measured = subprocess.run(
+            [sys.executable, "-m", "health_ingest.bench.measure", "--url", url, "--dataset", str(dataset)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        runs.append({"target": size, **json.loads(measured.stdout)})
+
+    results = {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
+        "postgresql": _server_version(admin_url),
+        "runs": [_with_rates(run) for run in runs],
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(render(results))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def render(results: dict) -> str:
+    runs = results["runs"]
+    headers = ["", *(f"{run['resources']:,} resources" for run in runs)]
+    rows = [[f"{step} (resources/s)", *(run["rates"][step] for run in runs)] for step in STEPS]
+    rows += [
+        ["end to end (resources/s)", *(run["rates"]["end_to_end"] for run in runs)],
+        ["floor: bare COPY into jsonb (rows/s)", *(run["rates"]["floor_copy"] for run in runs)],
+        ["floor: orjson parse alone (rows/s)", *(run["rates"]["floor_parse"] for run in runs)],
+        ["end to end / bare COPY", *(f"{run['ratio_to_floor']:.2f}" for run in runs)],
+        ["end to end (s)", *(f"{run['end_to_end_seconds']:.1f}" for run in runs)],
+        ["peak RSS pipeline (MiB)", *(run["peak_rss_bytes"]["pipeline"] >> 20 for run in runs)],
+        ["peak RSS PostgreSQL backend (MiB)", *(run["peak_rss_bytes"]["postgresql_backend"] >> 20 for run in runs)],
+    ]
+    title = f"FHIR batch path, {results['machine']['cpus']} cores, {results['postgresql']}"
+    return f"\n{title}\n\n" + table(headers, rows, right=set(range(1, len(headers))))
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+def _with_rates(run: dict) -> dict:
+    n = run["resources"]
+    steps = run["steps_seconds"]
+    floor = run["floor"]
+    rates = {step: round(n / steps[step]) if steps[step] > 0 else None for step in STEPS}
+    rates["end_to_end"] = round(n / run["end_to_end_seconds"])
+    rates["floor_copy"] = round(floor["bare_copy_rows"] / floor["bare_copy_seconds"])
+    rates["floor_parse"] = round(floor["orjson_parse_rows"] / floor["orjson_parse_seconds"])
+    return {**run, "rates": rates, "ratio_to_floor": rates["end_to_end"] / rates["floor_copy"]}
+
+
+def _server() -> str:
+    url = os.environ.get("HEALTH_INGEST_BENCH_DATABASE_URL")
+    if url:
+        return url
+    from health_ingest.warehouse.embedded import start_embedded_warehouse
+
+    return start_embedded_warehouse(config.state_dir() / "bench-pg", database="postgres")
+
+
+def _fresh_database(admin_url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    from health_ingest.warehouse.connection import connect
+    from health_ingest.warehouse.migrations import migrate
+
+    admin = connect(admin_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        cur.execute(f"CREATE DATABASE {name}")
+    admin.close()
+    url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
+    conn = connect(url)
+    migrate(conn)
+    conn.close()
+    return url
+
+
+def _server_version(url: str) -> str:
+    from health_ingest.warehouse.connection import connect
+
+    conn = connect(url)
+    with conn.cursor() as cur:
+        cur.execute("SHOW server_version")
+        (version,) = cur.fetchone()
+    conn.close()
+    return f"PostgreSQL {version.split()[0]}"
