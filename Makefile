@@ -32,7 +32,7 @@ format: install
 	$(BIN)/ruff format .
 
 bench: install
-	$(BIN)/python -m health_ingest.bench $(if $(QUICK),--quick)
+	$(BIN)/python -m health_ingest.bench $(if $(QUICK),--quick) --out $(or $(BENCH_OUT),bench-results.json)
 
 clean:
 	-$(BIN)/python -c "from health_ingest.warehouse.embedded import stop_embedded_warehouse as s; s()" 2>/dev/null
