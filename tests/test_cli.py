@@ -23,7 +23,7 @@ def test_ingest_then_status(warehouse_url):
     assert ingest.returncode == 0, ingest.stderr
     assert "total               7,160   7,160            0  ok" in ingest.stdout
     assert "skipped log.ndjson" in ingest.stdout
-    assert "Procedure.000.ndjson: 2,056 records" in ingest.stderr, "progress is shown"
+    assert "Procedure.000.ndjson: 2,056 records (done)" in ingest.stderr, "progress is shown"
 
     status = _cli("warehouse", "status")
     assert status.returncode == 0, status.stderr

@@ -247,10 +247,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _progress_printer():
     started = time.monotonic()
+    last_shown = [started]
 
-    def progress(file_name: str, rows: int) -> None:
-        elapsed = max(time.monotonic() - started, 1e-6)
-        print(f"  {file_name}: {rows:,} records ({rows / elapsed:,.0f}/s overall)", file=sys.stderr)
+    def progress(file_name: str, rows: int, done: bool) -> None:
+        now = time.monotonic()
+        if done or now - last_shown[0] >= 2:
+            last_shown[0] = now
+            rate = rows / max(now - started, 1e-6)
+            print(f"  {file_name}: {rows:,} records{' (done)' if done else ''}, {rate:,.0f}/s", file=sys.stderr)
 
     return progress
 

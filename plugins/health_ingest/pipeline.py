@@ -13,19 +13,14 @@ import shutil
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
 from health_ingest import config
+from health_ingest.encoding import FileEncoder
 from health_ingest.errors import HealthIngestError, LoadError
-from health_ingest.formats.ndjson import read_lines
 from health_ingest.privacy.keyring import Keyring, load_keyring
-from health_ingest.privacy.resources import ResourcePseudonymiser
-from health_ingest.privacy.tokens import Tokeniser
-from health_ingest.quality.checks import Rejection, check_line, last_updated
 from health_ingest.quality.reconcile import reconcile_staging
 from health_ingest.sources.landing import LandedDelivery, LandedFile, land_fhir_delivery
 from health_ingest.sources.registry import Source
@@ -35,8 +30,7 @@ from health_ingest.warehouse.migrations import require_migrated
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int], None]
-PROGRESS_EVERY = 20_000
+ProgressCallback = Callable[[str, int, bool], None]  # file name, records so far, file done
 QUOTED = re.compile(r'"[^"]*"')
 
 
@@ -61,7 +55,8 @@ class TypeCounts:
 
 @dataclass
 class StepTimes:
-    """Seconds per step; read, check and pseudonymise overlap with PostgreSQL's ingest of the stream."""
+    """Seconds per step. Check and pseudonymise are CPU seconds summed over the workers; they overlap with
+    reading and with PostgreSQL's staging and merging, so the steps add up to more than the wall time."""
 
     land: float = 0.0
     read: float = 0.0
@@ -176,7 +171,7 @@ class _BatchLoader:
         self.batch_id = batch_id
         self.source = source
         self.key_id = keyring.active_id
-        self.pseudonymiser = ResourcePseudonymiser(Tokeniser(keyring, id_space=source.id_space))
+        self.keyring = keyring
         self.progress = progress
         self.position = "while landing the delivery"
         self._producer_position = "while reading the delivery"
@@ -286,50 +281,37 @@ class _BatchLoader:
     ) -> None:
         try:
             spool_folder.mkdir(mode=0o700)
-            for landed_file in landed.loadable:
-                if stop.is_set():
-                    return
-                spool = spool_folder / f"{landed_file.file_no}.copy"
-                with spool.open("wb", buffering=1 << 20) as handle:
-                    for row in self._encode_file(landed_file, file_counts[landed_file.file_no]):
-                        handle.write(row)
-                handoff.put((landed_file, spool))
+            with FileEncoder(self.keyring, self.source.id_space) as encoder:
+                for landed_file in landed.loadable:
+                    if stop.is_set():
+                        return
+                    spool = spool_folder / f"{landed_file.file_no}.copy"
+                    self._encode_file(encoder, landed_file, file_counts[landed_file.file_no], spool, stop)
+                    handoff.put((landed_file, spool))
+                self.times.read += encoder.read_seconds
             handoff.put(None)
         except BaseException as error:
             handoff.put(_ProducerFailure(error, self._producer_position))
 
-    def _encode_file(self, landed_file: LandedFile, counts: FileCounts) -> Iterator[bytes]:
-        """The hot loop: one COPY row per line, good or rejected, so nothing read goes unaccounted."""
-        file_no, expected_type, name = landed_file.file_no, landed_file.resource_type, landed_file.name
-        pseudonymise, dumps, clock = self.pseudonymiser.pseudonymise, orjson.dumps, time.perf_counter
-        times, progress = self.times, self.progress
-        lines = read_lines(landed_file.path)
-        while True:
-            t0 = clock()
-            entry = next(lines, None)
-            t1 = clock()
-            times.read += t1 - t0
-            if entry is None:
-                break
-            line_no, raw = entry
-            self._producer_position = f"at {name} line {line_no}"
-            counts.rows_read += 1
-            checked = check_line(raw, expected_type)
-            t2 = clock()
-            times.check += t2 - t1
-            if type(checked) is Rejection:
-                counts.rows_quarantined += 1
-                yield staging.encode_rejected(file_no, line_no, checked.reason, checked.message)
-                continue
-            updated = last_updated(checked)
-            ids = pseudonymise(checked)
-            row = staging.encode_loaded(file_no, line_no, ids.resource_id, ids.patient_id, updated, dumps(checked))
-            times.pseudonymise += clock() - t2
-            if progress and counts.rows_read % PROGRESS_EVERY == 0:
-                progress(name, counts.rows_read)
-            yield row
-        if progress:
-            progress(name, counts.rows_read)
+    def _encode_file(
+        self, encoder: FileEncoder, landed_file: LandedFile, counts: FileCounts, spool: Path, stop: threading.Event
+    ) -> None:
+        """Every line read becomes one COPY row, good or rejected, so nothing read goes unaccounted."""
+        self._producer_position = f"while reading {landed_file.name}"
+        with spool.open("wb", buffering=1 << 20) as handle:
+            for chunk in encoder.encode(landed_file.path, landed_file.file_no, landed_file.resource_type):
+                if stop.is_set():
+                    return
+                handle.write(chunk.data)
+                counts.rows_read += chunk.rows_read
+                counts.rows_quarantined += chunk.rows_quarantined
+                self.times.check += chunk.check_seconds
+                self.times.pseudonymise += chunk.pseudonymise_seconds
+                self._producer_position = f"after {landed_file.name} line {chunk.first_line}"
+                if self.progress:
+                    self.progress(landed_file.name, counts.rows_read, False)
+        if self.progress:
+            self.progress(landed_file.name, counts.rows_read, True)
 
 
 @dataclass(frozen=True)
