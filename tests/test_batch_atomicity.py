@@ -55,11 +55,11 @@ def test_a_failure_during_commit_leaves_nothing_of_the_batch(db, smart_source, m
     real_merge = merge.merge_resource_type
     merged = []
 
-    def merge_then_crash(cur, batch_id, resource_type):
+    def merge_then_crash(cur, batch_id, resource_type, *args):
         if len(merged) == 3:
             raise RuntimeError("disk full")
         merged.append(resource_type)
-        return real_merge(cur, batch_id, resource_type)
+        return real_merge(cur, batch_id, resource_type, *args)
 
     monkeypatch.setattr(merge, "merge_resource_type", merge_then_crash)
     with pytest.raises(LoadError, match="RuntimeError while merging"):

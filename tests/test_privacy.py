@@ -126,7 +126,7 @@ def test_conditional_references_stay_resolvable_by_identifier():
 
 
 def test_patient_resources_lose_names_contacts_and_unknown_extensions():
-    patient = next(r for r in _sample_resources() if r["resourceType"] == "Patient")
+    patient = next(r for r in _sample_resources() if r["resourceType"] == "Patient" and r["birthDate"] > "1950")
     birth_year = patient["birthDate"][:4]
     _pseudonymiser().pseudonymise(patient)
     assert not {"name", "telecom", "text", "photo", "contact"} & patient.keys()

@@ -121,6 +121,50 @@ def cmd_ingest_fhir(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pseudonymise(args: argparse.Namespace) -> int:
+    """NDJSON in, pseudonymised NDJSON out, streamed; rejected lines are reported on stderr, never echoed."""
+    import orjson
+
+    from health_ingest.quality.checks import Rejection, check_line
+
+    pseudonymiser = _filter_pseudonymiser(args)
+    written = rejected = 0
+    out = sys.stdout.buffer
+    for line_no, raw in enumerate(sys.stdin.buffer, start=1):
+        if not raw.strip():
+            continue
+        checked = check_line(raw, None)
+        if isinstance(checked, Rejection):
+            rejected += 1
+            print(f"line {line_no}: {checked.reason}: {checked.message}", file=sys.stderr)
+            continue
+        pseudonymiser.pseudonymise(checked)
+        out.write(orjson.dumps(checked) + b"\n")
+        written += 1
+    out.flush()
+    print(f"{written} resources written, {rejected} lines rejected", file=sys.stderr)
+    return 1 if rejected else 0
+
+
+def _filter_pseudonymiser(args: argparse.Namespace):
+    from health_ingest.privacy.resources import ResourcePseudonymiser
+
+    if args.compat == "microsoft":
+        from health_ingest.privacy.compat import MicrosoftCompatTokeniser
+
+        key = args.key or os.environ.get("HEALTH_INGEST_COMPAT_KEY")
+        if not key:
+            raise HealthIngestError("--compat microsoft needs --key KEY (or HEALTH_INGEST_COMPAT_KEY)")
+        return ResourcePseudonymiser(MicrosoftCompatTokeniser(key))
+    if not args.source:
+        raise HealthIngestError("give --source NAME (its id space and privacy policy), or --compat microsoft")
+    from health_ingest.encoding import chunk_encoder
+    from health_ingest.privacy.keyring import load_keyring
+    from health_ingest.sources.registry import get_source
+
+    return chunk_encoder(load_keyring(), get_source(args.source)).pseudonymiser
+
+
 def cmd_warehouse_migrate(args: argparse.Namespace) -> int:
     from health_ingest.warehouse.connection import connect, redact, warehouse_url
     from health_ingest.warehouse.migrations import migrate
@@ -175,6 +219,23 @@ def cmd_warehouse_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warehouse_rekey(args: argparse.Namespace) -> int:
+    from health_ingest.privacy.keyring import load_keyring
+    from health_ingest.warehouse.connection import connect, warehouse_url
+    from health_ingest.warehouse.migrations import require_migrated
+    from health_ingest.warehouse.rekey import rekey_warehouse
+
+    keyring = load_keyring()
+    conn = connect(warehouse_url())
+    try:
+        require_migrated(conn)
+        report = rekey_warehouse(conn, keyring, args.to_key or keyring.active_id, progress=print)
+    finally:
+        conn.close()
+    print(f"re-keyed {report.batches} batches: {report.rows} rows, {report.tokens} tokens")
+    return 0
+
+
 def cmd_warehouse_url(args: argparse.Namespace) -> int:
     from health_ingest.warehouse.connection import warehouse_url
 
@@ -191,6 +252,15 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
         return 2
     keyring = new_keyring_file(path)
     print(f"wrote {path} (mode 0600) with active key {keyring.active_id}; set {config.ENV_KEYRING}={path}")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from health_ingest.privacy.keyring import rotate_keyring_file
+
+    keyring = rotate_keyring_file(Path(args.keyring))
+    print(f"{args.keyring}: new active key {keyring.active_id}; earlier keys kept: {len(keyring.keys) - 1}")
+    print("new batches use it now; 'health-ingest warehouse rekey --to-key ...' re-pseudonymises older ones")
     return 0
 
 
@@ -223,6 +293,14 @@ def _parser() -> argparse.ArgumentParser:
     fhir.add_argument("--quiet", action="store_true", help="no progress lines")
     fhir.set_defaults(run=cmd_ingest_fhir)
 
+    pseudonymise = commands.add_parser(
+        "pseudonymise", help="a streaming filter: NDJSON resources on stdin, pseudonymised on stdout"
+    )
+    pseudonymise.add_argument("--source", help="use this source's id space and privacy policy")
+    pseudonymise.add_argument("--compat", choices=["microsoft"], help="hash as Microsoft's FHIR anonymiser does")
+    pseudonymise.add_argument("--key", help="the compatible mode's key (or HEALTH_INGEST_COMPAT_KEY)")
+    pseudonymise.set_defaults(run=cmd_pseudonymise)
+
     warehouse = commands.add_parser("warehouse", help="the PostgreSQL warehouse")
     actions = warehouse.add_subparsers(title="actions")
     actions.add_parser("migrate", help="apply pending migrations").set_defaults(run=cmd_warehouse_migrate)
@@ -230,6 +308,9 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=20)
     status.add_argument("--source")
     status.set_defaults(run=cmd_warehouse_status)
+    rekey = actions.add_parser("rekey", help="re-pseudonymise every batch under another key (needs the escrow)")
+    rekey.add_argument("--to-key", help="a key id of the keyring (default: the active key)")
+    rekey.set_defaults(run=cmd_warehouse_rekey)
     actions.add_parser("url", help="print the warehouse URL (starts the embedded one)").set_defaults(
         run=cmd_warehouse_url
     )
@@ -239,6 +320,9 @@ def _parser() -> argparse.ArgumentParser:
     new = key_actions.add_parser("new", help="write a new keyring file with one random key")
     new.add_argument("--keyring", required=True)
     new.set_defaults(run=cmd_keys_new)
+    rotate = key_actions.add_parser("rotate", help="add a fresh key and make it the active one")
+    rotate.add_argument("--keyring", required=True)
+    rotate.set_defaults(run=cmd_keys_rotate)
     listing = key_actions.add_parser("list", help="key ids of a keyring")
     listing.add_argument("--keyring")
     listing.set_defaults(run=cmd_keys_list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -36,3 +37,11 @@ def sources_file() -> Path:
 def demo_mode() -> bool:
     """Demo mode allows a generated keyring; production refuses to run without a real one."""
     return os.environ.get(ENV_DEMO, "").lower() in {"1", "true", "yes"}
+
+
+def running_under_airflow() -> bool:
+    """True inside an Airflow process (a task, the triggerer): only then are Airflow connections consulted.
+
+    Importing Airflow from a plain command would reconfigure its logging (onto stdout, which a filter owns).
+    """
+    return "airflow.sdk" in sys.modules

@@ -14,10 +14,13 @@ from pathlib import Path
 import orjson
 
 from health_ingest.formats.ndjson import read_lines
+from health_ingest.privacy.dates import DateShifter
+from health_ingest.privacy.escrow import EscrowCipher, encode_escrow_rows
 from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.resources import ResourcePseudonymiser
 from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.checks import Rejection, check_line, last_updated
+from health_ingest.sources.registry import Source
 from health_ingest.warehouse.staging import encode_loaded, encode_rejected
 
 CHUNK_LINES = 2000
@@ -29,6 +32,7 @@ class EncodedChunk:
     """COPY rows for a run of lines, good and rejected alike, with what the worker counted and spent."""
 
     data: bytes
+    escrow: bytes  # COPY rows for the escrow, when the source keeps one
     rows_read: int
     rows_quarantined: int
     first_line: int
@@ -37,8 +41,11 @@ class EncodedChunk:
 
 
 class ChunkEncoder:
-    def __init__(self, pseudonymiser: ResourcePseudonymiser) -> None:
+    def __init__(self, pseudonymiser: ResourcePseudonymiser, escrow: EscrowCipher | None = None) -> None:
+        self.pseudonymiser = pseudonymiser
         self._pseudonymise = pseudonymiser.pseudonymise
+        self._tokens = pseudonymiser.tokens
+        self._escrow = escrow
 
     def encode(self, file_no: int, expected_type: str, lines: list[tuple[int, bytes]]) -> EncodedChunk:
         rows, rejected = [], 0
@@ -57,8 +64,15 @@ class ChunkEncoder:
             ids = pseudonymise(checked)
             rows.append(encode_loaded(file_no, line_no, ids.resource_id, ids.patient_id, updated, dumps(checked)))
             pseudonymise_seconds += clock() - t1
+        escrow = encode_escrow_rows(self._escrow, self._tokens.drain_new_tokens()) if self._escrow else b""
         return EncodedChunk(
-            b"".join(rows), len(lines), rejected, lines[0][0] if lines else 0, check_seconds, pseudonymise_seconds
+            b"".join(rows),
+            escrow,
+            len(lines),
+            rejected,
+            lines[0][0] if lines else 0,
+            check_seconds,
+            pseudonymise_seconds,
         )
 
 
@@ -69,10 +83,10 @@ class FileEncoder:
     file order. Use as a context manager: the workers stop with it.
     """
 
-    def __init__(self, keyring: Keyring, id_space: str, workers: int | None = None) -> None:
+    def __init__(self, keyring: Keyring, source: Source, workers: int | None = None) -> None:
         self.workers = workers if workers is not None else int(os.environ.get(ENV_WORKERS, os.cpu_count() or 1))
         self.read_seconds = 0.0
-        self._keyring, self._id_space = keyring, id_space
+        self._keyring, self._source = keyring, source
         self._pool: ProcessPoolExecutor | None = None
         self._local: ChunkEncoder | None = None
 
@@ -82,10 +96,10 @@ class FileEncoder:
                 self.workers,
                 mp_context=multiprocessing.get_context("fork"),
                 initializer=_start_worker,
-                initargs=(self._keyring, self._id_space),
+                initargs=(self._keyring, self._source),
             )
         else:
-            self._local = _chunk_encoder(self._keyring, self._id_space)
+            self._local = chunk_encoder(self._keyring, self._source)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -122,13 +136,18 @@ class FileEncoder:
 _worker: ChunkEncoder | None = None
 
 
-def _chunk_encoder(keyring: Keyring, id_space: str) -> ChunkEncoder:
-    return ChunkEncoder(ResourcePseudonymiser(Tokeniser(keyring, id_space=id_space)))
+def chunk_encoder(keyring: Keyring, source: Source) -> ChunkEncoder:
+    """The per-process encoder for a source: its id space, its privacy policy, its escrow."""
+    policy = source.privacy
+    tokeniser = Tokeniser(keyring, id_space=source.id_space, record_new=policy.escrow)
+    shifter = DateShifter(keyring, policy.date_shift_days) if policy.date_shift_days else None
+    pseudonymiser = ResourcePseudonymiser(tokeniser, policy, date_shifter=shifter)
+    return ChunkEncoder(pseudonymiser, EscrowCipher(keyring) if policy.escrow else None)
 
 
-def _start_worker(keyring: Keyring, id_space: str) -> None:
+def _start_worker(keyring: Keyring, source: Source) -> None:
     global _worker
-    _worker = _chunk_encoder(keyring, id_space)
+    _worker = chunk_encoder(keyring, source)
 
 
 def _encode_in_worker(file_no: int, expected_type: str, lines: list[tuple[int, bytes]]) -> EncodedChunk:

@@ -27,3 +27,16 @@ class LoadError(HealthIngestError):
     """The batch was rolled back: the warehouse holds nothing of it."""
 
     exit_code = 4
+
+
+class BatchRejected(LoadError):
+    """A gate refused the batch (privacy or data quality): it is marked 'rejected', not 'failed'.
+
+    `evidence` is the gate's report, recorded after the rollback so the operator can see why.
+    """
+
+    exit_code = 5
+
+    def __init__(self, message: str, *, evidence: object = None) -> None:
+        super().__init__(message)
+        self.evidence = evidence

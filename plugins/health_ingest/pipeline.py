@@ -16,10 +16,12 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from health_ingest import config
 from health_ingest.encoding import FileEncoder
-from health_ingest.errors import HealthIngestError, LoadError
+from health_ingest.errors import BatchRejected, HealthIngestError, LoadError
+from health_ingest.privacy.gate import KAnonymityReport, check_k_anonymity, record_k_anonymity
 from health_ingest.privacy.keyring import Keyring, load_keyring
 from health_ingest.quality.reconcile import reconcile_staging
 from health_ingest.sources.landing import LandedDelivery, LandedFile, land_fhir_delivery
@@ -31,6 +33,7 @@ from health_ingest.warehouse.migrations import require_migrated
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, bool], None]  # file name, records so far, file done
+ESCROW_SPOOL = "escrow.copy"
 QUOTED = re.compile(r'"[^"]*"')
 
 
@@ -139,13 +142,19 @@ def run_fhir_batch(
             message = _safe_message(error, loader.position)
             conn.rollback()
             conn.autocommit = True
-            batches.mark_failed(conn, batch_id, message)
-            log.error("source %s: batch %s failed, nothing committed: %s", source.name, batch_id, message)
+            batches.mark_failed(conn, batch_id, message, status=_failure_status(error))
+            if isinstance(error, BatchRejected) and isinstance(error.evidence, KAnonymityReport):
+                with conn.cursor() as cur:
+                    record_k_anonymity(cur, batch_id, error.evidence)
+            log.error(
+                "source %s: batch %s %s, nothing committed: %s", source.name, batch_id, _failure_status(error), message
+            )
             if not isinstance(error, HealthIngestError):
                 log.error("where it failed:\n%s", "".join(traceback.format_tb(error.__traceback__)))
             if isinstance(error, KeyboardInterrupt):
                 raise
-            raise LoadError(f"batch {batch_id} of source {source.name} failed: {message}") from None
+            failure = BatchRejected if isinstance(error, BatchRejected) else LoadError
+            raise failure(f"batch {batch_id} of source {source.name} {_failure_status(error)}: {message}") from None
         result.elapsed = time.perf_counter() - started
         log.info(
             "source %s: batch %s committed: %d read = %d loaded + %d quarantined in %.1f s",
@@ -258,10 +267,13 @@ class _BatchLoader:
                 if last_file_of_type[landed_file.resource_type] == landed_file.file_no:
                     clock = time.perf_counter()
                     self.position = f"while merging {landed_file.resource_type}"
-                    duplicates = merge.merge_resource_type(cur, self.batch_id, landed_file.resource_type)
+                    duplicates = merge.merge_resource_type(
+                        cur, self.batch_id, landed_file.resource_type, self.source.id_space
+                    )
                     for file_no, count in duplicates.items():
                         file_counts[file_no].rows_quarantined += count
                     self.times.commit += time.perf_counter() - clock
+            self._after_merges(cur, landed)
         finally:
             stop.set()
             while producer.is_alive():
@@ -270,6 +282,24 @@ class _BatchLoader:
                 producer.join(0.05)
             shutil.rmtree(landed.folder / ".spool", ignore_errors=True)
         return file_counts
+
+    def _after_merges(self, cur, landed: LandedDelivery) -> None:
+        """Privacy steps that need the whole batch staged: person links, escrow, the k-anonymity gate."""
+        has_patients = any(f.resource_type == "Patient" for f in landed.loadable)
+        clock = time.perf_counter()
+        if has_patients:
+            self.position = "while linking persons"
+            merge.link_persons(cur, self.batch_id, self.source.id_space, staging.staging_table("Patient"))
+        escrow_spool = landed.folder / ".spool" / ESCROW_SPOOL
+        if escrow_spool.exists():
+            self.position = "while storing the escrow"
+            merge.store_escrow(cur, self.batch_id, escrow_spool)
+        self.times.commit += time.perf_counter() - clock
+        if has_patients:
+            clock = time.perf_counter()
+            self.position = "while checking k-anonymity"
+            check_k_anonymity(cur, self.batch_id, staging.staging_table("Patient"), self.source.privacy)
+            self.times.verify += time.perf_counter() - clock
 
     def _encode_into_spools(
         self,
@@ -281,12 +311,15 @@ class _BatchLoader:
     ) -> None:
         try:
             spool_folder.mkdir(mode=0o700)
-            with FileEncoder(self.keyring, self.source.id_space) as encoder:
+            with (
+                FileEncoder(self.keyring, self.source) as encoder,
+                (spool_folder / ESCROW_SPOOL).open("wb") as escrow,
+            ):
                 for landed_file in landed.loadable:
                     if stop.is_set():
                         return
                     spool = spool_folder / f"{landed_file.file_no}.copy"
-                    self._encode_file(encoder, landed_file, file_counts[landed_file.file_no], spool, stop)
+                    self._encode_file(encoder, landed_file, file_counts[landed_file.file_no], spool, escrow, stop)
                     handoff.put((landed_file, spool))
                 self.times.read += encoder.read_seconds
             handoff.put(None)
@@ -294,7 +327,13 @@ class _BatchLoader:
             handoff.put(_ProducerFailure(error, self._producer_position))
 
     def _encode_file(
-        self, encoder: FileEncoder, landed_file: LandedFile, counts: FileCounts, spool: Path, stop: threading.Event
+        self,
+        encoder: FileEncoder,
+        landed_file: LandedFile,
+        counts: FileCounts,
+        spool: Path,
+        escrow: BinaryIO,
+        stop: threading.Event,
     ) -> None:
         """Every line read becomes one COPY row, good or rejected, so nothing read goes unaccounted."""
         self._producer_position = f"while reading {landed_file.name}"
@@ -303,6 +342,7 @@ class _BatchLoader:
                 if stop.is_set():
                     return
                 handle.write(chunk.data)
+                escrow.write(chunk.escrow)
                 counts.rows_read += chunk.rows_read
                 counts.rows_quarantined += chunk.rows_quarantined
                 self.times.check += chunk.check_seconds
@@ -329,6 +369,10 @@ def _counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) 
         total.rows_loaded += per_file.rows_loaded
         total.rows_quarantined += per_file.rows_quarantined
     return counts
+
+
+def _failure_status(error: BaseException) -> str:
+    return "rejected" if isinstance(error, BatchRejected) else "failed"
 
 
 def _safe_message(error: BaseException, position: str) -> str:

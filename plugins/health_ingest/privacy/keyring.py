@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from health_ingest import config
+from health_ingest.config import running_under_airflow
 from health_ingest.errors import KeyringError
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 KEY_ID = re.compile(r"^[a-z0-9]{1,11}$")
 MIN_SECRET_BYTES = 32
 DEMO_KEYRING_NAME = "keyring.demo.json"
+KEYRING_CONN_ID = "health_ingest_keyring"
 
 
 @dataclass(frozen=True)
@@ -38,19 +40,24 @@ class Keyring:
     def active(self) -> MasterKey:
         return self.keys[self.active_id]
 
-    def subkey(self, purpose: str, key_id: str | None = None) -> bytes:
-        """An independent 32-byte key per purpose, so one leaked subkey exposes nothing else."""
+    def subkey(self, purpose: str, key_id: str | None = None, *, length: int = 32) -> bytes:
+        """An independent key per purpose (HKDF-SHA256), so one leaked subkey exposes nothing else."""
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
         master = self.keys[key_id or self.active_id]
         info = f"health-ingest/{purpose}".encode()
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master.secret)
+        return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(master.secret)
 
 
 def load_keyring(path: Path | None = None) -> Keyring:
     """The configured keyring; outside demo mode a missing, short or demo key is refused."""
     configured = path or (Path(os.environ[config.ENV_KEYRING]) if os.environ.get(config.ENV_KEYRING) else None)
+    if configured is None and (document := _airflow_keyring_document()) is not None:
+        keyring = parse_keyring(document, f"Airflow connection {KEYRING_CONN_ID}")
+        if keyring.active.demo and not config.demo_mode():
+            raise KeyringError(f"Airflow connection {KEYRING_CONN_ID}: the active key is a demo key")
+        return keyring
     if configured is None:
         if not config.demo_mode():
             raise KeyringError(
@@ -71,6 +78,11 @@ def read_keyring_file(path: Path) -> Keyring:
         raise KeyringError(f"{path}: keyring file not found") from None
     except (OSError, ValueError) as error:
         raise KeyringError(f"{path}: unreadable keyring ({type(error).__name__})") from None
+    return parse_keyring(document, str(path))
+
+
+def parse_keyring(document: dict, path: str) -> Keyring:
+    """Validate a keyring document; `path` only names where it came from in errors."""
     keys: dict[str, MasterKey] = {}
     for entry in document.get("keys", []):
         key_id = str(entry.get("id", ""))
@@ -90,25 +102,59 @@ def read_keyring_file(path: Path) -> Keyring:
 
 
 def new_keyring_file(path: Path, *, demo: bool = False) -> Keyring:
-    """Write a keyring holding one fresh random key (mode 0600)."""
-    key_id = "k" + datetime.now(UTC).strftime("%y%m%d") + secrets.token_hex(2)
-    secret = secrets.token_bytes(MIN_SECRET_BYTES)
-    document = {
-        "active": key_id,
-        "keys": [
-            {
-                "id": key_id,
-                "secret": base64.b64encode(secret).decode(),
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                "demo": demo,
-            }
-        ],
-    }
+    """Write a keyring holding one fresh random key (mode 0600); never over an existing file."""
+    entry = _new_key_entry(_new_key_id(), demo=demo)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump({"active": entry["id"], "keys": [entry]}, handle, indent=2)
+    return read_keyring_file(path)
+
+
+def rotate_keyring_file(path: Path) -> Keyring:
+    """Add a fresh key and make it active; older keys stay, for re-keying and for reading old batches."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    parse_keyring(document, str(path))
+    key_id = _new_key_id(existing={k["id"] for k in document["keys"]})
+    document["keys"].append(_new_key_entry(key_id, demo=False))
+    document["active"] = key_id
+    temporary = path.with_name(path.name + ".new")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(document, handle, indent=2)
-    return Keyring(keys={key_id: MasterKey(key_id, secret, demo)}, active_id=key_id)
+    os.replace(temporary, path)
+    return read_keyring_file(path)
+
+
+def _new_key_id(existing: set[str] = frozenset()) -> str:
+    while (key_id := "k" + datetime.now(UTC).strftime("%y%m%d") + secrets.token_hex(2)) in existing:
+        pass
+    return key_id
+
+
+def _new_key_entry(key_id: str, *, demo: bool) -> dict:
+    return {
+        "id": key_id,
+        "secret": base64.b64encode(secrets.token_bytes(MIN_SECRET_BYTES)).decode(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "demo": demo,
+    }
+
+
+def _airflow_keyring_document() -> dict | None:
+    """The keyring JSON kept in the password (or extra) of an Airflow connection, when running under Airflow."""
+    if not running_under_airflow():
+        return None
+    try:
+        from airflow.sdk import Connection
+
+        connection = Connection.get(KEYRING_CONN_ID)
+    except Exception:  # not under Airflow, or no such connection
+        return None
+    try:
+        return json.loads(connection.password or connection.extra or "")
+    except ValueError:
+        raise KeyringError(f"Airflow connection {KEYRING_CONN_ID}: password is not a keyring JSON") from None
 
 
 def _demo_keyring() -> Keyring:

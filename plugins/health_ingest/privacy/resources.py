@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
+from health_ingest.privacy.compat import MicrosoftCompatTokeniser
+from health_ingest.privacy.dates import DateShifter
+from health_ingest.privacy.generalise import generalise_birth_date, generalise_postal_code
+from health_ingest.privacy.policy import PrivacyPolicy
 from health_ingest.privacy.tokens import Tokeniser
 
 # Fields that hold direct identifiers or free text about a person: removed wherever they appear.
@@ -24,7 +29,9 @@ ALLOWED_EXTENSIONS = frozenset(
 ADDRESS_KEPT_FIELDS = ("use", "type", "state", "country", "postalCode")
 PATIENT_FIELDS = ("subject", "patient", "beneficiary")
 
-_DROP, _REFERENCE, _EXTENSION, _IDENTIFIER, _NAME, _ADDRESS, _NARRATIVE, _ATTACHMENT = (object() for _ in range(8))
+_DROP, _REFERENCE, _EXTENSION, _IDENTIFIER, _NAME, _ADDRESS, _NARRATIVE, _ATTACHMENT, _CONTAINED = (
+    object() for _ in range(9)
+)
 _ACTIONS = {
     **dict.fromkeys(DROPPED_FIELDS, _DROP),
     "reference": _REFERENCE,
@@ -37,6 +44,7 @@ _ACTIONS = {
     "data": _ATTACHMENT,
     "url": _ATTACHMENT,
     "title": _ATTACHMENT,
+    "contained": _CONTAINED,
 }
 PSEUDONYMISED_TAG = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -48,6 +56,7 @@ REFERENCE = re.compile(
     r"^(?P<base>(?:https?://[^?#]*/)?)(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-.]{1,64})"
     r"(?P<history>/_history/[A-Za-z0-9\-.]{1,64})?$"
 )
+URN_OID = re.compile(r"^urn:oid:[0-2](\.(0|[1-9][0-9]*))+$")
 CONDITIONAL_REFERENCE = re.compile(r"^(?P<type>[A-Z][A-Za-z]{1,63})\?(?P<query>.+)$")
 
 
@@ -56,35 +65,52 @@ class Pseudonymised:
     """What the warehouse needs beside the rewritten resource."""
 
     resource_id: str
+    # the person pseudonym: a linking identifier's token when the Patient has one, else the Patient's token
     patient_id: str | None
 
 
 class ResourcePseudonymiser:
-    """Applies the project's rules to a parsed resource, in place (the caller owns the dict)."""
+    """Applies a source's privacy policy to a parsed resource, in place (the caller owns the dict)."""
 
-    def __init__(self, tokeniser: Tokeniser, *, birth_date_precision: str = "year") -> None:
-        if birth_date_precision not in {"year", "month"}:
-            raise ValueError("birth_date_precision must be 'year' or 'month'")
+    def __init__(
+        self,
+        tokeniser: Tokeniser | MicrosoftCompatTokeniser,
+        policy: PrivacyPolicy | None = None,
+        *,
+        date_shifter: DateShifter | None = None,
+        reference_year: int | None = None,
+    ) -> None:
         self.tokens = tokeniser
-        self._birth_date_length = 4 if birth_date_precision == "year" else 7
+        self.policy = policy or PrivacyPolicy()
+        self.date_shifter = date_shifter
+        self.reference_year = reference_year or date.today().year
+        self._linking = self.policy.linking_identifiers
 
     def pseudonymise(self, resource: dict[str, Any]) -> Pseudonymised:
         resource_type = resource["resourceType"]
         resource_id = self.tokens.resource_id(resource_type, resource["id"])
-        patient_id = resource_id if resource_type == "Patient" else self._patient_of(resource)
+        if resource_type == "Patient":
+            patient_token = resource_id
+            person_id = self._linking_token(resource) or resource_id
+        else:
+            patient_token = person_id = self._patient_of(resource)
         self._scrub(resource)
         resource["id"] = resource_id
+        if self.date_shifter is not None and patient_token is not None:
+            self.date_shifter.shift(resource, self.date_shifter.offset_days(patient_token))
         birth_date = resource.get("birthDate")
         if isinstance(birth_date, str):
-            resource["birthDate"] = birth_date[: self._birth_date_length]
+            resource["birthDate"] = generalise_birth_date(
+                birth_date, precision=self.policy.birth_date_precision, reference_year=self.reference_year
+            )
         meta = resource.setdefault("meta", {})
         meta.setdefault("security", []).append(PSEUDONYMISED_TAG)
-        return Pseudonymised(resource_id, patient_id)
+        return Pseudonymised(resource_id, person_id)
 
     def rewrite_reference(self, reference: str) -> str:
         """`Type/id`, absolute URLs and `_history` keep their shape; anything unparsed becomes a token."""
         if reference.startswith("#"):
-            return reference  # a contained resource: its id is local to the resource
+            return "#" + self.tokens.contained_id(reference[1:]) if len(reference) > 1 else reference
         match = REFERENCE.match(reference)
         if match:
             token = self.tokens.resource_id(match["type"], match["id"])
@@ -92,6 +118,8 @@ class ResourcePseudonymiser:
             return f"{match['base']}{match['type']}/{token}{history}"
         if reference.startswith("urn:uuid:"):
             return "urn:uuid:" + self.tokens.uuid("urn-uuid", reference[9:].lower())
+        if URN_OID.match(reference):
+            return "urn:oid:" + self.tokens.token("urn-oid", reference[8:])
         conditional = CONDITIONAL_REFERENCE.match(reference)
         if conditional:
             query = "&".join(self._rewrite_search_parameter(p) for p in conditional["query"].split("&"))
@@ -99,6 +127,18 @@ class ResourcePseudonymiser:
         return "urn:pseudonym:" + self.tokens.token("reference", reference)
 
     # --- implementation details ---------------------------------------------------------------
+
+    def _linking_token(self, patient: dict[str, Any]) -> str | None:
+        """The first linking identifier, in the policy's order of preference."""
+        identifiers = {
+            i.get("system"): i.get("value")
+            for i in patient.get("identifier", ())
+            if isinstance(i, dict) and isinstance(i.get("value"), str)
+        }
+        for system in self._linking:
+            if identifiers.get(system):
+                return self.tokens.identifier(system, identifiers[system])
+        return None
 
     def _patient_of(self, resource: dict[str, Any]) -> str | None:
         for field_name in PATIENT_FIELDS:
@@ -151,6 +191,12 @@ class ResourcePseudonymiser:
                     removed.append(key)  # HumanName (Patient, Practitioner...); organisation names are strings
             elif action is _ADDRESS:
                 node[key] = self._generalise_addresses(value)
+            elif action is _CONTAINED and type(value) is list:
+                for contained in value:
+                    if type(contained) is dict:
+                        if type(contained.get("id")) is str:
+                            contained["id"] = self.tokens.contained_id(contained["id"])
+                        self._scrub(contained)
             elif action is _NARRATIVE and type(value) is dict and "div" in value:
                 removed.append(key)  # rendered from the very fields removed here
             elif action is _ATTACHMENT and ("contentType" in node or (key == "data" and type(value) is str)):
@@ -180,7 +226,11 @@ class ResourcePseudonymiser:
                 continue
             generalised = {k: address[k] for k in ADDRESS_KEPT_FIELDS if k in address}
             if isinstance(generalised.get("postalCode"), str):
-                generalised["postalCode"] = generalised["postalCode"][:3]
+                postal_code = generalise_postal_code(generalised["postalCode"], address.get("country"))
+                if postal_code is None:
+                    del generalised["postalCode"]
+                else:
+                    generalised["postalCode"] = postal_code
             if generalised:
                 kept.append(generalised)
         return kept if isinstance(value, list) else (kept[0] if kept else {})

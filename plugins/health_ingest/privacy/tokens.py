@@ -15,17 +15,23 @@ TOKEN_PURPOSE = "identifier-tokens"
 class Tokeniser:
     """Maps (domain, value) to `<key id>.<43 characters of the HMAC>`: at most 55 characters, a valid FHIR id."""
 
-    def __init__(self, keyring: Keyring, *, id_space: str) -> None:
+    def __init__(self, keyring: Keyring, *, id_space: str, record_new: bool = False) -> None:
         self.key_id = keyring.active_id
         self.id_space = id_space
         key = keyring.subkey(TOKEN_PURPOSE)
         prefix = self.key_id + "."
+        # (domain, original, token) of tokens computed since the last drain, for the escrow
+        self.new_tokens: list[tuple[str, str, str]] | None = [] if record_new else None
+        new_tokens = self.new_tokens
 
         @lru_cache(maxsize=1 << 14)
         def token(domain: str, value: str) -> str:
             mac = hmac.digest(key, f"{domain}\x1f{value}".encode(), "sha256")
             # URL-safe base64 with "_" spelled "." stays inside the FHIR id alphabet [A-Za-z0-9-.]
-            return prefix + base64.urlsafe_b64encode(mac).rstrip(b"=").replace(b"_", b".").decode("ascii")
+            result = prefix + base64.urlsafe_b64encode(mac).rstrip(b"=").replace(b"_", b".").decode("ascii")
+            if new_tokens is not None:
+                new_tokens.append((domain, value, result))
+            return result
 
         @lru_cache(maxsize=1 << 12)
         def token_uuid(domain: str, value: str) -> str:
@@ -38,6 +44,17 @@ class Tokeniser:
     def resource_id(self, resource_type: str, resource_id: str) -> str:
         """Resource ids are tokenised within the source's id space, per resource type."""
         return self.token(f"resource|{self.id_space}|{resource_type}", resource_id)
+
+    def drain_new_tokens(self) -> list[tuple[str, str, str]]:
+        if self.new_tokens is None:
+            return []
+        drained = list(self.new_tokens)
+        self.new_tokens.clear()
+        return drained
+
+    def contained_id(self, value: str) -> str:
+        """Contained resources' ids are local to their container: kept as they are."""
+        return value
 
     def identifier(self, system: str, value: str) -> str:
         """Identifier values are tokenised per system, so the same SSN links across sources."""

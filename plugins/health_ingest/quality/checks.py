@@ -22,8 +22,11 @@ class Rejection:
     message: str
 
 
-def check_line(raw: bytes, expected_type: str) -> dict[str, Any] | Rejection:
-    """Parse one line and return the resource, or the reason it cannot be loaded."""
+def check_line(raw: bytes, expected_type: str | None) -> dict[str, Any] | Rejection:
+    """Parse one line and return the resource, or the reason it cannot be loaded.
+
+    `expected_type` is the type the file is named after; None accepts any valid type name (a mixed stream).
+    """
     if b"\\u0000" in raw:
         return Rejection("nul_character", "contains a \\u0000 escape, which PostgreSQL jsonb cannot store")
     try:
@@ -35,13 +38,16 @@ def check_line(raw: bytes, expected_type: str) -> dict[str, Any] | Rejection:
     resource_type = resource.get("resourceType")
     if resource_type is None:
         return Rejection("missing_resource_type", "no resourceType")
+    if expected_type is None and isinstance(resource_type, str) and TYPE_NAME.match(resource_type):
+        expected_type = resource_type
     if resource_type != expected_type:
         shown = (
             f"'{resource_type}'"
             if isinstance(resource_type, str) and TYPE_NAME.match(resource_type)
             else ("not a valid type name")
         )
-        return Rejection("wrong_resource_type", f"resourceType {shown} in a file of {expected_type}")
+        where = f"in a file of {expected_type}" if expected_type else "where a resource type name was expected"
+        return Rejection("wrong_resource_type", f"resourceType {shown} {where}")
     resource_id = resource.get("id")
     if resource_id is None or resource_id == "":
         return Rejection("missing_id", "no id")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from health_ingest import config
 from health_ingest.errors import ConfigurationError
+from health_ingest.privacy.policy import PrivacyPolicy
 
 SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 KINDS = {"fhir", "claims"}
@@ -28,7 +29,7 @@ class Source:
     retries: int = 2
     tags: tuple[str, ...] = ()
     id_space: str = ""
-    linking_identifiers: tuple[str, ...] = field(default_factory=tuple)
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     @property
     def dag_id(self) -> str:
@@ -96,6 +97,7 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         "tags",
         "id_space",
         "linking_identifiers",
+        "privacy",
     }
     if unknown:
         raise ConfigurationError(f"{where}: unknown keys {sorted(unknown)}")
@@ -119,5 +121,21 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         retries=retries,
         tags=tuple(str(tag) for tag in entry.get("tags", ())),
         id_space=str(entry.get("id_space") or name),
-        linking_identifiers=tuple(str(s) for s in entry.get("linking_identifiers", ())),
+        privacy=_parse_privacy(where, entry),
     )
+
+
+def _parse_privacy(where: str, entry: dict) -> PrivacyPolicy:
+    options = entry.get("privacy") or {}
+    if not isinstance(options, dict):
+        raise ConfigurationError(f"{where}: 'privacy' must be a mapping")
+    known = {"birth_date_precision", "date_shift_days", "escrow", "k_anonymity", "k_anonymity_action"}
+    if set(options) - known:
+        raise ConfigurationError(f"{where}: unknown privacy options {sorted(set(options) - known)}")
+    try:
+        return PrivacyPolicy(
+            linking_identifiers=tuple(str(system) for system in entry.get("linking_identifiers", ())),
+            **options,
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigurationError(f"{where}: privacy: {error}") from None

@@ -7,6 +7,7 @@ import os
 from urllib.parse import urlsplit, urlunsplit
 
 from health_ingest import config
+from health_ingest.config import running_under_airflow
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def redact(url: str) -> str:
 
 
 def _airflow_connection_url() -> str | None:
-    if not any(k.startswith("AIRFLOW") for k in os.environ):
+    if not running_under_airflow():
         return None
     try:
         from airflow.sdk import Connection

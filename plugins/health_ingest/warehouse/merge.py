@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from health_ingest.warehouse.staging import staging_table
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 DUPLICATE_MESSAGE = "the same resource id appears again in this delivery; its newest version was loaded"
 
 
-def merge_resource_type(cur, batch_id: str, resource_type: str) -> dict[int, int]:
+def merge_resource_type(cur, batch_id: str, resource_type: str, id_space: str) -> dict[int, int]:
     """Upsert by pseudonymised id; a re-delivered resource replaces the stored one unless that one is newer.
 
     Returns the records quarantined as duplicates, per file number (usually none).
@@ -25,13 +26,13 @@ def merge_resource_type(cur, batch_id: str, resource_type: str) -> dict[int, int
     duplicates: dict[int, int] = {}
     cur.execute("SAVEPOINT merge_type")
     try:
-        _upsert(cur, table, staged, batch_id)
+        _upsert(cur, table, staged, batch_id, id_space)
     except Exception as error:
         if getattr(error, "pgcode", None) != "21000":  # cardinality_violation: an id twice in the batch
             raise
         cur.execute("ROLLBACK TO SAVEPOINT merge_type")
         duplicates = _quarantine_duplicates(cur, staged)
-        _upsert(cur, table, staged, batch_id)
+        _upsert(cur, table, staged, batch_id, id_space)
     cur.execute("RELEASE SAVEPOINT merge_type")
     return duplicates
 
@@ -48,6 +49,58 @@ def quarantine_rejected(cur, batch_id: str, landed: LandedDelivery) -> None:
             """,
             (batch_id, _json_object(names)),
         )
+
+
+def link_persons(cur, batch_id: str, id_space: str, patient_staging: str) -> int:
+    """Record new Patient -> person links, and move rows already stored under the Patient's token to the person.
+
+    Resources can arrive before their Patient (files come in name order, batches in any order): the links are
+    applied to what is stored as well as to what comes later (see `_upsert`).
+    """
+    cur.execute(
+        f"""
+        CREATE TEMPORARY TABLE new_links ON COMMIT DROP AS
+        WITH upserted AS (
+            INSERT INTO ingest.person_links (id_space, patient_token, person_id, batch_id)
+            SELECT DISTINCT ON (id) %s, id, patient_id, %s
+              FROM {patient_staging} WHERE reason IS NULL AND patient_id IS DISTINCT FROM id
+            ON CONFLICT (id_space, patient_token) DO UPDATE SET person_id = EXCLUDED.person_id
+             WHERE person_links.person_id <> EXCLUDED.person_id
+            RETURNING patient_token, person_id
+        )
+        SELECT * FROM upserted
+        """,
+        (id_space, batch_id),
+    )
+    cur.execute("SELECT count(*) FROM new_links")
+    (linked,) = cur.fetchone()
+    if linked:
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'fhir'")
+        for (table,) in cur.fetchall():
+            cur.execute(
+                f"UPDATE fhir.{table} t SET patient_id = l.person_id FROM new_links l "
+                "WHERE t.patient_id = l.patient_token"
+            )
+    cur.execute("DROP TABLE new_links")
+    return linked
+
+
+def store_escrow(cur, batch_id: str, spool: Path) -> int:
+    """Originals (encrypted) of the tokens this batch created; one row per token, first batch kept."""
+    cur.execute(
+        "CREATE TEMPORARY TABLE staging_escrow (token text, domain text, ciphertext bytea, key_id text) ON COMMIT DROP"
+    )
+    with spool.open("rb") as handle:
+        cur.copy_expert("COPY staging_escrow FROM STDIN", handle, size=1 << 18)
+    cur.execute(
+        """
+        INSERT INTO escrow.identifiers (token, domain, ciphertext, key_id, batch_id)
+        SELECT DISTINCT ON (token) token, domain, ciphertext, key_id, %s FROM staging_escrow
+        ON CONFLICT (token) DO NOTHING
+        """,
+        (batch_id,),
+    )
+    return cur.rowcount
 
 
 def record_files(cur, batch_id: str, landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> None:
@@ -82,17 +135,20 @@ def record_files(cur, batch_id: str, landed: LandedDelivery, file_counts: dict[i
 # --- implementation details -------------------------------------------------------------------
 
 
-def _upsert(cur, table: str, staged: str, batch_id: str) -> None:
+def _upsert(cur, table: str, staged: str, batch_id: str, id_space: str) -> None:
     cur.execute(
         f"""
         INSERT INTO fhir.{table} AS t (id, patient_id, last_updated, batch_id, resource)
-        SELECT id, patient_id, last_updated, %s, resource FROM {staged} WHERE reason IS NULL
+        SELECT s.id, coalesce(link.person_id, s.patient_id), s.last_updated, %s, s.resource
+          FROM {staged} s
+          LEFT JOIN ingest.person_links link ON link.id_space = %s AND link.patient_token = s.patient_id
+         WHERE s.reason IS NULL
         ON CONFLICT (id) DO UPDATE
            SET patient_id = EXCLUDED.patient_id, last_updated = EXCLUDED.last_updated,
                batch_id = EXCLUDED.batch_id, resource = EXCLUDED.resource
          WHERE t.last_updated IS NULL OR EXCLUDED.last_updated IS NULL OR EXCLUDED.last_updated >= t.last_updated
         """,
-        (batch_id,),
+        (batch_id, id_space),
     )
 
 
