@@ -27,7 +27,7 @@ from health_ingest.quality.reconcile import reconcile_staging
 from health_ingest.sources.landing import LandedDelivery, LandedFile, land_fhir_delivery
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import batches, merge, staging
-from health_ingest.warehouse.connection import connect, warehouse_url
+from health_ingest.warehouse.connection import connect, hosting_decision, warehouse_url
 from health_ingest.warehouse.migrations import require_migrated
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,8 @@ def run_fhir_batch(
     """Load one delivery as one batch: all of it commits, or nothing does and the batch is marked failed."""
     started = time.perf_counter()
     keyring = keyring or load_keyring()
-    conn = connect(url or warehouse_url())
+    warehouse = url or warehouse_url()
+    conn = connect(warehouse)
     try:
         conn.autocommit = True
         require_migrated(conn)
@@ -132,7 +133,12 @@ def run_fhir_batch(
         if abandoned:
             log.warning("source %s: marked %d abandoned batch(es) as failed", source.name, abandoned)
         batch_id = batches.open_batch(
-            conn, source=source.name, kind="fhir", key_id=keyring.active_id, delivery=Path(delivery).name
+            conn,
+            source=source.name,
+            kind="fhir",
+            key_id=keyring.active_id,
+            delivery=Path(delivery).name,
+            hosting=hosting_decision(warehouse).describe(),
         )
         log.info("source %s: batch %s started (key %s)", source.name, batch_id, keyring.active_id)
         loader = _BatchLoader(batch_id, source, keyring, progress)

@@ -51,15 +51,15 @@ def fail_abandoned_batches(conn, source: str) -> int:
         return cur.rowcount
 
 
-def open_batch(conn, *, source: str, kind: str, key_id: str, delivery: str) -> str:
+def open_batch(conn, *, source: str, kind: str, key_id: str, delivery: str, hosting: str) -> str:
     batch_id = str(uuid.uuid4())
     with conn.cursor() as cur:
         cur.execute(
             """
-            INSERT INTO ingest.batches (batch_id, source, kind, status, key_id, delivery)
-            VALUES (%s, %s, %s, 'loading', %s, %s)
+            INSERT INTO ingest.batches (batch_id, source, kind, status, key_id, delivery, hosting)
+            VALUES (%s, %s, %s, 'loading', %s, %s, %s)
             """,
-            (batch_id, source, kind, key_id, delivery),
+            (batch_id, source, kind, key_id, delivery, hosting),
         )
     return batch_id
 

@@ -11,6 +11,9 @@ from health_ingest.config import running_under_airflow
 
 log = logging.getLogger(__name__)
 
+# hosting declarations found in Airflow connection extras, by the URL they describe
+_DECLARED_BY_AIRFLOW: dict[str, dict] = {}
+
 
 def warehouse_url() -> str:
     """`HEALTH_INGEST_WAREHOUSE_URL`, else the Airflow connection, else the embedded warehouse."""
@@ -26,8 +29,10 @@ def warehouse_url() -> str:
 
 
 def connect(url: str):
+    """Every connection to the warehouse goes through the jurisdiction guard first: a refusal sends nothing."""
     import psycopg2
 
+    hosting_decision(url)
     return psycopg2.connect(url, application_name="health-ingest")
 
 
@@ -49,5 +54,32 @@ def _airflow_connection_url() -> str | None:
         connection = Connection.get(config.WAREHOUSE_CONN_ID)
     except Exception:  # no Airflow context, or no such connection
         return None
-    uri = connection.get_uri()
-    return uri.replace("postgres://", "postgresql://", 1)
+    extras = dict(connection.extra_dejson or {})
+    hosting = extras.pop("hosting", None)
+    uri = _postgres_url(connection, extras)
+    if hosting is not None:
+        _DECLARED_BY_AIRFLOW[uri] = hosting
+    return uri
+
+
+LIBPQ_OPTIONS = {"sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "target_session_attrs"}
+
+
+def _postgres_url(connection, extras: dict) -> str:
+    """A libpq URL from the connection's fields; only libpq options of the extras go into its query string."""
+    from urllib.parse import quote, urlencode
+
+    credentials = quote(connection.login or "", safe="")
+    if connection.password:
+        credentials += ":" + quote(connection.password, safe="")
+    host = connection.host or "localhost"
+    port = f":{connection.port}" if connection.port else ""
+    query = urlencode({k: v for k, v in extras.items() if k in LIBPQ_OPTIONS})
+    return f"postgresql://{credentials}@{host}{port}/{connection.schema or 'postgres'}" + (f"?{query}" if query else "")
+
+
+def hosting_decision(url: str):
+    """What the guard decided for this warehouse, to record on each batch."""
+    from health_ingest.warehouse.jurisdiction import check_warehouse, declared_hosting_from_env
+
+    return check_warehouse(url, _DECLARED_BY_AIRFLOW.get(url) or declared_hosting_from_env())
