@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, Param, task
-from health_ingest.orchestration import doc_md, schedule_for, sources_of_kind
+from health_ingest.orchestration import doc_md, schedule_for, sources_of_kind, tables_alias
 
 for source in sources_of_kind("fhir"):
     with DAG(
@@ -38,11 +38,11 @@ for source in sources_of_kind("fhir"):
 
             return find_deliveries(source_name, params or {})
 
-        @task(max_active_tis_per_dagrun=1)
-        def ingest(source_name: str, delivery: str) -> dict:
+        @task(max_active_tis_per_dagrun=1, outlets=[tables_alias(source)])
+        def ingest(source_name: str, delivery: str, outlet_events=None) -> dict:
             from health_ingest.orchestration import ingest_fhir_delivery
 
-            return ingest_fhir_delivery(source_name, delivery)
+            return ingest_fhir_delivery(source_name, delivery, outlet_events)
 
         ingest.partial(source_name=source.name).expand(delivery=find_deliveries(source.name))
 

@@ -15,10 +15,15 @@ def _dag_bag():
     return DagBag(dag_folder=str(DAGS))
 
 
+STATIC_DAGS = ["example_consumer"]
+
+
 def _declared_dag_ids() -> list[str]:
+    """One DAG per FHIR source of the sources file, plus the DAGs written by hand."""
     from health_ingest.sources.registry import load_sources
 
-    return sorted(source.dag_id for source in load_sources().values() if source.kind == "fhir")
+    generated = [source.dag_id for source in load_sources().values() if source.kind == "fhir"]
+    return sorted(generated + STATIC_DAGS)
 
 
 def test_dag_folder_imports_without_errors():
@@ -36,8 +41,7 @@ def test_dag_serialises_and_is_documented(dag_id):
     DagSerialization.validate_schema(serialised)
     restored = DagSerialization.from_dict(serialised)
     assert restored.dag_id == dag_id
-    assert dag.doc_md and "delivery" in dag.doc_md
-    assert dag.tags and "fhir" in dag.tags
+    assert dag.doc_md and dag.tags and dag.description
     assert dag.catchup is False
     for task in dag.tasks:
         assert task.owner != "airflow", "owner comes from the sources file"

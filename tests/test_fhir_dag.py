@@ -50,3 +50,59 @@ def test_delivery_landing_in_the_inbox_is_loaded_and_marked_done(airflow_db, db,
         assert cur.fetchone() == (1, 13 + 1215)
         cur.execute("SELECT to_regclass('fhir.condition')")
         assert cur.fetchone()[0] is None
+
+
+def test_consumer_dag_reads_exactly_the_rows_of_each_new_batch(airflow_db, db, tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+    from conftest import PROJECT
+    from health_ingest.warehouse.consumers import table_asset_uri
+
+    from airflow.models.variable import Variable
+
+    Variable.delete("health_ingest_example_consumer_watermark")  # commit_seq restarts with each test database
+    bag = DagBag(dag_folder=str(PROJECT / "dags"))
+    producer, consumer = bag.dags["fhir_smart_sample"], bag.dags["example_consumer"]
+    encounter_uri = table_asset_uri("fhir", "encounter")
+    assert consumer.timetable.asset_condition.uri == encounter_uri, "scheduled on the table's Asset"
+
+    def consumer_result() -> dict:
+        run = consumer.test()
+        assert run.state == "success"
+        with create_session() as session:
+            xcom = (
+                session.query(XComModel)
+                .filter_by(
+                    dag_id="example_consumer", run_id=run.run_id, task_id="read_new_encounters", key="return_value"
+                )
+                .one()
+            )
+            return XComModel.deserialize_value(xcom)
+
+    first = tmp_path / "first"
+    first.mkdir()
+    shutil.copy(SAMPLE / "Patient.000.ndjson", first)
+    shutil.copy(SAMPLE / "Encounter.000.ndjson", first)
+    assert producer.test(run_conf={"delivery_path": str(first)}).state == "success"
+    with create_session() as session:
+        events = (
+            session.query(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .filter(AssetModel.uri == encounter_uri)
+            .all()
+        )
+    assert len(events) == 1 and events[0].extra["rows"] == 1215, "the commit published the table's Asset event"
+    assert list(consumer_result().values()) == [1215]
+
+    second = tmp_path / "second"
+    second.mkdir()
+    lines = (SAMPLE / "Encounter.000.ndjson").read_text().splitlines(keepends=True)
+    (second / "Encounter.000.ndjson").write_text("".join(lines[:100]))
+    assert producer.test(run_conf={"delivery_path": str(second)}).state == "success"
+    second_read = consumer_result()
+    with db.cursor() as cur:
+        cur.execute("SELECT batch_id::text FROM ingest.batches ORDER BY commit_seq DESC LIMIT 1")
+        (latest,) = cur.fetchone()
+    assert second_read == {latest: 100}, "only the new batch, and all of its rows"

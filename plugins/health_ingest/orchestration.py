@@ -67,7 +67,14 @@ def find_deliveries(source_name: str, params: dict[str, Any]) -> list[str]:
     return found
 
 
-def ingest_fhir_delivery(source_name: str, delivery: str) -> dict[str, Any]:
+def tables_alias(source: Source):
+    """The alias through which a source's DAG emits one Asset event per warehouse table it wrote."""
+    from airflow.sdk import AssetAlias
+
+    return AssetAlias(f"{source.name}_warehouse_tables")
+
+
+def ingest_fhir_delivery(source_name: str, delivery: str, outlet_events=None) -> dict[str, Any]:
     """Run one batch; configuration errors fail the task without retry (retrying cannot help)."""
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -83,4 +90,21 @@ def ingest_fhir_delivery(source_name: str, delivery: str) -> dict[str, Any]:
         raise AirflowFailException(str(error)) from None
     if source.inbox and Path(delivery).parent == source.inbox:
         mark_done(Path(delivery))
+    if outlet_events is not None:
+        publish_table_events(source, result, outlet_events)
     return result.to_summary()
+
+
+def publish_table_events(source: Source, result, outlet_events) -> None:
+    """One Asset event per table the batch wrote, carrying the batch id consumers read by."""
+    from airflow.sdk import Asset
+
+    from health_ingest.warehouse.consumers import table_asset_uri
+
+    alias = outlet_events[tables_alias(source)]
+    for resource_type, counts in sorted(result.counts.items()):
+        if counts.rows_loaded:
+            alias.add(
+                Asset(table_asset_uri("fhir", resource_type.lower())),
+                extra={"batch_id": result.batch_id, "commit_seq": result.commit_seq, "rows": counts.rows_loaded},
+            )
