@@ -55,12 +55,11 @@ def test_delivery_landing_in_the_inbox_is_loaded_and_marked_done(airflow_db, db,
 def test_consumer_dag_reads_exactly_the_rows_of_each_new_batch(airflow_db, db, tmp_path):
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.models.variable import Variable
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from conftest import PROJECT
     from health_ingest.warehouse.consumers import table_asset_uri
-
-    from airflow.models.variable import Variable
 
     Variable.delete("health_ingest_example_consumer_watermark")  # commit_seq restarts with each test database
     bag = DagBag(dag_folder=str(PROJECT / "dags"))

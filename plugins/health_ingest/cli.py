@@ -243,6 +243,27 @@ def cmd_warehouse_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retention_purge(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from health_ingest.warehouse.connection import connect, warehouse_url
+    from health_ingest.warehouse.migrations import require_migrated
+    from health_ingest.warehouse.retention import purge_raw_data, retention_days
+
+    conn = connect(warehouse_url())
+    try:
+        require_migrated(conn)
+        days = args.days if args.days is not None else retention_days()
+        report = purge_raw_data(conn, older_than=timedelta(days=days))
+    finally:
+        conn.close()
+    print(
+        f"purged {report.landing_folders} landing folders and {report.quarantine_records} quarantine records "
+        f"older than {days} days (before {report.cutoff:%Y-%m-%d %H:%M} UTC)"
+    )
+    return 0
+
+
 def cmd_keys_new(args: argparse.Namespace) -> int:
     from health_ingest.privacy.keyring import new_keyring_file
 
@@ -314,6 +335,12 @@ def _parser() -> argparse.ArgumentParser:
     actions.add_parser("url", help="print the warehouse URL (starts the embedded one)").set_defaults(
         run=cmd_warehouse_url
     )
+
+    retention = commands.add_parser("retention", help="purge raw data past its retention time")
+    retention_actions = retention.add_subparsers(title="actions")
+    purge = retention_actions.add_parser("purge", help="landing copies and quarantine records, logged")
+    purge.add_argument("--days", type=int, help="keep this many days (default HEALTH_INGEST_RETENTION_DAYS or 30)")
+    purge.set_defaults(run=cmd_retention_purge)
 
     keys = commands.add_parser("keys", help="pseudonymisation keys (never prints key material)")
     key_actions = keys.add_subparsers(title="actions")
