@@ -1,7 +1,8 @@
 """FHIR ingestion: one DAG per FHIR source of `sources.yml`, each delivery loaded as one batch.
 
-The DAG finds the source's pending deliveries (or takes `delivery_path` from the trigger form) and maps one
-ingestion task over them; all logic lives in `health_ingest`.
+The DAG finds the source's pending deliveries (or takes `delivery_path` from the trigger form), maps one
+ingestion task over them, then refreshes the flat SQL-on-FHIR tables of each committed batch; all logic lives in
+`health_ingest`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ for source in sources_of_kind("fhir"):
 
             return ingest_fhir_delivery(source_name, delivery, outlet_events)
 
-        ingest.partial(source_name=source.name).expand(delivery=find_deliveries(source.name))
+        @task
+        def refresh_flat_tables(summary: dict) -> dict:
+            from health_ingest.orchestration import refresh_flat_tables
+
+            return refresh_flat_tables(summary)
+
+        summaries = ingest.partial(source_name=source.name).expand(delivery=find_deliveries(source.name))
+        refresh_flat_tables.expand(summary=summaries)
 
     globals()[source.dag_id] = dag

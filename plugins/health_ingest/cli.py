@@ -243,6 +243,22 @@ def cmd_warehouse_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_views(args: argparse.Namespace) -> int:
+    from health_ingest.views.flat import rebuild, refresh_batch
+    from health_ingest.warehouse.connection import connect, warehouse_url
+    from health_ingest.warehouse.migrations import require_migrated
+
+    conn = connect(warehouse_url())
+    try:
+        require_migrated(conn)
+        written = refresh_batch(conn, args.batch) if args.batch else rebuild(conn)
+    finally:
+        conn.close()
+    for name, rows in written.items():
+        print(f"flat.{name}: {rows:,} rows {'refreshed' if args.batch else 'rebuilt'}")
+    return 0
+
+
 def cmd_retention_purge(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
@@ -334,6 +350,15 @@ def _parser() -> argparse.ArgumentParser:
     rekey.set_defaults(run=cmd_warehouse_rekey)
     actions.add_parser("url", help="print the warehouse URL (starts the embedded one)").set_defaults(
         run=cmd_warehouse_url
+    )
+
+    views = commands.add_parser("views", help="flat tables from the SQL-on-FHIR ViewDefinitions")
+    view_actions = views.add_subparsers(title="actions")
+    refresh = view_actions.add_parser("refresh", help="replace the rows of one committed batch's resources")
+    refresh.add_argument("--batch", required=True)
+    refresh.set_defaults(run=cmd_views)
+    view_actions.add_parser("rebuild", help="rebuild every flat table from fhir.*").set_defaults(
+        run=cmd_views, batch=None
     )
 
     retention = commands.add_parser("retention", help="purge raw data past its retention time")

@@ -108,3 +108,15 @@ def publish_table_events(source: Source, result, outlet_events) -> None:
                 Asset(table_asset_uri("fhir", resource_type.lower())),
                 extra={"batch_id": result.batch_id, "commit_seq": result.commit_seq, "rows": counts.rows_loaded},
             )
+
+
+def refresh_flat_tables(summary: dict[str, Any]) -> dict[str, int]:
+    """After a commit: the flat tables follow the batch (off the load's hot path, in their own transaction)."""
+    from health_ingest.views.flat import refresh_batch
+    from health_ingest.warehouse.connection import connect, warehouse_url
+
+    conn = connect(warehouse_url())
+    try:
+        return refresh_batch(conn, summary["batch_id"])
+    finally:
+        conn.close()
