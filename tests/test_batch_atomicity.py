@@ -72,6 +72,8 @@ def test_a_failure_during_commit_leaves_nothing_of_the_batch(db, smart_source, m
         assert cur.fetchall() == [("failed",)]
         cur.execute("SELECT count(*) FROM ingest.quarantine")
         assert cur.fetchone()[0] == 0
+        cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'ingest_staging'")
+        assert cur.fetchone()[0] == 0, "the failed batch's staging tables are gone"
 
     monkeypatch.setattr(merge, "merge_resource_type", real_merge)
     assert run_fhir_batch(SAMPLE, smart_source).rows_loaded == 7160

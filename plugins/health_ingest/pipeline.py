@@ -125,13 +125,17 @@ def run_fhir_batch(
     keyring = keyring or load_keyring()
     warehouse = url or warehouse_url()
     conn = connect(warehouse)
+    copy_conn = None
     try:
         conn.autocommit = True
         require_migrated(conn)
         batches.lock_source(conn, source.name)
         abandoned = batches.fail_abandoned_batches(conn, source.name)
         if abandoned:
-            log.warning("source %s: marked %d abandoned batch(es) as failed", source.name, abandoned)
+            log.warning("source %s: marked %d abandoned batch(es) as failed", source.name, len(abandoned))
+            with conn.cursor() as cur:
+                for abandoned_id in abandoned:
+                    staging.drop_staging_tables(cur, abandoned_id)
         batch_id = batches.open_batch(
             conn,
             source=source.name,
@@ -141,9 +145,11 @@ def run_fhir_batch(
             hosting=hosting_decision(warehouse).describe(),
         )
         log.info("source %s: batch %s started (key %s)", source.name, batch_id, keyring.active_id)
-        loader = _BatchLoader(batch_id, source, keyring, progress)
+        loader = _BatchLoader(batch_id, source, keyring, progress, warehouse)
+        copy_conn = connect(warehouse)
+        copy_conn.autocommit = True
         try:
-            result = loader.load(conn, Path(delivery))
+            result = loader.load(conn, copy_conn, Path(delivery))
         except BaseException as error:
             message = _safe_message(error, loader.position)
             conn.rollback()
@@ -173,6 +179,10 @@ def run_fhir_batch(
         )
         return result
     finally:
+        if copy_conn is not None:
+            with copy_conn.cursor() as cur:
+                staging.drop_staging_tables(cur, batch_id)
+            copy_conn.close()
         conn.close()
 
 
@@ -182,8 +192,11 @@ def run_fhir_batch(
 class _BatchLoader:
     """The load transaction of one batch. Keeps its position so that errors can say where they happened."""
 
-    def __init__(self, batch_id: str, source: Source, keyring: Keyring, progress: ProgressCallback | None):
+    def __init__(
+        self, batch_id: str, source: Source, keyring: Keyring, progress: ProgressCallback | None, warehouse: str
+    ):
         self.batch_id = batch_id
+        self.warehouse = warehouse
         self.source = source
         self.key_id = keyring.active_id
         self.keyring = keyring
@@ -192,7 +205,8 @@ class _BatchLoader:
         self._producer_position = "while reading the delivery"
         self.times = StepTimes()
 
-    def load(self, conn, delivery: Path) -> BatchResult:
+    def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
+        """`copy_conn` stages (autocommit); `conn` holds the load transaction that merges and commits."""
         clock = time.perf_counter()
         landing = config.state_dir() / "landing" / self.source.name / self.batch_id
         landed = land_fhir_delivery(delivery, landing)
@@ -202,11 +216,11 @@ class _BatchLoader:
                 log.warning("%s: skipped, %s", skipped.name, skipped.skip_reason)
 
         conn.autocommit = False
-        with conn.cursor() as cur:
-            file_counts = self._stage_and_merge(cur, landed)
+        with conn.cursor() as cur, copy_conn.cursor() as copy_cur:
+            file_counts = self._stage_and_merge(cur, copy_cur, landed)
             clock = time.perf_counter()
             self.position = "while verifying the staged batch"
-            reconcile_staging(cur, landed, file_counts)
+            reconcile_staging(cur, self.batch_id, landed, file_counts)
             self.times.verify = time.perf_counter() - clock
 
             clock = time.perf_counter()
@@ -238,14 +252,15 @@ class _BatchLoader:
             times=self.times,
         )
 
-    def _stage_and_merge(self, cur, landed: LandedDelivery) -> dict[int, FileCounts]:
+    def _stage_and_merge(self, cur, copy_cur, landed: LandedDelivery) -> dict[int, FileCounts]:
         """Python encodes the next file into a spool while PostgreSQL copies and merges the previous one.
 
         The two cores both work, memory stays flat (spools are files), and a type is merged as soon as its
-        last file is staged. Everything stays inside the load transaction.
+        last file is staged; the merges stay inside the load transaction (`cur`), which commits or not as a
+        whole, while the staging tables (`copy_cur`, autocommit) are visible to the quality suites.
         """
         for resource_type in sorted({f.resource_type for f in landed.loadable}):
-            staging.create_staging_table(cur, resource_type)
+            staging.create_staging_table(copy_cur, self.batch_id, resource_type)
         file_counts = {f.file_no: FileCounts() for f in landed.loadable}
         last_file_of_type = {f.resource_type: f.file_no for f in landed.loadable}
         handoff: queue.Queue = queue.Queue(maxsize=1)
@@ -265,7 +280,7 @@ class _BatchLoader:
                 landed_file, spool = item
                 clock = time.perf_counter()
                 self.position = f"while staging {landed_file.name}"
-                staging.copy_spool(cur, staging.staging_table(landed_file.resource_type), spool)
+                staging.copy_spool(copy_cur, staging.staging_table(self.batch_id, landed_file.resource_type), spool)
                 spool.unlink()
                 self.times.stage += time.perf_counter() - clock
                 counts = file_counts[landed_file.file_no]
@@ -292,10 +307,13 @@ class _BatchLoader:
     def _after_merges(self, cur, landed: LandedDelivery) -> None:
         """Privacy steps that need the whole batch staged: person links, escrow, the k-anonymity gate."""
         has_patients = any(f.resource_type == "Patient" for f in landed.loadable)
+        patients = staging.staging_table(self.batch_id, "Patient")
         clock = time.perf_counter()
         if has_patients:
             self.position = "while linking persons"
-            merge.link_persons(cur, self.batch_id, self.source.id_space, staging.staging_table("Patient"))
+            merge.link_persons(
+                cur, self.batch_id, self.source.id_space, staging.staging_table(self.batch_id, "Patient")
+            )
         escrow_spool = landed.folder / ".spool" / ESCROW_SPOOL
         if escrow_spool.exists():
             self.position = "while storing the escrow"
@@ -304,7 +322,7 @@ class _BatchLoader:
         if has_patients:
             clock = time.perf_counter()
             self.position = "while checking k-anonymity"
-            check_k_anonymity(cur, self.batch_id, staging.staging_table("Patient"), self.source.privacy)
+            check_k_anonymity(cur, self.batch_id, patients, self.source.privacy)
             self.times.verify += time.perf_counter() - clock
 
     def _encode_into_spools(

@@ -12,14 +12,14 @@ if TYPE_CHECKING:
     from health_ingest.sources.landing import LandedDelivery
 
 
-def reconcile_staging(cur, landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> None:
+def reconcile_staging(cur, batch_id: str, landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> None:
     """Raise if any file's staged good or rejected rows differ from the reader's counts."""
     staged: dict[int, tuple[int, int]] = {}
     for resource_type in sorted({f.resource_type for f in landed.loadable}):
         cur.execute(
             f"""
             SELECT file_no, count(*) FILTER (WHERE reason IS NULL), count(*) FILTER (WHERE reason IS NOT NULL)
-              FROM {staging_table(resource_type)} GROUP BY file_no
+              FROM {staging_table(batch_id, resource_type)} GROUP BY file_no
             """
         )
         staged.update({file_no: (good, bad) for file_no, good, bad in cur.fetchall()})

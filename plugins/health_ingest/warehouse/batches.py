@@ -37,7 +37,7 @@ def unlock_source(conn, source: str) -> None:
         cur.execute("SELECT pg_advisory_unlock(hashtext(%s))", (SOURCE_LOCK_PREFIX + source,))
 
 
-def fail_abandoned_batches(conn, source: str) -> int:
+def fail_abandoned_batches(conn, source: str) -> list[str]:
     """Holding the source lock, any batch still 'loading' belongs to a process that died."""
     with conn.cursor() as cur:
         cur.execute(
@@ -45,10 +45,11 @@ def fail_abandoned_batches(conn, source: str) -> int:
             UPDATE ingest.batches SET status = 'failed', finished_at = now(),
                    error = 'abandoned: the process loading it stopped before it finished; nothing was committed'
              WHERE source = %s AND status = 'loading'
+            RETURNING batch_id::text
             """,
             (source,),
         )
-        return cur.rowcount
+        return [row[0] for row in cur.fetchall()]
 
 
 def open_batch(conn, *, source: str, kind: str, key_id: str, delivery: str, hosting: str) -> str:

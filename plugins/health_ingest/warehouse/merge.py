@@ -22,7 +22,7 @@ def merge_resource_type(cur, batch_id: str, resource_type: str, id_space: str) -
     """
     cur.execute("SELECT ingest.ensure_fhir_table(%s)", (resource_type,))
     (table,) = cur.fetchone()
-    staged = staging_table(resource_type)
+    staged = staging_table(batch_id, resource_type)
     duplicates: dict[int, int] = {}
     cur.execute("SAVEPOINT merge_type")
     try:
@@ -44,7 +44,7 @@ def quarantine_rejected(cur, batch_id: str, landed: LandedDelivery) -> None:
             f"""
             INSERT INTO ingest.quarantine (batch_id, file_name, line_number, reason, message)
             SELECT %s, (%s::jsonb ->> file_no::text), line_no, reason, message
-              FROM {staging_table(resource_type)} WHERE reason IS NOT NULL
+              FROM {staging_table(batch_id, resource_type)} WHERE reason IS NOT NULL
              ORDER BY file_no, line_no
             """,
             (batch_id, _json_object(names)),

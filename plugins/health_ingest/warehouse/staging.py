@@ -8,16 +8,21 @@ COPY_CHUNK = 1 << 18
 STAGING_COLUMNS = "file_no, line_no, id, patient_id, last_updated, reason, message, resource"
 
 
-def staging_table(resource_type: str) -> str:
-    return f"staging_{resource_type.lower()}"
+STAGING_SCHEMA = "ingest_staging"
 
 
-def create_staging_table(cur, resource_type: str) -> str:
-    """Temporary (so unlogged and private to the load) and dropped at commit or rollback."""
-    table = staging_table(resource_type)
+def staging_table(batch_id: str, resource_type: str) -> str:
+    """`ingest_staging.b<batch>_<type>`: one unlogged table per batch and resource type."""
+    return f"{STAGING_SCHEMA}.b{batch_id.replace('-', '')[:16]}_{resource_type.lower()}"
+
+
+def create_staging_table(cur, batch_id: str, resource_type: str) -> str:
+    """Unlogged (staging is rebuilt from the landing copy after a crash, never recovered) and committed at once,
+    so that the quality suites, on their own connection, see what the load transaction merges."""
+    table = staging_table(batch_id, resource_type)
     cur.execute(
         f"""
-        CREATE TEMPORARY TABLE IF NOT EXISTS {table} (
+        CREATE UNLOGGED TABLE IF NOT EXISTS {table} (
             file_no       integer NOT NULL,
             line_no       bigint NOT NULL,
             id            text,
@@ -26,10 +31,20 @@ def create_staging_table(cur, resource_type: str) -> str:
             reason        text,
             message       text,
             resource      jsonb
-        ) ON COMMIT DROP
+        )
         """
     )
     return table
+
+
+def drop_staging_tables(cur, batch_id: str) -> None:
+    prefix = staging_table(batch_id, "x")[len(STAGING_SCHEMA) + 1 : -1]
+    cur.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = %s AND starts_with(tablename, %s)",
+        (STAGING_SCHEMA, prefix),
+    )
+    for (table,) in cur.fetchall():
+        cur.execute(f"DROP TABLE IF EXISTS {STAGING_SCHEMA}.{table}")
 
 
 def copy_spool(cur, table: str, spool: Path) -> None:
