@@ -1,8 +1,8 @@
 """FHIR ingestion: one DAG per FHIR source of `sources.yml`, each delivery loaded as one batch.
 
 The DAG finds the source's pending deliveries (or takes `delivery_path` from the trigger form), maps one
-ingestion task over them, then refreshes the flat SQL-on-FHIR tables of each committed batch; all logic lives in
-`health_ingest`.
+ingestion task over them (the quality suites gate each batch before it commits), then refreshes the flat
+SQL-on-FHIR tables and renders the Data Docs of each committed batch; all logic lives in `health_ingest`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,14 @@ for source in sources_of_kind("fhir"):
 
             return refresh_flat_tables(summary)
 
+        @task
+        def publish_data_docs(summary: dict) -> str | None:
+            from health_ingest.orchestration import publish_data_docs
+
+            return publish_data_docs(summary)
+
         summaries = ingest.partial(source_name=source.name).expand(delivery=find_deliveries(source.name))
         refresh_flat_tables.expand(summary=summaries)
+        publish_data_docs.expand(summary=summaries)
 
     globals()[source.dag_id] = dag

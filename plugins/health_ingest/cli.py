@@ -216,6 +216,11 @@ def cmd_warehouse_status(args: argparse.Namespace) -> int:
             right={4, 5, 6},
         )
     )
+    reports = [(b.batch_id, b.dq_report) for b in rows if b.dq_report]
+    if reports:
+        print("\nData Docs:")
+        for batch_id, report in reports:
+            print(f"  {batch_id}  {report}")
     return 0
 
 
@@ -241,6 +246,20 @@ def cmd_warehouse_url(args: argparse.Namespace) -> int:
 
     print(warehouse_url())
     return 0
+
+
+def cmd_quality_docs(args: argparse.Namespace) -> int:
+    from health_ingest.quality.docs import publish_data_docs
+    from health_ingest.warehouse.connection import connect, warehouse_url
+
+    conn = connect(warehouse_url())
+    conn.autocommit = True
+    try:
+        index = publish_data_docs(conn, args.batch)
+    finally:
+        conn.close()
+    print(index or f"batch {args.batch} has no data-quality results")
+    return 0 if index else 1
 
 
 def cmd_views(args: argparse.Namespace) -> int:
@@ -351,6 +370,12 @@ def _parser() -> argparse.ArgumentParser:
     actions.add_parser("url", help="print the warehouse URL (starts the embedded one)").set_defaults(
         run=cmd_warehouse_url
     )
+
+    quality = commands.add_parser("quality", help="data-quality results")
+    quality_actions = quality.add_subparsers(title="actions")
+    docs = quality_actions.add_parser("docs", help="render a batch's Data Docs and print where they are")
+    docs.add_argument("--batch", required=True)
+    docs.set_defaults(run=cmd_quality_docs)
 
     views = commands.add_parser("views", help="flat tables from the SQL-on-FHIR ViewDefinitions")
     view_actions = views.add_subparsers(title="actions")

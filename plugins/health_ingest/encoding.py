@@ -20,6 +20,7 @@ from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.resources import ResourcePseudonymiser
 from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.checks import Rejection, check_line, last_updated
+from health_ingest.quality.strict import strict_problem
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse.staging import encode_loaded, encode_rejected
 
@@ -41,7 +42,10 @@ class EncodedChunk:
 
 
 class ChunkEncoder:
-    def __init__(self, pseudonymiser: ResourcePseudonymiser, escrow: EscrowCipher | None = None) -> None:
+    def __init__(
+        self, pseudonymiser: ResourcePseudonymiser, escrow: EscrowCipher | None = None, *, strict: bool = False
+    ) -> None:
+        self._strict = strict
         self.pseudonymiser = pseudonymiser
         self._pseudonymise = pseudonymiser.pseudonymise
         self._tokens = pseudonymiser.tokens
@@ -56,6 +60,8 @@ class ChunkEncoder:
             checked = check_line(raw, expected_type)
             t1 = clock()
             check_seconds += t1 - t0
+            if self._strict and type(checked) is not Rejection:
+                checked = strict_problem(checked) or checked
             if type(checked) is Rejection:
                 rejected += 1
                 rows.append(encode_rejected(file_no, line_no, checked.reason, checked.message))
@@ -142,7 +148,8 @@ def chunk_encoder(keyring: Keyring, source: Source) -> ChunkEncoder:
     tokeniser = Tokeniser(keyring, id_space=source.id_space, record_new=policy.escrow)
     shifter = DateShifter(keyring, policy.date_shift_days) if policy.date_shift_days else None
     pseudonymiser = ResourcePseudonymiser(tokeniser, policy, date_shifter=shifter)
-    return ChunkEncoder(pseudonymiser, EscrowCipher(keyring) if policy.escrow else None)
+    escrow = EscrowCipher(keyring) if policy.escrow else None
+    return ChunkEncoder(pseudonymiser, escrow, strict=source.quality.strict)
 
 
 def _start_worker(keyring: Keyring, source: Source) -> None:

@@ -120,3 +120,17 @@ def refresh_flat_tables(summary: dict[str, Any]) -> dict[str, int]:
         return refresh_batch(conn, summary["batch_id"])
     finally:
         conn.close()
+
+
+def publish_data_docs(summary: dict[str, Any]) -> str | None:
+    """After a commit: the batch's Data Docs (Great Expectations is imported here, not in the load)."""
+    from health_ingest.quality.docs import publish_data_docs as publish
+    from health_ingest.warehouse.connection import connect, warehouse_url
+
+    conn = connect(warehouse_url())
+    conn.autocommit = True
+    try:
+        index = publish(conn, summary["batch_id"])
+    finally:
+        conn.close()
+    return str(index) if index else None

@@ -24,6 +24,7 @@ from health_ingest.errors import BatchRejected, HealthIngestError, LoadError
 from health_ingest.privacy.gate import KAnonymityReport, check_k_anonymity, record_k_anonymity
 from health_ingest.privacy.keyring import Keyring, load_keyring
 from health_ingest.quality.reconcile import reconcile_staging
+from health_ingest.quality.suites import evaluate_batch, record_outcomes
 from health_ingest.sources.landing import LandedDelivery, LandedFile, land_fhir_delivery
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import batches, merge, staging
@@ -67,6 +68,7 @@ class StepTimes:
     pseudonymise: float = 0.0
     stage: float = 0.0
     verify: float = 0.0
+    suites: float = 0.0  # the quality suites, part of verify
     commit: float = 0.0
 
 
@@ -155,9 +157,8 @@ def run_fhir_batch(
             conn.rollback()
             conn.autocommit = True
             batches.mark_failed(conn, batch_id, message, status=_failure_status(error))
-            if isinstance(error, BatchRejected) and isinstance(error.evidence, KAnonymityReport):
-                with conn.cursor() as cur:
-                    record_k_anonymity(cur, batch_id, error.evidence)
+            if isinstance(error, BatchRejected):
+                _record_rejection_evidence(conn, batch_id, error.evidence)
             log.error(
                 "source %s: batch %s %s, nothing committed: %s", source.name, batch_id, _failure_status(error), message
             )
@@ -221,7 +222,8 @@ class _BatchLoader:
             clock = time.perf_counter()
             self.position = "while verifying the staged batch"
             reconcile_staging(cur, self.batch_id, landed, file_counts)
-            self.times.verify = time.perf_counter() - clock
+            self.times.verify += time.perf_counter() - clock
+            self._quality_gate(cur, landed)
 
             clock = time.perf_counter()
             self.position = "while committing"
@@ -236,6 +238,7 @@ class _BatchLoader:
                 rows_loaded=totals.rows_loaded,
                 rows_quarantined=totals.rows_quarantined,
                 input_sha256=landed.input_sha256,
+                step_seconds={step: round(seconds, 4) for step, seconds in vars(self.times).items()},
             )
         conn.commit()
         self.times.commit += time.perf_counter() - clock
@@ -303,6 +306,32 @@ class _BatchLoader:
                 producer.join(0.05)
             shutil.rmtree(landed.folder / ".spool", ignore_errors=True)
         return file_counts
+
+    def _quality_gate(self, cur, landed: LandedDelivery) -> None:
+        """The suites on the staged batch, before commit: an error rejects the batch, warnings are recorded."""
+        if not self.source.quality.suites:
+            log.warning("source %s: quality suites are off by the source's policy", self.source.name)
+            return
+        clock = time.perf_counter()
+        self.position = "while running the quality suites"
+        types = sorted({f.resource_type for f in landed.loadable})
+        outcomes = evaluate_batch(cur, self.batch_id, self.source.name, types, tolerance=self.source.quality.tolerance)
+        self.times.suites = time.perf_counter() - clock
+        failed_errors = [o for o in outcomes if not o.success and o.severity == "error"]
+        for outcome in outcomes:
+            if not outcome.success and outcome.severity == "warning":
+                log.warning("quality warning: %s", outcome.describe())
+        log.info(
+            "quality suites: %d expectations on %d tables in %.3f s, %d errors, %d warnings",
+            len(outcomes),
+            len(types),
+            self.times.suites,
+            len(failed_errors),
+            sum(1 for o in outcomes if not o.success and o.severity == "warning"),
+        )
+        if failed_errors:
+            raise BatchRejected("data quality: " + "; ".join(o.describe() for o in failed_errors), evidence=outcomes)
+        record_outcomes(cur, self.batch_id, outcomes)
 
     def _after_merges(self, cur, landed: LandedDelivery) -> None:
         """Privacy steps that need the whole batch staged: person links, escrow, the k-anonymity gate."""
@@ -393,6 +422,19 @@ def _counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) 
         total.rows_loaded += per_file.rows_loaded
         total.rows_quarantined += per_file.rows_quarantined
     return counts
+
+
+def _record_rejection_evidence(conn, batch_id: str, evidence: object) -> None:
+    """A rejected batch keeps why: the gate's report, written after the rollback, and its Data Docs."""
+    with conn.cursor() as cur:
+        if isinstance(evidence, KAnonymityReport):
+            record_k_anonymity(cur, batch_id, evidence)
+        elif isinstance(evidence, list):
+            record_outcomes(cur, batch_id, evidence)
+    if isinstance(evidence, list):
+        from health_ingest.quality.docs import publish_data_docs
+
+        publish_data_docs(conn, batch_id)
 
 
 def _failure_status(error: BaseException) -> str:

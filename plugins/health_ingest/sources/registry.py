@@ -9,6 +9,7 @@ from pathlib import Path
 from health_ingest import config
 from health_ingest.errors import ConfigurationError
 from health_ingest.privacy.policy import PrivacyPolicy
+from health_ingest.quality.policy import QualityPolicy
 
 SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 KINDS = {"fhir", "claims"}
@@ -30,6 +31,7 @@ class Source:
     tags: tuple[str, ...] = ()
     id_space: str = ""
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    quality: QualityPolicy = field(default_factory=QualityPolicy)
 
     @property
     def dag_id(self) -> str:
@@ -98,6 +100,7 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         "id_space",
         "linking_identifiers",
         "privacy",
+        "quality",
     }
     if unknown:
         raise ConfigurationError(f"{where}: unknown keys {sorted(unknown)}")
@@ -122,7 +125,18 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         tags=tuple(str(tag) for tag in entry.get("tags", ())),
         id_space=str(entry.get("id_space") or name),
         privacy=_parse_privacy(where, entry),
+        quality=_parse_quality(where, entry),
     )
+
+
+def _parse_quality(where: str, entry: dict) -> QualityPolicy:
+    options = entry.get("quality") or {}
+    if not isinstance(options, dict) or set(options) - {"tolerance", "strict", "suites"}:
+        raise ConfigurationError(f"{where}: 'quality' takes only 'tolerance', 'strict' and 'suites'")
+    try:
+        return QualityPolicy(**options)
+    except (TypeError, ValueError) as error:
+        raise ConfigurationError(f"{where}: quality: {error}") from None
 
 
 def _parse_privacy(where: str, entry: dict) -> PrivacyPolicy:

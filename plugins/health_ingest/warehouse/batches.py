@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +25,7 @@ class BatchRow:
     rows_quarantined: int
     key_id: str
     error: str | None
+    dq_report: str | None
 
 
 def lock_source(conn, source: str) -> None:
@@ -66,7 +68,14 @@ def open_batch(conn, *, source: str, kind: str, key_id: str, delivery: str, host
 
 
 def mark_committed(
-    cur, batch_id: str, *, rows_read: int, rows_loaded: int, rows_quarantined: int, input_sha256: str
+    cur,
+    batch_id: str,
+    *,
+    rows_read: int,
+    rows_loaded: int,
+    rows_quarantined: int,
+    input_sha256: str,
+    step_seconds: dict[str, float],
 ) -> int:
     """Inside the load transaction: the batch becomes visible to consumers at the same instant as its rows."""
     cur.execute("SELECT pg_advisory_xact_lock(%s)", (COMMIT_LOCK,))
@@ -75,11 +84,11 @@ def mark_committed(
         UPDATE ingest.batches
            SET status = 'committed', committed_at = now(), finished_at = now(),
                commit_seq = nextval('ingest.commit_seq'),
-               rows_read = %s, rows_loaded = %s, rows_quarantined = %s, input_sha256 = %s
+               rows_read = %s, rows_loaded = %s, rows_quarantined = %s, input_sha256 = %s, step_seconds = %s
          WHERE batch_id = %s AND status = 'loading'
         RETURNING commit_seq, source
         """,
-        (rows_read, rows_loaded, rows_quarantined, input_sha256, batch_id),
+        (rows_read, rows_loaded, rows_quarantined, input_sha256, json.dumps(step_seconds), batch_id),
     )
     row = cur.fetchone()
     if row is None:
@@ -105,7 +114,7 @@ def recent_batches(conn, limit: int = 20, source: str | None = None) -> list[Bat
         cur.execute(
             """
             SELECT batch_id::text, source, kind, status, started_at, committed_at,
-                   rows_read, rows_loaded, rows_quarantined, key_id, error
+                   rows_read, rows_loaded, rows_quarantined, key_id, error, dq_report
               FROM ingest.batches
              WHERE %(source)s::text IS NULL OR source = %(source)s
              ORDER BY started_at DESC

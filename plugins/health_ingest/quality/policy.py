@@ -1,0 +1,20 @@
+"""What a source's quality gate does, from the `quality:` block of its entry in the sources file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class QualityPolicy:
+    # share of bad values every map expectation tolerates (0.005 = 0.5 %), on top of the suite's own `mostly`
+    tolerance: float = 0.0
+    # validate every resource against the FHIR model (fhir.resources) in the worker processes
+    strict: bool = False
+    # run the suites of expectations/ as a gate; off only for sources that are not patient records
+    # (terminology, conformance fixtures), where clinical plausibility does not apply
+    suites: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ValueError("tolerance must be in [0, 1)")

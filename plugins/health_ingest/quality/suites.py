@@ -1,0 +1,268 @@
+"""Data-quality suites (Great Expectations 1.x JSON in `expectations/`), evaluated on a staged batch.
+
+The gate runs inside the load transaction, so it must be fast: each suite becomes one SQL query over the batch's
+staging table (joined to the patients, staged or stored, for checks against birth dates), with the semantics of
+the Great Expectations expectation types it uses (map expectations ignore nulls and honour `mostly`). The test
+suite checks that Great Expectations itself reaches the same verdicts; Great Expectations renders the Data Docs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from health_ingest import config
+from health_ingest.warehouse.staging import staging_table
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SUITE = "_default"
+MAP_EXPECTATIONS = {
+    "expect_column_values_to_not_be_null",
+    "expect_column_values_to_be_in_set",
+    "expect_column_values_to_not_be_in_set",
+    "expect_column_values_to_match_regex",
+    "expect_column_values_to_be_between",
+    "expect_column_values_to_be_unique",
+}
+SUPPORTED = MAP_EXPECTATIONS | {"expect_table_row_count_to_be_between"}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    resource_type: str
+    columns: dict[str, str]
+    expectations: tuple[dict[str, Any], ...]
+    patient_reference: str | None
+    path: Path
+
+    def table_for(self, resource_type: str) -> str:
+        return f"fhir.{resource_type.lower()}"
+
+
+@dataclass
+class Outcome:
+    """One expectation's result on one batch: what `ingest.dq_results` and the Data Docs show."""
+
+    suite: str
+    table: str
+    expectation: dict[str, Any]
+    success: bool
+    observed: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def category(self) -> str:
+        return self.expectation["meta"]["category"]
+
+    @property
+    def severity(self) -> str:
+        return self.expectation["meta"]["severity"]
+
+    def describe(self) -> str:
+        kwargs = self.expectation["kwargs"]
+        target = kwargs.get("column", "rows")
+        counts = self.observed
+        if "unexpected_count" in counts:
+            detail = (
+                f"{counts['unexpected_count']} of {counts['element_count']} values "
+                f"({counts['unexpected_percent']:.1f} %)"
+            )
+        else:
+            detail = f"observed {counts.get('observed_value')}"
+        return f"{self.table} {self.expectation['type']}({target}): {detail} [{self.category}, {self.severity}]"
+
+
+@lru_cache(maxsize=1)
+def load_suites(folder: Path | None = None) -> dict[str, Suite]:
+    """Suites by resource type ('*' for the default suite that every FHIR table gets)."""
+    folder = folder or config.project_root() / "expectations" / "fhir"
+    suites = {}
+    for path in sorted(folder.glob("*.json")):
+        document = json.loads(path.read_text(encoding="utf-8"))
+        settings = document["meta"]["health_ingest"]
+        for expectation in document["expectations"]:
+            if expectation["type"] not in SUPPORTED:
+                raise ValueError(f"{path}: expectation type {expectation['type']} is not supported by the gate")
+            meta = expectation.get("meta", {})
+            if meta.get("category") not in {"conformance", "completeness", "plausibility"} or meta.get(
+                "severity"
+            ) not in {"error", "warning"}:
+                raise ValueError(f"{path}: every expectation needs a Kahn category and a severity in its meta")
+        suite = Suite(
+            document["name"],
+            settings["resource_type"],
+            settings["columns"],
+            tuple(document["expectations"]),
+            settings.get("patient_reference"),
+            path,
+        )
+        suites[suite.resource_type] = suite
+    return suites
+
+
+def suite_for(resource_type: str) -> Suite:
+    suites = load_suites()
+    return suites.get(resource_type) or suites["*"]
+
+
+def evaluate_batch(
+    cur, batch_id: str, source: str, resource_types: list[str], *, tolerance: float = 0.0
+) -> list[Outcome]:
+    """Every suite of every resource type in the batch; `tolerance` lowers `mostly` (0.005 = 0.5 % bad values)."""
+    outcomes = []
+    for resource_type in resource_types:
+        suite = suite_for(resource_type)
+        parameters = {"half_of_previous_batch": _half_of_previous(cur, source, resource_type)}
+        outcomes.extend(_evaluate(cur, suite, batch_id, resource_type, resource_types, parameters, tolerance))
+    return outcomes
+
+
+def record_outcomes(cur, batch_id: str, outcomes: list[Outcome]) -> None:
+    for outcome in outcomes:
+        kwargs = outcome.expectation["kwargs"]
+        cur.execute(
+            """
+            INSERT INTO ingest.dq_results (batch_id, table_name, expectation, category, severity, success,
+                                           observed_value)
+            VALUES (%s, %s, %s, %s, %s, %s, %s)
+            """,
+            (
+                batch_id,
+                outcome.table,
+                f"{outcome.expectation['type']}({kwargs.get('column', '')})",
+                outcome.category,
+                outcome.severity,
+                outcome.success,
+                json.dumps({**outcome.observed, "suite": outcome.suite, "kwargs": _plain_kwargs(kwargs)}),
+            ),
+        )
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+def suite_ctes(cur, suite: Suite, batch_id: str, resource_type: str, types_in_batch: list[str]) -> str:
+    """`WITH ... q AS (...)`: one row per good staged record, one column per suite column. Public so that the
+    tests can hand the same rows to Great Expectations and compare its verdicts with the gate's."""
+    staged = staging_table(batch_id, resource_type)
+    columns = ",\n".join(f'({expression}) AS "{name}"' for name, expression in suite.columns.items())
+    ctes = []
+    join = ""
+    if suite.patient_reference:
+        sources = []
+        if "Patient" in types_in_batch:
+            staged_patients = staging_table(batch_id, "Patient")
+            sources.append(f"SELECT 0 AS rank, id, resource FROM {staged_patients} WHERE reason IS NULL")
+        cur.execute("SELECT to_regclass('fhir.patient') IS NOT NULL")
+        if cur.fetchone()[0]:
+            sources.append("SELECT 1 AS rank, id, resource FROM fhir.patient")
+        if not sources:
+            sources.append("SELECT 0 AS rank, NULL::text AS id, NULL::jsonb AS resource WHERE false")
+        ctes.append(
+            # the birth year of anyone shown as 90 or older is the aggregate's, not theirs: unknown here
+            "patients AS (SELECT DISTINCT ON (id) id, CASE WHEN ingest.year_of(resource->>'birthDate') > "
+            "extract(year FROM now())::int - 90 THEN ingest.year_of(resource->>'birthDate') END AS birth_year "
+            f"FROM ({' UNION ALL '.join(sources)}) known ORDER BY id, rank)"
+        )
+        join = (
+            "LEFT JOIN patients p ON p.id = "
+            f"split_part(s.resource #>> '{{{suite.patient_reference},reference}}', '/', 2)"
+        )
+    ctes.append(f"q AS (SELECT {columns}\n FROM {staged} s {join} WHERE s.reason IS NULL)")
+    return "WITH " + ", ".join(ctes)
+
+
+def _evaluate(cur, suite, batch_id, resource_type, types_in_batch, parameters, tolerance) -> list[Outcome]:
+    with_q = suite_ctes(cur, suite, batch_id, resource_type, types_in_batch)
+    aggregates, params = [], {}
+    for index, expectation in enumerate(suite.expectations):
+        aggregates.append(_aggregate(index, expectation, params))
+    cur.execute(f"{with_q} SELECT count(*), {', '.join(aggregates)} FROM q", params)
+    row = cur.fetchone()
+    rows = row[0]
+    table = suite.table_for(resource_type)
+    outcomes = []
+    for index, expectation in enumerate(suite.expectations):
+        unexpected, elements = int(row[1 + 2 * index]), int(row[2 + 2 * index])
+        outcomes.append(_outcome(suite.name, table, expectation, rows, unexpected, elements, parameters, tolerance))
+    return outcomes
+
+
+def _aggregate(index: int, expectation: dict[str, Any], params: dict[str, Any]) -> str:
+    kind, kwargs = expectation["type"], expectation["kwargs"]
+    column = f'"{kwargs["column"]}"' if "column" in kwargs else None
+    key = f"p{index}"
+    if kind == "expect_table_row_count_to_be_between":
+        return "0, 0"
+    if kind == "expect_column_values_to_not_be_null":
+        return f"count(*) FILTER (WHERE {column} IS NULL), count(*)"
+    if kind == "expect_column_values_to_be_unique":
+        return (
+            f"(SELECT coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM q GROUP BY {column} "
+            f"HAVING count(*) > 1 AND {column} IS NOT NULL) duplicated), count({column})"
+        )
+    if kind in {"expect_column_values_to_be_in_set", "expect_column_values_to_not_be_in_set"}:
+        params[key] = list(kwargs["value_set"])
+        test = (
+            f"NOT ({column} = ANY(%({key})s))"
+            if kind.endswith("be_in_set") and "not_be" not in kind
+            else (f"{column} = ANY(%({key})s)")
+        )
+        return f"count(*) FILTER (WHERE {column} IS NOT NULL AND {test}), count({column})"
+    if kind == "expect_column_values_to_match_regex":
+        params[key] = kwargs["regex"]
+        return f"count(*) FILTER (WHERE {column} IS NOT NULL AND {column}::text !~ %({key})s), count({column})"
+    if kind == "expect_column_values_to_be_between":
+        tests = []
+        if kwargs.get("min_value") is not None:
+            params[key + "min"] = kwargs["min_value"]
+            tests.append(f"{column} < %({key}min)s")
+        if kwargs.get("max_value") is not None:
+            params[key + "max"] = kwargs["max_value"]
+            tests.append(f"{column} > %({key}max)s")
+        return f"count(*) FILTER (WHERE {column} IS NOT NULL AND ({' OR '.join(tests) or 'false'})), count({column})"
+    raise ValueError(f"unsupported expectation {kind}")
+
+
+def _outcome(suite, table, expectation, rows, unexpected, elements, parameters, tolerance) -> Outcome:
+    kind, kwargs = expectation["type"], expectation["kwargs"]
+    if kind == "expect_table_row_count_to_be_between":
+        low = _resolve(kwargs.get("min_value"), parameters)
+        high = _resolve(kwargs.get("max_value"), parameters)
+        success = (low is None or rows >= low) and (high is None or rows <= high)
+        return Outcome(
+            suite, table, expectation, success, {"observed_value": rows, "min_value": low, "max_value": high}
+        )
+    mostly = min(kwargs.get("mostly", 1.0), 1.0 - tolerance)
+    percent = 100.0 * unexpected / elements if elements else 0.0
+    success = elements == 0 or unexpected <= (1.0 - mostly) * elements + 1e-9
+    observed = {"element_count": elements, "unexpected_count": int(unexpected), "unexpected_percent": percent}
+    return Outcome(suite, table, expectation, success, observed)
+
+
+def _resolve(value: Any, parameters: dict[str, Any]) -> Any:
+    if isinstance(value, dict) and "$PARAMETER" in value:
+        return parameters.get(value["$PARAMETER"])
+    return value
+
+
+def _half_of_previous(cur, source: str, resource_type: str) -> int | None:
+    cur.execute(
+        """
+        SELECT f.rows_loaded FROM ingest.batch_files f JOIN ingest.batches b USING (batch_id)
+         WHERE b.source = %s AND b.status = 'committed' AND f.resource_type = %s
+         ORDER BY b.commit_seq DESC LIMIT 1
+        """,
+        (source, resource_type),
+    )
+    row = cur.fetchone()
+    return row[0] // 2 if row else None
+
+
+def _plain_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k != "column"}
