@@ -98,9 +98,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 1
         batch = demo_batches[0]
         counts = batches.counts_by_type(conn, batch.batch_id)
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT step_seconds, extract(epoch FROM committed_at - started_at), "
+                "(SELECT count(*) FILTER (WHERE NOT success) FROM ingest.dq_results WHERE batch_id = b.batch_id), "
+                "(SELECT count(*) FROM ingest.dq_results WHERE batch_id = b.batch_id) "
+                "FROM ingest.batches b WHERE batch_id = %s",
+                (batch.batch_id,),
+            )
+            quality = cur.fetchone()
     finally:
         conn.close()
-    _print_demo_summary(batch, counts, url, time.monotonic() - started, configured)
+    _print_demo_summary(batch, counts, url, time.monotonic() - started, configured, quality)
     return 0
 
 
@@ -428,7 +437,7 @@ def _tail(path: Path, lines: int) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _print_demo_summary(batch, counts, url: str, elapsed: float, configured: bool) -> None:
+def _print_demo_summary(batch, counts, url: str, elapsed: float, configured: bool, quality) -> None:
     from health_ingest.report import batch_counts_table
     from health_ingest.warehouse.connection import redact
 
@@ -437,7 +446,16 @@ def _print_demo_summary(batch, counts, url: str, elapsed: float, configured: boo
     print()
     print(batch_counts_table(counts))
     print()
-    print(f"Elapsed: {elapsed:.1f} s")
+    step_seconds, batch_seconds, failed_expectations, expectations = quality
+    suites = (step_seconds or {}).get("suites", 0.0)
+    share = 100 * suites / float(batch_seconds) if batch_seconds else 0.0
+    print(
+        f"Quality suites: {expectations} expectations, {failed_expectations} not met (warnings only), "
+        f"{suites:.2f} s of the {float(batch_seconds):.2f} s batch ({share:.0f} %)"
+    )
+    if batch.dq_report:
+        print(f"Data Docs: {batch.dq_report}")
+    print(f"Elapsed (install check, Airflow start, DAG run): {elapsed:.1f} s")
     print(f"Warehouse: {redact(url)}")
     if configured:
         psql = "psql"
