@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,6 +102,34 @@ def sample_line_counts() -> dict[str, int]:
             with path.open("rb") as handle:
                 counts[resource_type] = sum(1 for line in handle if line.strip())
     return counts
+
+
+PERSON_TYPES = {"Patient", "Practitioner"}
+
+
+def sample_resources():
+    for path in sorted(SAMPLE.glob("*.000.ndjson")):
+        with path.open() as handle:
+            for line in handle:
+                yield json.loads(line)
+
+
+def sample_identifiers() -> dict[str, set[str]]:
+    """Every direct identifier in the sample, by kind, read from the raw files."""
+    found: dict[str, set[str]] = {"resource id": set(), "name": set(), "phone": set(), "address line": set()}
+    for resource in sample_resources():
+        found["resource id"].add(resource["id"])
+        if resource["resourceType"] not in PERSON_TYPES:
+            continue
+        for name in resource.get("name", []):
+            found["name"].update(part for part in [name.get("family"), *name.get("given", [])] if part)
+        found["phone"].update(t["value"] for t in resource.get("telecom", []))
+        for address in resource.get("address", []):
+            found["address line"].update(address.get("line", []))
+        for identifier in resource.get("identifier", []):
+            kind = identifier.get("type", {}).get("text") or identifier.get("system")
+            found.setdefault(kind, set()).add(identifier["value"])
+    return found
 
 
 def pg_dump(url: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import SAMPLE, sample_line_counts
+from conftest import SAMPLE, sample_identifiers, sample_line_counts
 
 pytestmark = pytest.mark.integration
 
@@ -18,9 +18,18 @@ def _fhir_dag():
 
 
 def test_dag_run_loads_the_sample_into_the_warehouse(airflow_db, db):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
     run = _fhir_dag().test(run_conf={"delivery_path": str(SAMPLE)})
 
     assert run.state == "success"
+    with create_session() as session:
+        xcoms = session.query(XComModel).filter_by(dag_id="fhir_smart_sample", run_id=run.run_id).all()
+        values = " ".join(str(XComModel.deserialize_value(x)) for x in xcoms)
+    assert "7160" in values.replace(",", "") or "'rows_read': 7160" in values
+    leaks = {k: [v for v in vs if v in values] for k, vs in sample_identifiers().items()}
+    assert {k: v for k, v in leaks.items() if v} == {}, "no original identifier in any XCom of the run"
     with db.cursor() as cur:
         cur.execute("SELECT status, rows_read, rows_loaded, rows_quarantined FROM ingest.batches")
         assert cur.fetchall() == [("committed", 7160, 7160, 0)]

@@ -3,49 +3,22 @@
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import re
 
 import pytest
-from conftest import SAMPLE, pg_dump
+from conftest import SAMPLE, pg_dump, sample_identifiers, sample_resources
 from health_ingest.pipeline import run_fhir_batch
 from health_ingest.privacy.keyring import load_keyring
 from health_ingest.privacy.resources import ResourcePseudonymiser
 from health_ingest.privacy.tokens import Tokeniser
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-PERSON_TYPES = {"Patient", "Practitioner"}
-
-
-def _sample_resources():
-    for path in sorted(SAMPLE.glob("*.000.ndjson")):
-        with path.open() as handle:
-            for line in handle:
-                yield json.loads(line)
-
-
-def _sample_identifiers() -> dict[str, set[str]]:
-    """Every direct identifier in the sample, by kind, read from the raw files."""
-    found: dict[str, set[str]] = {"resource id": set(), "name": set(), "phone": set(), "address line": set()}
-    for resource in _sample_resources():
-        found["resource id"].add(resource["id"])
-        if resource["resourceType"] not in PERSON_TYPES:
-            continue
-        for name in resource.get("name", []):
-            found["name"].update(part for part in [name.get("family"), *name.get("given", [])] if part)
-        found["phone"].update(t["value"] for t in resource.get("telecom", []))
-        for address in resource.get("address", []):
-            found["address line"].update(address.get("line", []))
-        for identifier in resource.get("identifier", []):
-            kind = identifier.get("type", {}).get("text") or identifier.get("system")
-            found.setdefault(kind, set()).add(identifier["value"])
-    return found
 
 
 @pytest.mark.integration
 def test_warehouse_dump_and_logs_hold_no_original_identifier(warehouse_url, smart_source, caplog):
-    identifiers = _sample_identifiers()
+    identifiers = sample_identifiers()
     for kind in ("Social Security Number", "Passport Number", "Driver's license number"):
         assert len(identifiers[kind]) >= 10, f"the sample should carry {kind}s"
     assert len(identifiers["resource id"]) == 7160
@@ -66,7 +39,7 @@ def test_warehouse_dump_and_logs_hold_no_original_identifier(warehouse_url, smar
 @pytest.mark.integration
 def test_clinical_notes_do_not_reach_the_warehouse(warehouse_url, smart_source):
     notes = []
-    for resource in _sample_resources():
+    for resource in sample_resources():
         for content in resource.get("content", []):
             data = content.get("attachment", {}).get("data")
             if data:
@@ -93,7 +66,7 @@ def test_tokens_are_fhir_ids_that_carry_the_key_id():
 
 
 def test_every_reference_that_resolved_before_still_resolves_after():
-    resources = list(_sample_resources())
+    resources = list(sample_resources())
     originals = {(r["resourceType"], r["id"]) for r in resources}
     pseudonymiser = _pseudonymiser()
     before, after, ids_after = [], [], set()
@@ -126,7 +99,7 @@ def test_conditional_references_stay_resolvable_by_identifier():
 
 
 def test_patient_resources_lose_names_contacts_and_unknown_extensions():
-    patient = next(r for r in _sample_resources() if r["resourceType"] == "Patient" and r["birthDate"] > "1950")
+    patient = next(r for r in sample_resources() if r["resourceType"] == "Patient" and r["birthDate"] > "1950")
     birth_year = patient["birthDate"][:4]
     _pseudonymiser().pseudonymise(patient)
     assert not {"name", "telecom", "text", "photo", "contact"} & patient.keys()
