@@ -100,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         counts = batches.counts_by_type(conn, batch.batch_id)
         with conn.cursor() as cur:
             cur.execute(
-                "SELECT step_seconds, extract(epoch FROM committed_at - started_at), "
+                "SELECT step_seconds, (step_seconds->>'elapsed')::float, "
                 "(SELECT count(*) FILTER (WHERE NOT success) FROM ingest.dq_results WHERE batch_id = b.batch_id), "
                 "(SELECT count(*) FROM ingest.dq_results WHERE batch_id = b.batch_id) "
                 "FROM ingest.batches b WHERE batch_id = %s",

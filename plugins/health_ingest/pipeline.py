@@ -208,7 +208,7 @@ class _BatchLoader:
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         """`copy_conn` stages (autocommit); `conn` holds the load transaction that merges and commits."""
-        clock = time.perf_counter()
+        clock = started = time.perf_counter()
         landing = config.state_dir() / "landing" / self.source.name / self.batch_id
         landed = land_fhir_delivery(delivery, landing)
         self.times.land = time.perf_counter() - clock
@@ -238,7 +238,10 @@ class _BatchLoader:
                 rows_loaded=totals.rows_loaded,
                 rows_quarantined=totals.rows_quarantined,
                 input_sha256=landed.input_sha256,
-                step_seconds={step: round(seconds, 4) for step, seconds in vars(self.times).items()},
+                step_seconds={
+                    **{step: round(seconds, 4) for step, seconds in vars(self.times).items()},
+                    "elapsed": round(time.perf_counter() - started, 4),
+                },
             )
         conn.commit()
         self.times.commit += time.perf_counter() - clock

@@ -82,7 +82,7 @@ def mark_committed(
     cur.execute(
         """
         UPDATE ingest.batches
-           SET status = 'committed', committed_at = now(), finished_at = now(),
+           SET status = 'committed', committed_at = clock_timestamp(), finished_at = clock_timestamp(),
                commit_seq = nextval('ingest.commit_seq'),
                rows_read = %s, rows_loaded = %s, rows_quarantined = %s, input_sha256 = %s, step_seconds = %s
          WHERE batch_id = %s AND status = 'loading'
