@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from health_ingest.errors import DeliveryError
+from health_ingest.formats.bundles import explode_bundle, index_bundles
 from health_ingest.formats.ndjson import is_ndjson, resource_type_of
 
 READY_MARKER = "_READY"
@@ -23,10 +24,16 @@ class LandedFile:
     bytes: int
     sha256: str
     resource_type: str | None
+    unpacked: bool = False  # a Bundle, whose entries were written to files derived from it
+    derived_from: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "unpacked" if self.unpacked else "skipped" if self.skip_reason else "loaded"
 
     @property
     def skip_reason(self) -> str | None:
-        if self.resource_type is None:
+        if self.resource_type is None and not self.unpacked:
             return "file name does not start with a FHIR resource type (e.g. Patient.000.ndjson)"
         return None
 
@@ -51,26 +58,64 @@ class LandedDelivery:
 
 
 def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
-    """Copy the NDJSON files of a delivery (a folder or one file); other files are left where they are."""
+    """Copy the NDJSON files and FHIR Bundles (`*.json`) of a delivery (a folder or one file); other files are left
+    where they are. Bundles are unpacked into one NDJSON file per resource type, checksummed like the rest."""
     delivery = delivery.resolve()
     if delivery.is_dir():
-        candidates = sorted(p for p in delivery.iterdir() if p.is_file() and is_ndjson(p))
-    elif delivery.is_file() and is_ndjson(delivery):
+        candidates = sorted(p for p in delivery.iterdir() if p.is_file() and _is_input(p))
+    elif delivery.is_file() and _is_input(delivery):
         candidates = [delivery]
     else:
-        raise DeliveryError(f"{delivery}: no such delivery folder or NDJSON file")
+        raise DeliveryError(f"{delivery}: no such delivery folder, NDJSON file or Bundle")
     if not candidates:
-        raise DeliveryError(f"{delivery}: holds no NDJSON file (*.ndjson, *.ndjson.gz)")
+        raise DeliveryError(f"{delivery}: holds no NDJSON file (*.ndjson, *.ndjson.gz) and no Bundle (*.json)")
     landing_folder.mkdir(parents=True, exist_ok=False)
-    files = []
-    for file_no, source_file in enumerate(candidates, start=1):
+    files: list[LandedFile] = []
+    for source_file in candidates:
         target = landing_folder / source_file.name
         size, sha256 = _copy_with_checksum(source_file, target)
-        files.append(LandedFile(file_no, source_file.name, target, size, sha256, resource_type_of(source_file)))
+        bundle = _is_bundle(source_file)
+        resource_type = None if bundle else resource_type_of(source_file)
+        files.append(LandedFile(len(files) + 1, source_file.name, target, size, sha256, resource_type, bundle))
+    bundles = [f for f in files if f.unpacked]
+    if bundles:
+        entries = landing_folder / "entries"
+        entries.mkdir(mode=0o700)
+        index = index_bundles([f.path for f in bundles])
+        for bundle in bundles:
+            for derived in explode_bundle(bundle.path, index, entries):
+                size, sha256 = derived.stat().st_size, _sha256(derived)
+                files.append(
+                    LandedFile(
+                        len(files) + 1,
+                        derived.name,
+                        derived,
+                        size,
+                        sha256,
+                        resource_type_of(derived),
+                        derived_from=bundle.name,
+                    )
+                )
     return LandedDelivery(delivery, landing_folder, files)
 
 
 # --- implementation details -------------------------------------------------------------------
+
+
+def _is_input(path: Path) -> bool:
+    return is_ndjson(path) or _is_bundle(path)
+
+
+def _is_bundle(path: Path) -> bool:
+    return path.name.lower().endswith(".json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _copy_with_checksum(source: Path, target: Path) -> tuple[int, str]:

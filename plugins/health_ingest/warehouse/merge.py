@@ -115,18 +115,19 @@ def record_files(cur, batch_id: str, landed: LandedDelivery, file_counts: dict[i
                 landed_file.resource_type,
                 landed_file.bytes,
                 landed_file.sha256,
-                "skipped" if landed_file.skip_reason else "loaded",
+                landed_file.status,
                 landed_file.skip_reason,
                 counts.rows_read if counts else 0,
                 counts.rows_loaded if counts else 0,
                 counts.rows_quarantined if counts else 0,
+                landed_file.derived_from,
             )
         )
     cur.executemany(
         """
         INSERT INTO ingest.batch_files (batch_id, file_no, file_name, resource_type, bytes, sha256, status,
-                                        skip_reason, rows_read, rows_loaded, rows_quarantined)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                        skip_reason, rows_read, rows_loaded, rows_quarantined, derived_from)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
         """,
         rows,
     )

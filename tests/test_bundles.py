@@ -1,0 +1,54 @@
+"""FHIR Bundles as input: Synthea's transaction bundles load with every reference resolved."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+
+import pytest
+from conftest import TEST_DATA
+from health_ingest.pipeline import run_fhir_batch
+
+pytestmark = pytest.mark.integration
+
+BUNDLES = TEST_DATA / "synthea-ma11" / "fhir"
+LITERAL = re.compile(r"^(?P<type>[A-Z][A-Za-z]+)/(?P<id>[^/]+)$")
+
+
+def test_synthea_bundles_load_with_every_reference_resolved(db, smart_source):
+    source = replace(smart_source, name="synthea_fhir", id_space="synthea_fhir")
+    entries = sum(len(json.loads(p.read_text())["entry"]) for p in BUNDLES.glob("*.json"))
+
+    result = run_fhir_batch(BUNDLES, source)
+
+    assert result.rows_read == entries and result.rows_quarantined == 0
+    with db.cursor() as cur:
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'fhir'")
+        tables = [row[0] for row in cur.fetchall()]
+        stored: set[tuple[str, str]] = set()
+        references: list[str] = []
+        for table in tables:
+            cur.execute(f"SELECT resource FROM fhir.{table}")
+            for (resource,) in cur.fetchall():
+                stored.add((resource["resourceType"], resource["id"]))
+                references.extend(_references(resource))
+        cur.execute("SELECT count(*) FROM ingest.batch_files WHERE status = 'unpacked'")
+        assert cur.fetchone()[0] == len(list(BUNDLES.glob("*.json")))
+    literal = [LITERAL.match(r) for r in references if not r.startswith("#")]
+    assert len(literal) > 10_000
+    assert all(literal), "no urn:uuid or conditional reference is left"
+    unresolved = [m.group(0) for m in literal if (m["type"], m["id"]) not in stored]
+    assert unresolved == []
+
+
+def _references(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                yield value
+            else:
+                yield from _references(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _references(item)
