@@ -297,7 +297,7 @@ def test_the_gate_agrees_with_great_expectations_on_every_expectation(tmp_path, 
         }
 
     context = gx.get_context(mode="ephemeral")
-    source = context.data_sources.add_postgres(
+    source = context.data_sources.add_sql(
         "warehouse", connection_string=warehouse_url.replace("postgresql://", "postgresql+psycopg2://", 1)
     )
     theirs = []
