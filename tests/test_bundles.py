@@ -7,7 +7,7 @@ import re
 from dataclasses import replace
 
 import pytest
-from conftest import TEST_DATA
+from conftest import TEST_DATA, references_in
 from health_ingest.pipeline import run_fhir_batch
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,7 @@ def test_synthea_bundles_load_with_every_reference_resolved(db, smart_source):
             cur.execute(f"SELECT resource FROM fhir.{table}")
             for (resource,) in cur.fetchall():
                 stored.add((resource["resourceType"], resource["id"]))
-                references.extend(_references(resource))
+                references.extend(references_in(resource))
         cur.execute("SELECT count(*) FROM ingest.batch_files WHERE status = 'unpacked'")
         assert cur.fetchone()[0] == len(list(BUNDLES.glob("*.json")))
     literal = [LITERAL.match(r) for r in references if not r.startswith("#")]
@@ -40,15 +40,3 @@ def test_synthea_bundles_load_with_every_reference_resolved(db, smart_source):
     assert all(literal), "no urn:uuid or conditional reference is left"
     unresolved = [m.group(0) for m in literal if (m["type"], m["id"]) not in stored]
     assert unresolved == []
-
-
-def _references(node):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                yield value
-            else:
-                yield from _references(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _references(item)

@@ -7,7 +7,7 @@ import logging
 import re
 
 import pytest
-from conftest import SAMPLE, pg_dump, sample_identifiers, sample_resources
+from conftest import SAMPLE, pg_dump, references_in, sample_identifiers, sample_resources
 from health_ingest.pipeline import run_fhir_batch
 from health_ingest.privacy.keyring import load_keyring
 from health_ingest.privacy.resources import ResourcePseudonymiser
@@ -71,11 +71,11 @@ def test_every_reference_that_resolved_before_still_resolves_after():
     pseudonymiser = _pseudonymiser()
     before, after, ids_after = [], [], set()
     for resource in resources:
-        references = [ref for ref in _references(resource) if re.match(r"^[A-Z][A-Za-z]+/[^/]+$", ref)]
+        references = [ref for ref in references_in(resource) if re.match(r"^[A-Z][A-Za-z]+/[^/]+$", ref)]
         resolved = [tuple(ref.split("/")) in originals for ref in references]
         pseudonymised = pseudonymiser.pseudonymise(resource)
         ids_after.add((resource["resourceType"], pseudonymised.resource_id))
-        rewritten = [ref for ref in _references(resource) if re.match(r"^[A-Z][A-Za-z]+/[^/]+$", ref)]
+        rewritten = [ref for ref in references_in(resource) if re.match(r"^[A-Z][A-Za-z]+/[^/]+$", ref)]
         before.extend(resolved)
         after.extend(rewritten)
     assert sum(before) > 10_000 and all(before)
@@ -111,15 +111,3 @@ def test_patient_resources_lose_names_contacts_and_unknown_extensions():
         "us-core-birthsex",
     }
     assert {"code": "PSEUDED"}.items() <= patient["meta"]["security"][-1].items()
-
-
-def _references(node):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                yield value
-            else:
-                yield from _references(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _references(item)
