@@ -40,3 +40,17 @@ def test_synthea_bundles_load_with_every_reference_resolved(db, smart_source):
     assert all(literal), "no urn:uuid or conditional reference is left"
     unresolved = [m.group(0) for m in literal if (m["type"], m["id"]) not in stored]
     assert unresolved == []
+
+
+def test_delivered_file_names_that_may_identify_someone_stay_in_the_landing_zone(warehouse_url, db, smart_source):
+    """Synthea names its bundles after the patient (name and id): neither may reach the warehouse."""
+    from conftest import pg_dump
+
+    run_fhir_batch(BUNDLES, replace(smart_source, name="synthea_fhir", id_space="synthea_fhir"))
+    dump = pg_dump(warehouse_url)
+    for bundle in BUNDLES.glob("*.json"):
+        for part in bundle.stem.split("_"):
+            assert part not in dump, part
+    with db.cursor() as cur:
+        cur.execute("SELECT file_name FROM ingest.batch_files WHERE status = 'unpacked' ORDER BY file_no")
+        assert all(name.startswith("file-") for (name,) in cur.fetchall())

@@ -50,29 +50,31 @@ class BundleIndex:
         return reference
 
 
-def read_bundle(path: Path) -> dict:
+def read_bundle(path: Path, label: str) -> dict:
+    """`label` names the file in errors (the delivered name may identify someone)."""
     try:
         document = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as error:
-        raise DeliveryError(f"{path.name}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise DeliveryError(f"{label}: not valid JSON ({error.msg} at line {error.lineno})") from None
     if not isinstance(document, dict) or document.get("resourceType") != "Bundle":
-        raise DeliveryError(f"{path.name}: a JSON file of a delivery must be a FHIR Bundle")
+        raise DeliveryError(f"{label}: a JSON file of a delivery must be a FHIR Bundle")
     if document.get("type") not in BUNDLE_TYPES:
-        raise DeliveryError(f"{path.name}: Bundle type '{document.get('type')}' is not one that carries resources")
+        shown = document.get("type") if document.get("type") in {"document", "message", "history"} else "other"
+        raise DeliveryError(f"{label}: a Bundle of type {shown} does not carry resources to load")
     return document
 
 
-def index_bundles(paths: list[Path]) -> BundleIndex:
+def index_bundles(bundles: list[tuple[Path, str]]) -> BundleIndex:
     """First pass over the delivery: every bundle's full URLs and identifiers."""
     index = BundleIndex()
-    for path in paths:
-        index.add(read_bundle(path))
+    for path, label in bundles:
+        index.add(read_bundle(path, label))
     return index
 
 
-def explode_bundle(path: Path, index: BundleIndex, folder: Path) -> list[Path]:
-    """Second pass, one bundle at a time: write its entries as `<Type>.from.<bundle>.ndjson` files."""
-    bundle = read_bundle(path)
+def explode_bundle(path: Path, label: str, index: BundleIndex, folder: Path) -> list[Path]:
+    """Second pass, one bundle at a time: write its entries as `<Type>.from.<label>.ndjson` files."""
+    bundle = read_bundle(path, label)
     handles: dict[str, object] = {}
     written = []
     try:
@@ -81,7 +83,7 @@ def explode_bundle(path: Path, index: BundleIndex, folder: Path) -> list[Path]:
             if resource_type not in RESOURCE_TYPES:
                 resource_type = "Basic"  # checked, and quarantined, as a resource of the wrong type
             if resource_type not in handles:
-                target = folder / f"{resource_type}.from.{path.stem}.ndjson"
+                target = folder / f"{resource_type}.from.{label.removesuffix('.json')}.ndjson"
                 handles[resource_type] = target.open("wb")
                 written.append(target)
             _resolve_references(resource, index)

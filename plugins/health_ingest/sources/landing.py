@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,18 @@ from pathlib import Path
 from health_ingest.errors import DeliveryError
 from health_ingest.formats.bundles import explode_bundle, index_bundles
 from health_ingest.formats.ndjson import is_ndjson, resource_type_of
+from health_ingest.formats.resource_types import RESOURCE_TYPES
 
 READY_MARKER = "_READY"
+EXPORT_WORDS = {"log", "error", "errors", "deleted", "output"}
+SAFE_NAME = re.compile(r"^[A-Za-z0-9.\-]+$")
 CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
 class LandedFile:
+    """`name` is what the warehouse, logs and messages show (see `safe_label`); `path` is the landing copy."""
+
     file_no: int
     name: str
     path: Path
@@ -76,14 +82,16 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
         size, sha256 = _copy_with_checksum(source_file, target)
         bundle = _is_bundle(source_file)
         resource_type = None if bundle else resource_type_of(source_file)
-        files.append(LandedFile(len(files) + 1, source_file.name, target, size, sha256, resource_type, bundle))
+        file_no = len(files) + 1
+        label = safe_label(source_file.name, file_no)
+        files.append(LandedFile(file_no, label, target, size, sha256, resource_type, bundle))
     bundles = [f for f in files if f.unpacked]
     if bundles:
         entries = landing_folder / "entries"
         entries.mkdir(mode=0o700)
-        index = index_bundles([f.path for f in bundles])
+        index = index_bundles([(f.path, f.name) for f in bundles])
         for bundle in bundles:
-            for derived in explode_bundle(bundle.path, index, entries):
+            for derived in explode_bundle(bundle.path, bundle.name, index, entries):
                 size, sha256 = derived.stat().st_size, _sha256(derived)
                 files.append(
                     LandedFile(
@@ -100,6 +108,19 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
 
 
 # --- implementation details -------------------------------------------------------------------
+
+
+def safe_label(file_name: str, file_no: int) -> str:
+    """The file's name when it is an export's usual name (`Patient.000.ndjson`, `1.Encounter.ndjson.gz`, `log.ndjson`),
+    else `file-<n>` with its suffix: a delivered name (`Jane_Doe_<patient id>.json`) may itself identify someone."""
+    suffixes = file_name.partition(".")[2]
+    parts = file_name.split(".")
+    words = [p for p in parts if not p.isdigit() and p.lower() not in {"ndjson", "jsonl", "json", "gz", "from"}]
+    known = all(p in RESOURCE_TYPES or p in EXPORT_WORDS or re.fullmatch(r"file-\d{3,}", p) for p in words)
+    if known and len(file_name) <= 80 and SAFE_NAME.match(file_name):
+        return file_name
+    suffix = "." + suffixes if suffixes and SAFE_NAME.match(suffixes) else ""
+    return f"file-{file_no:03d}{suffix}"
 
 
 def _is_input(path: Path) -> bool:
