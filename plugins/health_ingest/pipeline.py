@@ -205,6 +205,7 @@ class _BatchLoader:
         self.position = "while landing the delivery"
         self._producer_position = "while reading the delivery"
         self.times = StepTimes()
+        self.outcomes: list = []  # the quality suites' results, gathered type by type
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         """`copy_conn` stages (autocommit); `conn` holds the load transaction that merges and commits."""
@@ -300,6 +301,7 @@ class _BatchLoader:
                     for file_no, count in duplicates.items():
                         file_counts[file_no].rows_quarantined += count
                     self.times.commit += time.perf_counter() - clock
+                    self._run_suites(cur, landed_file.resource_type, landed)
             self._after_merges(cur, landed)
         finally:
             stop.set()
@@ -310,27 +312,42 @@ class _BatchLoader:
             shutil.rmtree(landed.folder / ".spool", ignore_errors=True)
         return file_counts
 
+    def _run_suites(self, cur, resource_type: str, landed: LandedDelivery) -> None:
+        """A type's suite runs as soon as the type is merged, while the workers encode the next files."""
+        if not self.source.quality.suites:
+            return
+        clock = time.perf_counter()
+        self.position = f"while running the quality suite of {resource_type}"
+        types = sorted({f.resource_type for f in landed.loadable})
+        self.outcomes.extend(
+            evaluate_batch(
+                cur,
+                self.batch_id,
+                self.source.name,
+                [resource_type],
+                tolerance=self.source.quality.tolerance,
+                types_in_batch=types,
+            )
+        )
+        self.times.suites += time.perf_counter() - clock
+
     def _quality_gate(self, cur, landed: LandedDelivery) -> None:
-        """The suites on the staged batch, before commit: an error rejects the batch, warnings are recorded."""
+        """Before commit: an error of any suite rejects the batch, warnings are recorded with it."""
         if not self.source.quality.suites:
             log.warning("source %s: quality suites are off by the source's policy", self.source.name)
             return
-        clock = time.perf_counter()
-        self.position = "while running the quality suites"
-        types = sorted({f.resource_type for f in landed.loadable})
-        outcomes = evaluate_batch(cur, self.batch_id, self.source.name, types, tolerance=self.source.quality.tolerance)
-        self.times.suites = time.perf_counter() - clock
+        outcomes = self.outcomes
         failed_errors = [o for o in outcomes if not o.success and o.severity == "error"]
-        for outcome in outcomes:
-            if not outcome.success and outcome.severity == "warning":
-                log.warning("quality warning: %s", outcome.describe())
+        warnings = [o for o in outcomes if not o.success and o.severity == "warning"]
+        for outcome in warnings:
+            log.warning("quality warning: %s", outcome.describe())
         log.info(
             "quality suites: %d expectations on %d tables in %.3f s, %d errors, %d warnings",
             len(outcomes),
-            len(types),
+            len({o.table for o in outcomes}),
             self.times.suites,
             len(failed_errors),
-            sum(1 for o in outcomes if not o.success and o.severity == "warning"),
+            len(warnings),
         )
         if failed_errors:
             raise BatchRejected("data quality: " + "; ".join(o.describe() for o in failed_errors), evidence=outcomes)

@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m health_ingest.bench")
     parser.add_argument("--quick", action="store_true", help="one small size, for CI")
     parser.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench-results.json"))
+    parser.add_argument("--render", metavar="FILE", help="print the table of an earlier run's JSON and stop")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return 0
     os.environ.setdefault(config.ENV_DEMO, "1")  # the benchmark's pseudonyms use the demo key
 
     started = time.perf_counter()
@@ -68,6 +72,10 @@ def render(results: dict) -> str:
         ["floor: bare COPY into jsonb (rows/s)", *(run["rates"]["floor_copy"] for run in runs)],
         ["floor: orjson parse alone (rows/s)", *(run["rates"]["floor_parse"] for run in runs)],
         ["end to end / bare COPY", *(f"{run['ratio_to_floor']:.2f}" for run in runs)],
+        [
+            "quality suites, share of the batch",
+            *(f"{100 * run['steps_seconds'].get('suites', 0) / run['end_to_end_seconds']:.1f} %" for run in runs),
+        ],
         ["end to end (s)", *(f"{run['end_to_end_seconds']:.1f}" for run in runs)],
         ["peak RSS pipeline (MiB)", *(run["peak_rss_bytes"]["pipeline"] >> 20 for run in runs)],
         ["peak RSS PostgreSQL backend (MiB)", *(run["peak_rss_bytes"]["postgresql_backend"] >> 20 for run in runs)],

@@ -60,7 +60,9 @@ class LandedDelivery:
 
     @property
     def loadable(self) -> list[LandedFile]:
-        return [f for f in self.files if f.resource_type is not None]
+        """Patients first: the checks of the other types look up their patients' birth dates."""
+        files = [f for f in self.files if f.resource_type is not None]
+        return sorted(files, key=lambda f: (f.resource_type != "Patient", f.file_no))
 
 
 def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
