@@ -41,7 +41,7 @@ def test_same_person_gets_same_pseudonym_in_fhir_and_claims():
     keyring = load_keyring()
     bundle = json.loads(next((SYNTHEA / "fhir").glob("Christeen33_*.json")).read_text())
     patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
-    with (SYNTHEA / "patients.csv").open() as handle:
+    with (SYNTHEA / "csv" / "patients.csv").open() as handle:
         row = next(r for r in csv.DictReader(handle) if r["Id"] == patient["id"])
 
     fhir_source = Source(

@@ -122,7 +122,22 @@ def run_fhir_batch(
     keyring: Keyring | None = None,
     progress: ProgressCallback | None = None,
 ) -> BatchResult:
-    """Load one delivery as one batch: all of it commits, or nothing does and the batch is marked failed."""
+    """Load one FHIR delivery as one batch: all of it commits, or nothing does and the batch is marked failed."""
+    return run_batch(delivery, source, "fhir", _BatchLoader, url=url, keyring=keyring, progress=progress)
+
+
+def run_batch(
+    delivery: Path,
+    source: Source,
+    kind: str,
+    loader_class,
+    *,
+    url: str | None = None,
+    keyring: Keyring | None = None,
+    progress: ProgressCallback | None = None,
+) -> BatchResult:
+    """The life of any batch: the source's lock, the batch row, the loader's transaction, and on failure a
+    rollback, a 'failed' (or 'rejected') row with a message that quotes no record, and the staging dropped."""
     started = time.perf_counter()
     keyring = keyring or load_keyring()
     warehouse = url or warehouse_url()
@@ -141,13 +156,13 @@ def run_fhir_batch(
         batch_id = batches.open_batch(
             conn,
             source=source.name,
-            kind="fhir",
+            kind=kind,
             key_id=keyring.active_id,
             delivery=Path(delivery).name,
             hosting=hosting_decision(warehouse).describe(),
         )
         log.info("source %s: batch %s started (key %s)", source.name, batch_id, keyring.active_id)
-        loader = _BatchLoader(batch_id, source, keyring, progress, warehouse)
+        loader = loader_class(batch_id, source, keyring, progress, warehouse)
         copy_conn = connect(warehouse)
         copy_conn.autocommit = True
         try:

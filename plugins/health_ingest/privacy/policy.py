@@ -18,11 +18,15 @@ class PrivacyPolicy:
     escrow: bool = False
     k_anonymity: int = 0  # 0: no gate; k: equivalence classes of patients smaller than k trip it
     k_anonymity_action: str = "warn"  # warn | reject
+    # claims: provider identifiers (NPI, RPPS...) are kept, tokenised or dropped
+    providers: str = "tokenise"
 
     def __post_init__(self) -> None:
         if self.birth_date_precision not in {"year", "month"}:
             raise ValueError("birth_date_precision must be 'year' or 'month'")
         if self.k_anonymity_action not in {"warn", "reject"}:
             raise ValueError("k_anonymity_action must be 'warn' or 'reject'")
+        if self.providers not in {"keep", "tokenise", "drop"}:
+            raise ValueError("providers must be 'keep', 'tokenise' or 'drop'")
         if self.date_shift_days < 0 or self.k_anonymity < 0:
             raise ValueError("date_shift_days and k_anonymity must not be negative")

@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from health_ingest.formats.resource_types import RESOURCE_TYPES
 
 READY_MARKER = "_READY"
 EXPORT_WORDS = {"log", "error", "errors", "deleted", "output"}
-SAFE_NAME = re.compile(r"^[A-Za-z0-9.\-]+$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 CHUNK = 1 << 20
 
 
@@ -110,6 +111,32 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
 
 
 # --- implementation details -------------------------------------------------------------------
+
+
+def land_files(
+    delivery: Path, landing_folder: Path, accepts: Callable[[Path], bool], holds: Callable[[Path], str], *, what: str
+) -> LandedDelivery:
+    """Copy and checksum the files of a delivery that `accepts` takes; `holds` names what each holds (a table)."""
+    delivery = delivery.resolve()
+    if delivery.is_dir():
+        candidates = sorted(p for p in delivery.iterdir() if p.is_file() and accepts(p))
+    elif delivery.is_file() and accepts(delivery):
+        candidates = [delivery]
+    else:
+        raise DeliveryError(f"{delivery}: no such delivery folder or {what}")
+    if not candidates:
+        raise DeliveryError(f"{delivery}: holds no {what}")
+    kinds = {path: holds(path) for path in candidates}  # refuses an unknown table before anything is copied
+    landing_folder.mkdir(parents=True, exist_ok=False)
+    files = []
+    for file_no, source_file in enumerate(candidates, start=1):
+        target = landing_folder / source_file.name
+        size, sha256 = _copy_with_checksum(source_file, target)
+        # a file named after a known table is an export's name, not a person's
+        plain = SAFE_NAME.match(source_file.name) and len(source_file.name) <= 80
+        name = source_file.name if plain else safe_label(source_file.name, file_no)
+        files.append(LandedFile(file_no, name, target, size, sha256, kinds[source_file]))
+    return LandedDelivery(delivery, landing_folder, files)
 
 
 def safe_label(file_name: str, file_no: int) -> str:

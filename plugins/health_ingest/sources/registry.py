@@ -143,7 +143,7 @@ def _parse_privacy(where: str, entry: dict) -> PrivacyPolicy:
     options = entry.get("privacy") or {}
     if not isinstance(options, dict):
         raise ConfigurationError(f"{where}: 'privacy' must be a mapping")
-    known = {"birth_date_precision", "date_shift_days", "escrow", "k_anonymity", "k_anonymity_action"}
+    known = {"birth_date_precision", "date_shift_days", "escrow", "k_anonymity", "k_anonymity_action", "providers"}
     if set(options) - known:
         raise ConfigurationError(f"{where}: unknown privacy options {sorted(set(options) - known)}")
     try:

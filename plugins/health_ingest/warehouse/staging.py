@@ -47,10 +47,11 @@ def drop_staging_tables(cur, batch_id: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {STAGING_SCHEMA}.{table}")
 
 
-def copy_spool(cur, table: str, spool: Path) -> None:
-    """COPY a file of already-encoded rows (text format) into a staging table."""
+def copy_spool(cur, table: str, spool: Path, columns: str | None = STAGING_COLUMNS) -> None:
+    """COPY a file of already-encoded rows (text format) into a staging table (`columns` None: all, in order)."""
+    target = f"{table} ({columns})" if columns else table
     with spool.open("rb") as handle:
-        cur.copy_expert(f"COPY {table} ({STAGING_COLUMNS}) FROM STDIN", handle, size=COPY_CHUNK)
+        cur.copy_expert(f"COPY {target} FROM STDIN", handle, size=COPY_CHUNK)
 
 
 def encode_loaded(

@@ -1,0 +1,213 @@
+"""Claims formats, described declaratively: a profile (delimiter, encodings, privacy roles of columns) and one
+Table Schema file per table, read with `frictionless`. Adding a table of a known format is adding its schema file.
+
+Files are streamed row by row (gzip and zip too), decoded as the profile says, and checked against their table's
+schema header first: a missing or unknown column fails the delivery before anything is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from health_ingest.errors import DeliveryError
+
+PROFILES = ("snds", "synthea", "cms-rif")
+STANDARD_CONSTRAINTS = {"required", "unique", "minLength", "maxLength", "minimum", "maximum", "pattern"}
+CSV_SUFFIXES = (".csv", ".csv.gz", ".txt", ".txt.gz", ".zip")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # Table Schema type: string, integer, number, boolean, date, datetime, year, yearmonth
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    name: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...] = ()
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+
+@dataclass(frozen=True)
+class PrivacyRoles:
+    """What the profile says each sensitive column is; keys are `COLUMN` or `table.COLUMN`."""
+
+    person: tuple[str, ...] = ()
+    identifiers: dict[str, str] = field(default_factory=dict)
+    drop: frozenset[str] = frozenset()
+    year: frozenset[str] = frozenset()
+    year_month: frozenset[str] = frozenset()
+    zip3: frozenset[str] = frozenset()
+    providers: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ClaimsProfile:
+    name: str
+    delimiter: str
+    encodings: tuple[str, ...]
+    table_names: str
+    table_suffix: str | None
+    trailing_delimiter: bool
+    privacy: PrivacyRoles
+    tables: dict[str, TableSchema]
+
+    def table_for(self, path: Path) -> str:
+        """The table a file belongs to, from its name (`ER_PRS_F.csv`, `carrier_2019.csv.gz`)."""
+        stem = path.name
+        for suffix in sorted(CSV_SUFFIXES, key=len, reverse=True):
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        if self.table_suffix:
+            stem = re.sub(self.table_suffix, "", stem)
+        return stem.upper() if self.table_names == "upper" else stem.lower()
+
+    def warehouse_table(self, table: str) -> str:
+        return f"{self.name.replace('-', '_')}_{table.lower()}"
+
+
+@cache
+def load_profile(name: str) -> ClaimsProfile:
+    """The profile and every table schema of its folder, validated as Table Schema by `frictionless`."""
+    from frictionless import Schema
+
+    if name not in PROFILES:
+        raise DeliveryError(f"unknown claims profile '{name}' (known: {', '.join(PROFILES)})")
+    folder = resources.files("health_ingest.formats") / "claims_profiles" / name
+    settings = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
+    tables = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".json") or entry.name == "profile.json":
+            continue
+        descriptor = json.loads(entry.read_text(encoding="utf-8"))
+        schema = Schema.from_descriptor(_table_schema_part(descriptor))
+        table = descriptor.get("name") or entry.name.removesuffix(".json")
+        tables[table] = TableSchema(
+            table,
+            tuple(Column(f.name, f.type) for f in schema.fields),
+            tuple(schema.primary_key or ()),
+        )
+    roles = settings.get("privacy", {})
+    return ClaimsProfile(
+        name=settings["name"],
+        delimiter=settings["delimiter"],
+        encodings=tuple(settings.get("encodings", ["utf-8"])),
+        table_names=settings.get("table_names", "lower"),
+        table_suffix=settings.get("table_suffix"),
+        trailing_delimiter=bool(settings.get("trailing_delimiter", False)),
+        privacy=PrivacyRoles(
+            person=tuple(roles.get("person", ())),
+            identifiers=dict(roles.get("identifiers", {})),
+            drop=frozenset(roles.get("drop", ())),
+            year=frozenset(roles.get("year", ())),
+            year_month=frozenset(roles.get("year_month", ())),
+            zip3=frozenset(roles.get("zip3", ())),
+            providers=frozenset(roles.get("providers", ())),
+        ),
+        tables=tables,
+    )
+
+
+def is_claims_file(path: Path) -> bool:
+    return path.name.lower().endswith(CSV_SUFFIXES)
+
+
+@dataclass
+class ClaimsFile:
+    """An open file of a delivery: its header (checked) and an iterator of (row number, values)."""
+
+    header: list[str]
+    rows: Iterator[tuple[int, list[str]]]
+    encoding: str
+
+
+def open_claims_file(path: Path, label: str, profile: ClaimsProfile, schema: TableSchema) -> ClaimsFile:
+    """Decode with the first encoding that reads the whole header and check it against the schema."""
+    for encoding in profile.encodings:
+        text = _text_stream(path, encoding)
+        reader = csv.reader(text, delimiter=profile.delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DeliveryError(f"{label}: empty file, no header") from None
+        except UnicodeDecodeError:
+            continue
+        if profile.trailing_delimiter and header and header[-1] == "":
+            header = header[:-1]
+        _check_header(label, header, schema)
+        return ClaimsFile(header, _rows(reader, len(header), profile.trailing_delimiter), encoding)
+    raise DeliveryError(f"{label}: not readable as {' or '.join(profile.encodings)}")
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+def _table_schema_part(descriptor: dict) -> dict:
+    """The Table Schema keys of an SNDS descriptor (which adds its own documentation keys)."""
+    fields = [
+        {k: v for k, v in f.items() if k in {"name", "type", "format", "description", "constraints"}}
+        for f in descriptor["fields"]
+    ]
+    for f in fields:
+        if f.get("format") and f["format"] != "default" and f["type"] in {"date", "datetime"}:
+            f["format"] = "any"
+        if "constraints" in f:  # the standard constraints only (SNDS adds its own, such as "decimals")
+            f["constraints"] = {k: v for k, v in f["constraints"].items() if k in STANDARD_CONSTRAINTS}
+    part = {"fields": fields}
+    if descriptor.get("primaryKey"):
+        part["primaryKey"] = descriptor["primaryKey"]
+    return part
+
+
+def _text_stream(path: Path, encoding: str) -> io.TextIOBase:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        raw = gzip.open(path, "rb")  # noqa: SIM115 - the returned stream owns it
+    elif name.endswith(".zip"):
+        archive = zipfile.ZipFile(path)
+        members = [m for m in archive.namelist() if not m.endswith("/")]
+        if len(members) != 1:
+            raise DeliveryError(f"{path.name}: a zip archive must hold exactly one file")
+        raw = archive.open(members[0])
+    else:
+        raw = path.open("rb")
+    return io.TextIOWrapper(raw, encoding=encoding, newline="")
+
+
+def _check_header(label: str, header: list[str], schema: TableSchema) -> None:
+    missing = [c for c in schema.column_names if c not in header]
+    unknown = [c for c in header if c not in schema.column_names]
+    if missing or unknown or len(set(header)) != len(header):
+        parts = []
+        if missing:
+            parts.append(f"missing columns {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unknown:
+            parts.append(f"unknown columns {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        if len(set(header)) != len(header):
+            parts.append("repeated columns")
+        raise DeliveryError(f"{label}: header does not match the schema of {schema.name}: {'; '.join(parts)}")
+
+
+def _rows(reader, width: int, trailing_delimiter: bool) -> Iterator[tuple[int, list[str]]]:
+    for values in reader:
+        if not values or values == [""]:
+            continue
+        if trailing_delimiter and len(values) == width + 1 and values[-1] == "":
+            values = values[:-1]
+        yield reader.line_num, values

@@ -1,0 +1,159 @@
+"""Typed claims tables `claims.<profile>_<table>`: created from the Table Schemas, loaded from staging with casts
+that quarantine what does not fit, keyed as the format defines (else by row content, so re-delivery never
+duplicates)."""
+
+from __future__ import annotations
+
+from health_ingest.formats.claims import TableSchema
+from health_ingest.privacy.claims import ColumnPlan
+from health_ingest.warehouse.staging import STAGING_SCHEMA
+
+# Table Schema type -> (PostgreSQL type, cast from text that returns NULL on failure, what a failure means)
+TYPES = {
+    "integer": ("bigint", "ingest.try_bigint({})", "not an integer"),
+    "number": ("numeric", "ingest.try_numeric({})", "not a number"),
+    "boolean": ("boolean", "ingest.try_boolean({})", "not a boolean"),
+    "date": ("date", "ingest.try_date({})", "not a date (or an impossible one)"),
+    "datetime": ("timestamptz", "ingest.try_timestamptz_claims({})", "not a date-time"),
+    "year": ("integer", "ingest.try_bigint({})::integer", "not a year"),
+}
+
+
+def staging_name(batch_id: str, table: str) -> str:
+    return f"{STAGING_SCHEMA}.b{batch_id.replace('-', '')[:16]}_claims_{table.lower()}"
+
+
+def create_staging(cur, batch_id: str, table: str, plan: list[ColumnPlan]) -> str:
+    name = staging_name(batch_id, table)
+    columns = ", ".join(f'"{c.name.lower()}" text' for c in plan)
+    cur.execute(
+        f"CREATE UNLOGGED TABLE IF NOT EXISTS {name} (file_no integer NOT NULL, line_no bigint NOT NULL, "
+        f"patient_id text, reason text, message text{', ' + columns if columns else ''})"
+    )
+    return name
+
+
+def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan]) -> None:
+    """Create the typed table if it is new (its columns follow the schema and the privacy plan)."""
+    cur.execute("SELECT to_regclass(%s)", (f"claims.{warehouse_table}",))
+    if cur.fetchone()[0] is not None:
+        return
+    kinds = {c.name: c.type for c in schema.columns}
+    definitions = [f'"{c.name.lower()}" {_pg_type(c, kinds[c.name])}' for c in plan]
+    definitions += ["patient_id text", "batch_id uuid NOT NULL", "source text NOT NULL", "row_sha text NOT NULL"]
+    key = [k.lower() for k in schema.primary_key if k in {c.name for c in plan}]
+    constraint = f"PRIMARY KEY ({', '.join(key)})" if key else "UNIQUE (source, row_sha)"
+    cur.execute(f"CREATE TABLE claims.{warehouse_table} ({', '.join(definitions)}, {constraint})")
+    cur.execute(f"CREATE INDEX ON claims.{warehouse_table} (patient_id)")
+    cur.execute(f"CREATE INDEX ON claims.{warehouse_table} (batch_id)")
+    cur.execute(f"GRANT SELECT ON claims.{warehouse_table} TO health_ingest_reader")
+    cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON claims.{warehouse_table} TO health_ingest_loader")
+
+
+def quarantine_bad_values(cur, staged: str, schema: TableSchema, plan: list[ColumnPlan]) -> None:
+    """Rows with a value that does not cast to its column's type go to quarantine, naming the first such column."""
+    kinds = {c.name: c.type for c in schema.columns}
+    tests = []
+    for column in plan:
+        if column.action != "keep" or kinds[column.name] not in TYPES:
+            continue
+        _, cast, meaning = TYPES[kinds[column.name]]
+        name = f'"{column.name.lower()}"'
+        tests.append((f"({name} IS NOT NULL AND {cast.format(name)} IS NULL)", f"{column.name}: {meaning}"))
+    if not tests:
+        return
+    case = " ".join(f"WHEN {test} THEN '{message}'" for test, message in tests)
+    cur.execute(
+        f"UPDATE {staged} SET reason = 'invalid_value', message = CASE {case} END "
+        f"WHERE reason IS NULL AND ({' OR '.join(test for test, _ in tests)})"
+    )
+
+
+def merge_table(
+    cur, staged: str, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan], batch_id: str, source: str
+) -> dict[int, int]:
+    """Upsert by key (or by row content); duplicates of a key within the batch are quarantined, the last kept."""
+    kinds = {c.name: c.type for c in schema.columns}
+    names = [f'"{c.name.lower()}"' for c in plan]
+    values = [_cast(c, kinds[c.name]) for c in plan]
+    key = [k.lower() for k in schema.primary_key if k in {c.name for c in plan}]
+    digest = f"md5(ROW({', '.join(names) or 'NULL'})::text)"
+    conflict = f"({', '.join(key)})" if key else "(source, row_sha)"
+    updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in [*names, "patient_id", "batch_id", "row_sha"])
+    statement = (
+        f"INSERT INTO claims.{warehouse_table} ({', '.join([*names, 'patient_id', 'batch_id', 'source', 'row_sha'])}) "
+        f"SELECT {', '.join([*values, 'patient_id', '%(batch)s', '%(source)s', digest])} FROM {staged} "
+        f"WHERE reason IS NULL ON CONFLICT {conflict} DO UPDATE SET {updates}"
+    )
+    params = {"batch": batch_id, "source": source}
+    cur.execute("SAVEPOINT merge_claims")
+    try:
+        cur.execute(statement, params)
+        duplicates: dict[int, int] = {}
+    except Exception as error:
+        if getattr(error, "pgcode", None) != "21000":
+            raise
+        cur.execute("ROLLBACK TO SAVEPOINT merge_claims")
+        partition = ", ".join(_cast_for_key(c, kinds[c.name]) for c in plan if c.name.lower() in key) or digest
+        cur.execute(
+            f"""
+            UPDATE {staged} s SET reason = 'duplicate_in_batch', message = %(message)s
+              FROM (SELECT file_no, line_no, row_number() OVER (PARTITION BY {partition}
+                                                             ORDER BY file_no DESC, line_no DESC) AS rank
+                      FROM {staged} WHERE reason IS NULL) ranked
+             WHERE ranked.rank > 1 AND s.file_no = ranked.file_no AND s.line_no = ranked.line_no
+            RETURNING s.file_no
+            """,
+            {
+                "message": "the same key appears again later in this delivery; the last row was loaded"
+                if key
+                else "the same row appears again in this delivery; it was loaded once"
+            },
+        )
+        duplicates = {}
+        for (file_no,) in cur.fetchall():
+            duplicates[file_no] = duplicates.get(file_no, 0) + 1
+        cur.execute(statement, params)
+    cur.execute("RELEASE SAVEPOINT merge_claims")
+    return duplicates
+
+
+def quarantine_rows(cur, staged: str, batch_id: str, names: dict[int, str]) -> None:
+    import json
+
+    cur.execute(
+        f"""
+        INSERT INTO ingest.quarantine (batch_id, file_name, line_number, reason, message)
+        SELECT %s, (%s::jsonb ->> file_no::text), line_no, reason, message FROM {staged}
+         WHERE reason IS NOT NULL ORDER BY file_no, line_no
+        """,
+        (batch_id, json.dumps({str(k): v for k, v in names.items()})),
+    )
+
+
+def staged_counts(cur, staged: str) -> dict[int, tuple[int, int]]:
+    cur.execute(
+        f"SELECT file_no, count(*) FILTER (WHERE reason IS NULL), count(*) FILTER (WHERE reason IS NOT NULL) "
+        f"FROM {staged} GROUP BY file_no"
+    )
+    return {file_no: (good, bad) for file_no, good, bad in cur.fetchall()}
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+def _pg_type(column: ColumnPlan, kind: str) -> str:
+    if column.action != "keep":
+        return "text"  # tokens and generalised values
+    return TYPES[kind][0] if kind in TYPES else "text"
+
+
+def _cast(column: ColumnPlan, kind: str) -> str:
+    name = f'"{column.name.lower()}"'
+    if column.action != "keep" or kind not in TYPES:
+        return name
+    return TYPES[kind][1].format(name)
+
+
+def _cast_for_key(column: ColumnPlan, kind: str) -> str:
+    return _cast(column, kind)
