@@ -41,9 +41,9 @@ for source in sources_of_kind("fhir"):
 
         @task(max_active_tis_per_dagrun=1, outlets=[tables_alias(source)])
         def ingest(source_name: str, delivery: str, outlet_events=None) -> dict:
-            from health_ingest.orchestration import ingest_fhir_delivery
+            from health_ingest.orchestration import ingest_delivery
 
-            return ingest_fhir_delivery(source_name, delivery, outlet_events)
+            return ingest_delivery(source_name, delivery, outlet_events)
 
         @task
         def refresh_flat_tables(summary: dict) -> dict:

@@ -22,7 +22,7 @@ def _declared_dag_ids() -> list[str]:
     """One DAG per FHIR source of the sources file, plus the DAGs written by hand."""
     from health_ingest.sources.registry import load_sources
 
-    generated = [source.dag_id for source in load_sources().values() if source.kind == "fhir"]
+    generated = [source.dag_id for source in load_sources().values()]
     return sorted(generated + STATIC_DAGS)
 
 
@@ -42,6 +42,7 @@ def test_dag_serialises_and_is_documented(dag_id):
     restored = DagSerialization.from_dict(serialised)
     assert restored.dag_id == dag_id
     assert dag.doc_md and dag.tags and dag.description
+    assert dag.dag_id in _declared_dag_ids()
     assert dag.catchup is False
     for task in dag.tasks:
         assert task.owner != "airflow", "owner comes from the sources file"

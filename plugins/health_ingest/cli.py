@@ -174,6 +174,27 @@ def _filter_pseudonymiser(args: argparse.Namespace):
     return chunk_encoder(load_keyring(), get_source(args.source)).pseudonymiser
 
 
+def cmd_ingest_claims(args: argparse.Namespace) -> int:
+    """One claims batch without Airflow: the same code the claims DAG calls."""
+    from dataclasses import replace
+
+    from health_ingest.pipeline_claims import run_claims_batch
+    from health_ingest.report import batch_counts_table
+    from health_ingest.sources.registry import get_source
+
+    source = get_source(args.source)
+    if source.kind != "claims":
+        raise HealthIngestError(f"source '{source.name}' is a {source.kind} source, not a claims source")
+    if args.profile and args.profile != source.format:
+        source = replace(source, format=args.profile)
+    progress = None if args.quiet else _progress_printer()
+    result = run_claims_batch(Path(args.path), source, progress=progress)
+    counts = [(t, c.rows_read, c.rows_loaded, c.rows_quarantined) for t, c in sorted(result.counts.items())]
+    print(batch_counts_table(counts).replace("resource type", "table        ", 1))
+    print(f"\nbatch {result.batch_id} committed in {result.elapsed:.1f} s (key {result.key_id})")
+    return 0
+
+
 def cmd_warehouse_migrate(args: argparse.Namespace) -> int:
     from health_ingest.warehouse.connection import connect, redact, warehouse_url
     from health_ingest.warehouse.migrations import migrate
@@ -357,6 +378,12 @@ def _parser() -> argparse.ArgumentParser:
     fhir.add_argument("--source", required=True, help="a source name from the sources file")
     fhir.add_argument("--quiet", action="store_true", help="no progress lines")
     fhir.set_defaults(run=cmd_ingest_fhir)
+    claims = ingest_kinds.add_parser("claims", help="a folder of claims files (CSV, pipe-delimited, gzip, zip)")
+    claims.add_argument("path")
+    claims.add_argument("--source", required=True, help="a claims source from the sources file")
+    claims.add_argument("--profile", choices=["snds", "synthea", "cms-rif"], help="default: the source's format")
+    claims.add_argument("--quiet", action="store_true", help="no progress lines")
+    claims.set_defaults(run=cmd_ingest_claims)
 
     pseudonymise = commands.add_parser(
         "pseudonymise", help="a streaming filter: NDJSON resources on stdin, pseudonymised on stdout"

@@ -74,8 +74,8 @@ def tables_alias(source: Source):
     return AssetAlias(f"{source.name}_warehouse_tables")
 
 
-def ingest_fhir_delivery(source_name: str, delivery: str, outlet_events=None) -> dict[str, Any]:
-    """Run one batch; configuration errors fail the task without retry (retrying cannot help)."""
+def ingest_delivery(source_name: str, delivery: str, outlet_events=None) -> dict[str, Any]:
+    """Run one batch of a FHIR or claims source; configuration errors fail the task without retry."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from health_ingest.errors import ConfigurationError
@@ -83,9 +83,14 @@ def ingest_fhir_delivery(source_name: str, delivery: str, outlet_events=None) ->
     from health_ingest.sources.inbox import mark_done
     from health_ingest.sources.registry import get_source
 
+    source = get_source(source_name)
     try:
-        source = get_source(source_name)
-        result = run_fhir_batch(Path(delivery), source)
+        if source.kind == "claims":
+            from health_ingest.pipeline_claims import run_claims_batch
+
+            result = run_claims_batch(Path(delivery), source)
+        else:
+            result = run_fhir_batch(Path(delivery), source)
     except ConfigurationError as error:
         raise AirflowFailException(str(error)) from None
     if source.inbox and Path(delivery).parent == source.inbox:
@@ -102,10 +107,16 @@ def publish_table_events(source: Source, result, outlet_events) -> None:
     from health_ingest.warehouse.consumers import table_asset_uri
 
     alias = outlet_events[tables_alias(source)]
-    for resource_type, counts in sorted(result.counts.items()):
+    for name, counts in sorted(result.counts.items()):
         if counts.rows_loaded:
+            if source.kind == "claims":
+                from health_ingest.formats.claims import load_profile
+
+                schema, table = "claims", load_profile(source.format).warehouse_table(name)
+            else:
+                schema, table = "fhir", name.lower()
             alias.add(
-                Asset(table_asset_uri("fhir", resource_type.lower())),
+                Asset(table_asset_uri(schema, table)),
                 extra={"batch_id": result.batch_id, "commit_seq": result.commit_seq, "rows": counts.rows_loaded},
             )
 

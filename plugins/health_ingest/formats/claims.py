@@ -50,6 +50,7 @@ class PrivacyRoles:
     person: tuple[str, ...] = ()
     identifiers: dict[str, str] = field(default_factory=dict)
     drop: frozenset[str] = frozenset()
+    drop_patterns: tuple[str, ...] = ()  # free-text columns by name (SNDS labels `*_LIB`, names `*_NOM`...)
     year: frozenset[str] = frozenset()
     year_month: frozenset[str] = frozenset()
     zip3: frozenset[str] = frozenset()
@@ -115,6 +116,7 @@ def load_profile(name: str) -> ClaimsProfile:
             person=tuple(roles.get("person", ())),
             identifiers=dict(roles.get("identifiers", {})),
             drop=frozenset(roles.get("drop", ())),
+            drop_patterns=tuple(roles.get("drop_patterns", ())),
             year=frozenset(roles.get("year", ())),
             year_month=frozenset(roles.get("year_month", ())),
             zip3=frozenset(roles.get("zip3", ())),

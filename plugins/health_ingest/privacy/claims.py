@@ -34,7 +34,8 @@ def plan_columns(
     table = schema.name
 
     def has(role: frozenset[str] | dict, column: str) -> bool:
-        return column in role or f"{table}.{column}" in role
+        # column names are matched whatever their case (SNDS writes some tables in lower case)
+        return any(key in role for key in (column, column.upper(), f"{table}.{column}", f"{table}.{column.upper()}"))
 
     plan = []
     for column in schema.columns:
@@ -42,8 +43,14 @@ def plan_columns(
         index = position[name]
         if has(roles.drop, name) or (has(roles.providers, name) and providers == "drop"):
             continue
+        if any(re.search(pattern, name.upper()) for pattern in roles.drop_patterns):
+            continue
         if has(roles.identifiers, name):
-            system = roles.identifiers.get(f"{table}.{name}") or roles.identifiers[name]
+            system = next(
+                roles.identifiers[key]
+                for key in (f"{table}.{name}", f"{table}.{name.upper()}", name, name.upper())
+                if key in roles.identifiers
+            )
             plan.append(ColumnPlan(name, index, "token", system))
         elif has(roles.providers, name) and providers == "tokenise":
             plan.append(ColumnPlan(name, index, "token", f"urn:health-ingest:provider:{name.lower()}"))
@@ -56,10 +63,12 @@ def plan_columns(
         else:
             plan.append(ColumnPlan(name, index, "keep"))
     persons = []
+    by_upper = {name.upper(): index for name, index in position.items()}
     for key in roles.person:
         column = key.split(".", 1)[1] if "." in key else key
-        if ("." not in key or key.startswith(f"{table}.")) and column in position:
-            persons.append((position[column], roles.identifiers.get(key) or roles.identifiers.get(column, "")))
+        index = position.get(column, by_upper.get(column.upper()))
+        if ("." not in key or key.startswith(f"{table}.")) and index is not None:
+            persons.append((index, roles.identifiers.get(key) or roles.identifiers.get(column, "")))
     return plan, persons
 
 

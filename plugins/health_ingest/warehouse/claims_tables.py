@@ -1,12 +1,16 @@
 """Typed claims tables `claims.<profile>_<table>`: created from the Table Schemas, loaded from staging with casts
 that quarantine what does not fit, keyed as the format defines (else by row content, so re-delivery never
-duplicates)."""
+duplicates). Besides the format's columns each row has `patient_id` (the person pseudonym), `batch_id`,
+`ingest_source` and `ingest_row_sha`."""
 
 from __future__ import annotations
 
+from health_ingest.errors import ConfigurationError
 from health_ingest.formats.claims import TableSchema
 from health_ingest.privacy.claims import ColumnPlan
 from health_ingest.warehouse.staging import STAGING_SCHEMA
+
+RESERVED = {"patient_id", "batch_id", "ingest_source", "ingest_row_sha", "file_no", "line_no", "reason", "message"}
 
 # Table Schema type -> (PostgreSQL type, cast from text that returns NULL on failure, what a failure means)
 TYPES = {
@@ -24,6 +28,9 @@ def staging_name(batch_id: str, table: str) -> str:
 
 
 def create_staging(cur, batch_id: str, table: str, plan: list[ColumnPlan]) -> str:
+    clashes = sorted(c.name for c in plan if c.name.lower() in RESERVED)
+    if clashes:
+        raise ConfigurationError(f"table {table}: columns {clashes} clash with the warehouse's own columns")
     name = staging_name(batch_id, table)
     columns = ", ".join(f'"{c.name.lower()}" text' for c in plan)
     cur.execute(
@@ -40,9 +47,14 @@ def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[Colu
         return
     kinds = {c.name: c.type for c in schema.columns}
     definitions = [f'"{c.name.lower()}" {_pg_type(c, kinds[c.name])}' for c in plan]
-    definitions += ["patient_id text", "batch_id uuid NOT NULL", "source text NOT NULL", "row_sha text NOT NULL"]
+    definitions += [
+        "patient_id text",
+        "batch_id uuid NOT NULL",
+        "ingest_source text NOT NULL",
+        "ingest_row_sha text NOT NULL",
+    ]
     key = [k.lower() for k in schema.primary_key if k in {c.name for c in plan}]
-    constraint = f"PRIMARY KEY ({', '.join(key)})" if key else "UNIQUE (source, row_sha)"
+    constraint = f"PRIMARY KEY ({', '.join(key)})" if key else "UNIQUE (ingest_source, ingest_row_sha)"
     cur.execute(f"CREATE TABLE claims.{warehouse_table} ({', '.join(definitions)}, {constraint})")
     cur.execute(f"CREATE INDEX ON claims.{warehouse_table} (patient_id)")
     cur.execute(f"CREATE INDEX ON claims.{warehouse_table} (batch_id)")
@@ -51,9 +63,14 @@ def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[Colu
 
 
 def quarantine_bad_values(cur, staged: str, schema: TableSchema, plan: list[ColumnPlan]) -> None:
-    """Rows with a value that does not cast to its column's type go to quarantine, naming the first such column."""
+    """Rows with a missing key or a value that does not cast to its column's type go to quarantine, naming the
+    first such column."""
     kinds = {c.name: c.type for c in schema.columns}
-    tests = []
+    tests = [
+        (f'"{column.name.lower()}" IS NULL', f"{column.name}: missing, and part of the key")
+        for column in plan
+        if column.name in schema.primary_key
+    ]
     for column in plan:
         if column.action != "keep" or kinds[column.name] not in TYPES:
             continue
@@ -78,10 +95,11 @@ def merge_table(
     values = [_cast(c, kinds[c.name]) for c in plan]
     key = [k.lower() for k in schema.primary_key if k in {c.name for c in plan}]
     digest = f"md5(ROW({', '.join(names) or 'NULL'})::text)"
-    conflict = f"({', '.join(key)})" if key else "(source, row_sha)"
-    updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in [*names, "patient_id", "batch_id", "row_sha"])
+    conflict = f"({', '.join(key)})" if key else "(ingest_source, ingest_row_sha)"
+    updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in [*names, "patient_id", "batch_id", "ingest_row_sha"])
+    targets = ", ".join([*names, "patient_id", "batch_id", "ingest_source", "ingest_row_sha"])
     statement = (
-        f"INSERT INTO claims.{warehouse_table} ({', '.join([*names, 'patient_id', 'batch_id', 'source', 'row_sha'])}) "
+        f"INSERT INTO claims.{warehouse_table} ({targets}) "
         f"SELECT {', '.join([*values, 'patient_id', '%(batch)s', '%(source)s', digest])} FROM {staged} "
         f"WHERE reason IS NULL ON CONFLICT {conflict} DO UPDATE SET {updates}"
     )

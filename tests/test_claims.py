@@ -1,0 +1,195 @@
+"""Claims: SNDS, Synthea CSV and CMS RIF load typed and keyed; identifiers are pseudonymised and link to FHIR."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import TEST_DATA, pg_dump
+from health_ingest.errors import LoadError
+from health_ingest.pipeline import run_fhir_batch
+from health_ingest.pipeline_claims import run_claims_batch
+from health_ingest.sources.registry import get_source
+
+pytestmark = pytest.mark.integration
+
+SNDS = TEST_DATA / "synthetic-snds"
+DCIR_KEY = [
+    "DCT_ORD_NUM",
+    "FLX_DIS_DTD",
+    "FLX_EMT_NUM",
+    "FLX_EMT_ORD",
+    "FLX_EMT_TYP",
+    "FLX_TRT_DTD",
+    "ORG_CLE_NUM",
+    "PRS_ORD_NUM",
+    "REM_TYP_AFF",
+]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _flat_snds(tmp_path: Path) -> Path:
+    folder = tmp_path / "snds"
+    folder.mkdir()
+    for path in SNDS.glob("*/*.csv"):
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_every_snds_table_loads_and_the_dcir_join_keeps_its_rows(tmp_path, db):
+    delivery = _flat_snds(tmp_path)
+    result = run_claims_batch(delivery, get_source("snds_extract"))
+
+    csv_tables = {p.stem for p in delivery.glob("*.csv")}
+    assert set(result.counts) == csv_tables and len(csv_tables) >= 55
+    for table, counts in result.counts.items():
+        assert counts.rows_read == counts.rows_loaded + counts.rows_quarantined, table
+        assert counts.rows_read == len(_rows(delivery / f"{table}.csv")), table
+    with db.cursor() as cur:
+        cur.execute("SELECT resource_type, rows_read, rows_loaded, rows_quarantined FROM ingest.batch_files")
+        assert all(read == loaded + quarantined for _, read, loaded, quarantined in cur.fetchall())
+
+        prs = Counter(tuple(r[k] for k in DCIR_KEY) for r in _rows(delivery / "ER_PRS_F.csv"))
+        pha = Counter(tuple(r[k] for k in DCIR_KEY) for r in _rows(delivery / "ER_PHA_F.csv"))
+        expected = sum(n * prs[key] for key, n in pha.items())
+        on = " AND ".join(f"p.{k.lower()} = d.{k.lower()}" for k in DCIR_KEY)
+        cur.execute(f"SELECT count(*) FROM claims.snds_er_prs_f p JOIN claims.snds_er_pha_f d ON {on}")
+        assert cur.fetchone()[0] == expected > 0
+        cur.execute(
+            "SELECT data_type FROM information_schema.columns WHERE table_schema = 'claims' "
+            "AND table_name = 'snds_er_prs_f' AND column_name IN ('exe_soi_dtd', 'prs_act_qte', 'bse_rem_mnt') "
+            "ORDER BY column_name"
+        )
+        assert [row[0] for row in cur.fetchall()] == ["numeric", "date", "numeric"]
+
+
+def test_redelivery_replaces_and_never_duplicates(tmp_path, db):
+    delivery = tmp_path / "dcir"
+    shutil.copytree(SNDS / "DCIR", delivery)
+    first = run_claims_batch(delivery, get_source("snds_extract"))
+    second = run_claims_batch(delivery, get_source("snds_extract"))
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT batch_id) FROM claims.snds_er_prs_f")
+        rows, batches = cur.fetchone()
+    assert rows == first.counts["ER_PRS_F"].rows_loaded and batches == 1
+    assert second.counts["ER_PRS_F"].rows_loaded == rows
+
+
+def test_synthea_claims_join_the_fhir_patients_of_the_same_run(db):
+    run_fhir_batch(TEST_DATA / "synthea-ma11" / "fhir", get_source("synthea_fhir"))
+    result = run_claims_batch(TEST_DATA / "synthea-ma11" / "csv", get_source("synthea_claims"))
+    assert result.rows_quarantined == 0
+    with db.cursor() as cur:
+        cur.execute("SELECT count(DISTINCT patient_id) FROM fhir.patient")
+        fhir_patients = cur.fetchone()[0]
+        cur.execute(
+            "SELECT count(*), count(DISTINCT c.patient_id) FROM claims.synthea_claims c "
+            "JOIN fhir.patient p ON p.patient_id = c.patient_id"
+        )
+        joined, people = cur.fetchone()
+        cur.execute(
+            "SELECT count(*) FROM claims.synthea_claims_transactions t "
+            "JOIN fhir.patient p ON p.patient_id = t.patient_id"
+        )
+        transactions = cur.fetchone()[0]
+    bundles_with_patients = len(
+        [p for p in (TEST_DATA / "synthea-ma11" / "fhir").glob("*.json") if "Information" not in p.name]
+    )
+    assert people == fhir_patients == bundles_with_patients
+    assert joined > 0 and transactions > 0
+
+
+def test_cms_rif_samples_load(db):
+    result = run_claims_batch(TEST_DATA / "cms-rif", get_source("cms_rif"))
+    assert {"beneficiary", "carrier", "inpatient", "outpatient", "pde", "snf", "hha", "hospice", "dme"} <= set(
+        result.counts
+    )
+    assert all(c.rows_read == c.rows_loaded + c.rows_quarantined for c in result.counts.values())
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT patient_id) FROM claims.cms_rif_carrier")
+        rows, people = cur.fetchone()
+        cur.execute(
+            "SELECT data_type FROM information_schema.columns WHERE table_schema = 'claims' "
+            "AND table_name = 'cms_rif_carrier' AND column_name = 'clm_from_dt'"
+        )
+        assert cur.fetchone()[0] == "date", "DD-MON-YYYY dates are typed"
+    assert rows > 0 and people > 0
+
+
+def test_bad_rows_are_quarantined_with_file_row_and_reason(tmp_path, db):
+    delivery = tmp_path / "bad"
+    delivery.mkdir()
+    source = SNDS / "DCIR" / "ER_PHA_F.csv"
+    lines = source.read_text().splitlines()
+    header = lines[0].split(",")
+    broken = lines[1].split(",")
+    broken[header.index("FLX_DIS_DTD")] = "2019-02-31"  # an impossible date
+    wrong_type = lines[2].split(",")
+    wrong_type[header.index("PHA_ACT_QSN")] = "douze"
+    (delivery / "ER_PHA_F.csv").write_text(
+        "\n".join([lines[0], ",".join(broken), ",".join(wrong_type), lines[3] + ",extra", *lines[4:]]) + "\n"
+    )
+    result = run_claims_batch(delivery, get_source("snds_extract"))
+    with db.cursor() as cur:
+        cur.execute("SELECT file_name, line_number, reason, message FROM ingest.quarantine ORDER BY line_number")
+        quarantined = cur.fetchall()
+    assert quarantined == [
+        ("ER_PHA_F.csv", 2, "invalid_value", "FLX_DIS_DTD: not a date (or an impossible one)"),
+        ("ER_PHA_F.csv", 3, "invalid_value", "PHA_ACT_QSN: not an integer"),
+        ("ER_PHA_F.csv", 4, "wrong_column_count", f"expected {len(header)} values, found {len(header) + 1}"),
+    ]
+    assert result.rows_read == len(lines) - 1 == result.rows_loaded + 3
+
+
+def test_an_unknown_table_or_a_wrong_header_fails_clearly_and_writes_nothing(tmp_path, db):
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    shutil.copy(SNDS / "DCIR" / "ER_PRS_F.csv", unknown)
+    (unknown / "XX_FOO_F.csv").write_text("A,B\n1,2\n")
+    with pytest.raises(LoadError, match=r"XX_FOO_F\.csv: no table XX_FOO_F in the snds profile"):
+        run_claims_batch(unknown, get_source("snds_extract"))
+
+    header = tmp_path / "header"
+    header.mkdir()
+    text = (SNDS / "DCIR" / "ER_PHA_F.csv").read_text().replace("PHA_ACT_QSN", "PHA_ACT_QSX", 1)
+    (header / "ER_PHA_F.csv").write_text(text)
+    shutil.copy(SNDS / "DCIR" / "ER_PRS_F.csv", header)
+    with pytest.raises(
+        LoadError,
+        match=r"ER_PHA_F.csv: header does not match the schema of ER_PHA_F: missing "
+        r"columns \['PHA_ACT_QSN'\]; unknown columns \['PHA_ACT_QSX'\]",
+    ):
+        run_claims_batch(header, get_source("snds_extract"))
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'claims'")
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT status FROM ingest.batches")
+        assert {row[0] for row in cur.fetchall()} == {"failed"}
+
+
+def test_no_beneficiary_identifier_reaches_the_warehouse(tmp_path, warehouse_url, db):
+    run_claims_batch(_flat_snds(tmp_path), get_source("snds_extract"))
+    run_claims_batch(TEST_DATA / "synthea-ma11" / "csv", get_source("synthea_claims"))
+    run_claims_batch(TEST_DATA / "cms-rif", get_source("cms_rif"))
+    originals: set[str] = set()
+    for path in SNDS.glob("*/*.csv"):
+        for row in _rows(path):
+            originals |= {row[c] for c in ("BEN_NIR_PSA", "NIR_ANO_17", "BEN_IDT_ANO") if row.get(c)}
+    snds_identifiers = len(originals)
+    for row in _rows(TEST_DATA / "synthea-ma11" / "csv" / "patients.csv"):
+        originals |= {row["Id"], row["SSN"], row["FIRST"], row["LAST"], row["ADDRESS"]} - {""}
+    for path in (TEST_DATA / "cms-rif").glob("beneficiary_*.csv"):
+        with path.open(encoding="utf-8-sig") as handle:
+            for row in csv.DictReader(handle, delimiter="|"):
+                originals |= {row["BENE_ID"], row["BENE_SRNM_NAME"], row["BENE_GVN_NAME"]} - {""}
+    originals = {o for o in originals if len(o) >= 6}  # short codes appear by chance in any dump
+    assert snds_identifiers > 10 and len(originals) > 50
+    dump = pg_dump(warehouse_url)
+    assert sorted(o for o in originals if o in dump)[:5] == []
