@@ -30,3 +30,37 @@ def build_fhir_dataset(sample: Path, target: Path, resources: int) -> int:
                 out.write(b"\n".join(UUID.sub(suffix, line) for line in lines) + b"\n")
     done.write_text(str(copies * per_copy))
     return copies * per_copy
+
+
+# The nine columns that join ER_PRS_F to its detail tables; each copy gets its own DCT_ORD_NUM so that rows stay
+# distinct and each copy's details still join its own header.
+DCIR_COPY_COLUMN = "DCT_ORD_NUM"
+
+
+def build_snds_dataset(sample: Path, target: Path, rows: int) -> int:
+    """Copies of the DCIR sample (ER_PRS_F and ER_PHA_F) until `rows` rows; return the exact count."""
+    import csv
+
+    files = sorted(sample.glob("ER_*_F.csv"))
+    per_copy = sum(sum(1 for _ in f.open()) - 1 for f in files)
+    copies = max(1, math.ceil(rows / per_copy))
+    done = target / "_COMPLETE"
+    if done.exists() and done.read_text() == str(copies * per_copy):
+        return copies * per_copy
+    target.mkdir(parents=True, exist_ok=True)
+    for source_file in files:
+        with source_file.open(newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader)
+            body = list(reader)
+        column = header.index(DCIR_COPY_COLUMN)
+        with (target / source_file.name).open("w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(header)
+            for copy in range(copies):
+                for row in body:
+                    row = list(row)
+                    row[column] = f"{row[column]}{copy:05d}"
+                    writer.writerow(row)
+    done.write_text(str(copies * per_copy))
+    return copies * per_copy

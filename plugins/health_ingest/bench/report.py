@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from health_ingest import config
-from health_ingest.bench.datasets import build_fhir_dataset
+from health_ingest.bench.datasets import build_fhir_dataset, build_snds_dataset
 from health_ingest.report import table
 
 FULL_SIZES = (100_000, 1_000_000)
@@ -49,11 +49,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         runs.append({"target": size, **json.loads(measured.stdout)})
 
+    claims_runs = []
+    for size in QUICK_SIZES if args.quick else FULL_SIZES:
+        dataset = config.project_root() / ".bench" / f"snds-{size}"
+        print(f"[bench] SNDS dataset of {size:,} rows in {dataset}", flush=True)
+        build_snds_dataset(config.project_root() / "samples" / "snds-dcir", dataset, size)
+        url = _fresh_database(admin_url, f"bench_snds_{size}")
+        measured = subprocess.run(
+            [sys.executable, "-m", "health_ingest.bench.measure", "--claims", "--url", url, "--dataset", str(dataset)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        run = json.loads(measured.stdout)
+        run["rows_per_second"] = round(run["rows"] / run["end_to_end_seconds"])
+        claims_runs.append({"target": size, **run})
+
     results = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
         "postgresql": _server_version(admin_url),
         "runs": [_with_rates(run) for run in runs],
+        "snds_runs": claims_runs,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +98,22 @@ def render(results: dict) -> str:
         ["peak RSS PostgreSQL backend (MiB)", *(run["peak_rss_bytes"]["postgresql_backend"] >> 20 for run in runs)],
     ]
     title = f"FHIR batch path, {results['machine']['cpus']} cores, {results['postgresql']}"
-    return f"\n{title}\n\n" + table(headers, rows, right=set(range(1, len(headers))))
+    text = f"\n{title}\n\n" + table(headers, rows, right=set(range(1, len(headers))))
+    claims = results.get("snds_runs") or []
+    if claims:
+        claims_headers = ["", *(f"{run['rows']:,} rows" for run in claims)]
+        claims_rows = [
+            ["SNDS end to end (rows/s)", *(run["rows_per_second"] for run in claims)],
+            ["end to end (s)", *(f"{run['end_to_end_seconds']:.1f}" for run in claims)],
+            ["peak RSS pipeline (MiB)", *(run["peak_rss_bytes"]["pipeline"] >> 20 for run in claims)],
+            [
+                "peak RSS PostgreSQL backend (MiB)",
+                *(run["peak_rss_bytes"]["postgresql_backend"] >> 20 for run in claims),
+            ],
+        ]
+        text += "\n\nSNDS claims path (DCIR ER_PRS_F + ER_PHA_F)\n\n"
+        text += table(claims_headers, claims_rows, right=set(range(1, len(claims_headers))))
+    return text
 
 
 # --- implementation details -------------------------------------------------------------------
