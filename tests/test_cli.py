@@ -33,7 +33,7 @@ def test_ingest_then_status(warehouse_url):
 def test_unknown_source_and_missing_delivery_are_clear_errors(warehouse_url, tmp_path):
     unknown = _cli("ingest", "fhir", str(SAMPLE), "--source", "nope")
     assert unknown.returncode == 2
-    assert "unknown source 'nope' (declared: smart_sample)" in unknown.stderr
+    assert "unknown source 'nope' (declared: cms_rif, smart_sample, snds_extract" in unknown.stderr
 
     missing = _cli("ingest", "fhir", str(tmp_path / "absent"), "--source", "smart_sample")
     assert missing.returncode == 4
