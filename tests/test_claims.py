@@ -193,3 +193,35 @@ def test_no_beneficiary_identifier_reaches_the_warehouse(tmp_path, warehouse_url
     assert snds_identifiers > 10 and len(originals) > 50
     dump = pg_dump(warehouse_url)
     assert sorted(o for o in originals if o in dump)[:5] == []
+
+
+def test_the_claims_dag_and_the_cli_load_a_delivery(airflow_db, db, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from airflow.dag_processing.dagbag import DagBag
+    from conftest import PROJECT
+
+    dag = DagBag(dag_folder=str(PROJECT / "dags")).dags["claims_snds_extract"]
+    assert dag.test(run_conf={"delivery_path": str(SNDS / "DCIR")}).state == "success"
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "health_ingest",
+            "ingest",
+            "claims",
+            str(TEST_DATA / "synthea-ma11" / "csv"),
+            "--source",
+            "synthea_claims",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "claims_transactions" in cli.stdout and "ok" in cli.stdout
+    with db.cursor() as cur:
+        cur.execute("SELECT source, kind, status FROM ingest.batches ORDER BY commit_seq")
+        assert cur.fetchall() == [("snds_extract", "claims", "committed"), ("synthea_claims", "claims", "committed")]

@@ -37,6 +37,7 @@ class TableSchema:
     name: str
     columns: tuple[Column, ...]
     primary_key: tuple[str, ...] = ()
+    delimiter: str | None = None  # a table's own CSV dialect, when it differs from the profile's
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -103,6 +104,7 @@ def load_profile(name: str) -> ClaimsProfile:
             table,
             tuple(Column(f.name, f.type) for f in schema.fields),
             tuple(schema.primary_key or ()),
+            (descriptor.get("dialect") or {}).get("delimiter"),
         )
     roles = settings.get("privacy", {})
     return ClaimsProfile(
@@ -143,7 +145,7 @@ def open_claims_file(path: Path, label: str, profile: ClaimsProfile, schema: Tab
     """Decode with the first encoding that reads the whole header and check it against the schema."""
     for encoding in profile.encodings:
         text = _text_stream(path, encoding)
-        reader = csv.reader(text, delimiter=profile.delimiter)
+        reader = csv.reader(text, delimiter=schema.delimiter or profile.delimiter)
         try:
             header = next(reader)
         except StopIteration:
