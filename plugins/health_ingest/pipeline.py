@@ -243,36 +243,11 @@ class _BatchLoader:
 
             clock = time.perf_counter()
             self.position = "while committing"
-            merge.record_files(cur, self.batch_id, landed, file_counts)
             merge.quarantine_rejected(cur, self.batch_id, landed)
-            counts = _counts_by_type(landed, file_counts)
-            totals = TypeCounts(*(sum(getattr(c, k) for c in counts.values()) for k in vars(TypeCounts())))
-            commit_seq = batches.mark_committed(
-                cur,
-                self.batch_id,
-                rows_read=totals.rows_read,
-                rows_loaded=totals.rows_loaded,
-                rows_quarantined=totals.rows_quarantined,
-                input_sha256=landed.input_sha256,
-                step_seconds={
-                    **{step: round(seconds, 4) for step, seconds in vars(self.times).items()},
-                    "elapsed": round(time.perf_counter() - started, 4),
-                },
-            )
+            counts, commit_seq = mark_batch_committed(cur, self.batch_id, landed, file_counts, self.times, started)
         conn.commit()
         self.times.commit += time.perf_counter() - clock
-        return BatchResult(
-            batch_id=self.batch_id,
-            source=self.source.name,
-            status="committed",
-            key_id=self.key_id,
-            input_sha256=landed.input_sha256,
-            counts=counts,
-            skipped_files=[f.name for f in landed.files if f.skip_reason],
-            elapsed=0.0,
-            commit_seq=commit_seq,
-            times=self.times,
-        )
+        return committed_result(self, landed, counts, commit_seq)
 
     def _stage_and_merge(self, cur, copy_cur, landed: LandedDelivery) -> dict[int, FileCounts]:
         """Python encodes the next file into a spool while PostgreSQL copies and merges the previous one.
@@ -448,7 +423,8 @@ class _ProducerFailure:
     position: str
 
 
-def _counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> dict[str, TypeCounts]:
+def counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> dict[str, TypeCounts]:
+    """Per resource type (or claims table), the counts of its files."""
     counts: dict[str, TypeCounts] = {}
     for landed_file in landed.loadable:
         per_file = file_counts[landed_file.file_no]
@@ -457,6 +433,43 @@ def _counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) 
         total.rows_loaded += per_file.rows_loaded
         total.rows_quarantined += per_file.rows_quarantined
     return counts
+
+
+def mark_batch_committed(
+    cur, batch_id: str, landed: LandedDelivery, file_counts: dict[int, FileCounts], times: StepTimes, started: float
+) -> tuple[dict[str, TypeCounts], int]:
+    """The end of every load transaction: the files recorded, the batch marked committed with its counts."""
+    merge.record_files(cur, batch_id, landed, file_counts)
+    counts = counts_by_type(landed, file_counts)
+    totals = TypeCounts(*(sum(getattr(c, k) for c in counts.values()) for k in vars(TypeCounts())))
+    commit_seq = batches.mark_committed(
+        cur,
+        batch_id,
+        rows_read=totals.rows_read,
+        rows_loaded=totals.rows_loaded,
+        rows_quarantined=totals.rows_quarantined,
+        input_sha256=landed.input_sha256,
+        step_seconds={
+            **{step: round(seconds, 4) for step, seconds in vars(times).items()},
+            "elapsed": round(time.perf_counter() - started, 4),
+        },
+    )
+    return counts, commit_seq
+
+
+def committed_result(loader, landed: LandedDelivery, counts: dict[str, TypeCounts], commit_seq: int) -> BatchResult:
+    return BatchResult(
+        batch_id=loader.batch_id,
+        source=loader.source.name,
+        status="committed",
+        key_id=loader.key_id,
+        input_sha256=landed.input_sha256,
+        counts=counts,
+        skipped_files=[f.name for f in landed.files if f.skip_reason],
+        elapsed=0.0,
+        commit_seq=commit_seq,
+        times=loader.times,
+    )
 
 
 def _record_rejection_evidence(conn, batch_id: str, evidence: object) -> None:

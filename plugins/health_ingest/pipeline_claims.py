@@ -12,13 +12,21 @@ from pathlib import Path
 from health_ingest import config
 from health_ingest.errors import DeliveryError, LoadError
 from health_ingest.formats.claims import ClaimsProfile, TableSchema, is_claims_file, load_profile, open_claims_file
-from health_ingest.pipeline import BatchResult, FileCounts, ProgressCallback, StepTimes, TypeCounts, run_batch
+from health_ingest.pipeline import (
+    BatchResult,
+    FileCounts,
+    ProgressCallback,
+    StepTimes,
+    committed_result,
+    mark_batch_committed,
+    run_batch,
+)
 from health_ingest.privacy.claims import plan_columns, transform_row
 from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.tokens import Tokeniser
-from health_ingest.sources.landing import LandedDelivery, LandedFile, land_files
+from health_ingest.sources.landing import LandedFile, land_files
 from health_ingest.sources.registry import Source
-from health_ingest.warehouse import batches, claims_tables, merge
+from health_ingest.warehouse import claims_tables
 from health_ingest.warehouse.staging import copy_spool
 
 log = logging.getLogger(__name__)
@@ -87,35 +95,10 @@ class _ClaimsLoader:
                 self.times.commit += time.perf_counter() - clock
             clock = time.perf_counter()
             self.position = "while committing"
-            merge.record_files(cur, self.batch_id, landed, file_counts)
-            counts = _counts_by_table(landed, file_counts)
-            totals = TypeCounts(*(sum(getattr(c, k) for c in counts.values()) for k in vars(TypeCounts())))
-            commit_seq = batches.mark_committed(
-                cur,
-                self.batch_id,
-                rows_read=totals.rows_read,
-                rows_loaded=totals.rows_loaded,
-                rows_quarantined=totals.rows_quarantined,
-                input_sha256=landed.input_sha256,
-                step_seconds={
-                    **{step: round(seconds, 4) for step, seconds in vars(self.times).items()},
-                    "elapsed": round(time.perf_counter() - started, 4),
-                },
-            )
+            counts, commit_seq = mark_batch_committed(cur, self.batch_id, landed, file_counts, self.times, started)
         conn.commit()
         self.times.commit += time.perf_counter() - clock
-        return BatchResult(
-            batch_id=self.batch_id,
-            source=self.source.name,
-            status="committed",
-            key_id=self.key_id,
-            input_sha256=landed.input_sha256,
-            counts=counts,
-            skipped_files=[],
-            elapsed=0.0,
-            commit_seq=commit_seq,
-            times=self.times,
-        )
+        return committed_result(self, landed, counts, commit_seq)
 
     def _table_of(self, path: Path) -> str:
         table = self.profile.table_for(path)
@@ -180,17 +163,6 @@ class _ClaimsLoader:
                     f"{landed_file.name}: read {counts.rows_read} rows but staged {good + bad}; "
                     "the counts must reconcile"
                 )
-
-
-def _counts_by_table(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> dict[str, TypeCounts]:
-    counts: dict[str, TypeCounts] = {}
-    for landed_file in landed.loadable:
-        per_file = file_counts[landed_file.file_no]
-        total = counts.setdefault(landed_file.resource_type, TypeCounts())
-        total.rows_read += per_file.rows_read
-        total.rows_loaded += per_file.rows_loaded
-        total.rows_quarantined += per_file.rows_quarantined
-    return counts
 
 
 def _copy_text(value: str) -> str:
