@@ -1,0 +1,69 @@
+"""Ingestion: one DAG per source of `sources.yml` (FHIR exports and bundles; SNDS, Synthea CSV and CMS RIF claims),
+each delivery loaded as one batch.
+
+A DAG runs on its source's schedule and as soon as a delivery's `_READY` marker lands in the source's inbox (or
+with `delivery_path` from the trigger form). It maps one ingestion task over the pending deliveries; the quality
+suites gate each FHIR batch before it commits; for FHIR, the flat SQL-on-FHIR tables are then refreshed and the
+Data Docs rendered. All logic lives in `health_ingest`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, Param, task
+from health_ingest.orchestration import doc_md, schedule_for, sources_of_kind, tables_alias
+
+for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
+    with DAG(
+        dag_id=source.dag_id,
+        description=f"Load {source.format} deliveries of {source.name} into the warehouse",
+        doc_md=doc_md(source),
+        schedule=schedule_for(source),
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        tags=[source.kind, source.format, "ingest", *source.tags],
+        default_args={"owner": source.owner, "retries": source.retries, "retry_delay": timedelta(minutes=2)},
+        params={
+            "delivery_path": Param(
+                None,
+                type=["null", "string"],
+                description="A folder to load now, instead of the inbox's pending deliveries.",
+            )
+        },
+    ) as dag:
+
+        @task
+        def find_deliveries(source_name: str, params=None) -> list[str]:
+            from health_ingest.orchestration import find_deliveries
+
+            return find_deliveries(source_name, params or {})
+
+        @task(max_active_tis_per_dagrun=1, outlets=[tables_alias(source)])
+        def ingest(source_name: str, delivery: str, outlet_events=None) -> dict:
+            from health_ingest.orchestration import ingest_delivery
+
+            return ingest_delivery(source_name, delivery, outlet_events)
+
+        summaries = ingest.partial(source_name=source.name).expand(delivery=find_deliveries(source.name))
+
+        if source.kind == "fhir":
+
+            @task
+            def refresh_flat_tables(summary: dict) -> dict:
+                from health_ingest.orchestration import refresh_flat_tables
+
+                return refresh_flat_tables(summary)
+
+            @task
+            def publish_data_docs(summary: dict) -> str | None:
+                from health_ingest.orchestration import publish_data_docs
+
+                return publish_data_docs(summary)
+
+            refresh_flat_tables.expand(summary=summaries)
+            publish_data_docs.expand(summary=summaries)
+
+    globals()[source.dag_id] = dag
