@@ -24,7 +24,7 @@ from health_ingest.pipeline import (
 from health_ingest.privacy.claims import plan_columns, transform_row
 from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.tokens import Tokeniser
-from health_ingest.sources.landing import LandedFile, land_files
+from health_ingest.sources.landing import SAFE_NAME, LandedFile, land_files
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import claims_tables
 from health_ingest.warehouse.staging import copy_spool
@@ -103,8 +103,12 @@ class _ClaimsLoader:
     def _table_of(self, path: Path) -> str:
         table = self.profile.table_for(path)
         if table not in self.profile.tables:
+            # the name of a file that is no table may be anything, a person's name included
+            shown = path.name if SAFE_NAME.match(path.name) and len(path.name) <= 40 else "a file"
+            shown_table = table if SAFE_NAME.match(table) and len(table) <= 40 else "that name"
             raise DeliveryError(
-                f"{path.name}: no table {table} in the {self.profile.name} profile; nothing of the delivery was loaded"
+                f"{shown}: no table {shown_table} in the {self.profile.name} profile; "
+                "nothing of the delivery was loaded"
             )
         return table
 
