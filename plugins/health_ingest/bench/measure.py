@@ -46,16 +46,8 @@ class BackendMemory(threading.Thread):
 
 
 def measure(url: str, dataset: Path) -> dict:
-    sampler = BackendMemory(url)
-    sampler.start()
-    started = time.perf_counter()
-    result = run_fhir_batch(dataset, BENCH_SOURCE, url=url)
-    wall = time.perf_counter() - started
-    sampler.stopped.set()
-    sampler.join()
-    pipeline_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    shutil.rmtree(config.state_dir() / "landing" / BENCH_SOURCE.name / result.batch_id, ignore_errors=True)
-
+    """The FHIR batch path, then this machine's floor on the same records."""
+    result, wall, peaks = _run_batch(url, BENCH_SOURCE, dataset, run_fhir_batch)
     parsed, parse_seconds = parse_only(dataset)
     conn = connect(url)
     copied, copy_seconds = bare_copy(conn, dataset)
@@ -72,7 +64,7 @@ def measure(url: str, dataset: Path) -> dict:
             "orjson_parse_seconds": parse_seconds,
             "orjson_parse_rows": parsed,
         },
-        "peak_rss_bytes": {"pipeline": pipeline_peak, "postgresql_backend": sampler.peak},
+        "peak_rss_bytes": peaks,
     }
 
 
@@ -80,25 +72,32 @@ def measure_claims(url: str, dataset: Path) -> dict:
     """The SNDS claims path end to end (read, pseudonymise, stage, type, merge, commit)."""
     from health_ingest.pipeline_claims import run_claims_batch
 
-    sampler = BackendMemory(url)
-    sampler.start()
-    started = time.perf_counter()
-    result = run_claims_batch(dataset, SNDS_SOURCE, url=url)
-    wall = time.perf_counter() - started
-    sampler.stopped.set()
-    sampler.join()
-    shutil.rmtree(config.state_dir() / "landing" / SNDS_SOURCE.name / result.batch_id, ignore_errors=True)
+    result, wall, peaks = _run_batch(url, SNDS_SOURCE, dataset, run_claims_batch)
     return {
         "rows": result.rows_read,
         "loaded": result.rows_loaded,
         "quarantined": result.rows_quarantined,
         "end_to_end_seconds": wall,
         "steps_seconds": vars(result.times),
-        "peak_rss_bytes": {
-            "pipeline": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "postgresql_backend": sampler.peak,
-        },
+        "peak_rss_bytes": peaks,
     }
+
+
+def _run_batch(url: str, source: Source, dataset: Path, run) -> tuple:
+    """One timed batch, with the peak memory of this process and of the backend; its landing copy removed."""
+    sampler = BackendMemory(url)
+    sampler.start()
+    started = time.perf_counter()
+    result = run(dataset, source, url=url)
+    wall = time.perf_counter() - started
+    sampler.stopped.set()
+    sampler.join()
+    shutil.rmtree(config.state_dir() / "landing" / source.name / result.batch_id, ignore_errors=True)
+    peaks = {
+        "pipeline": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "postgresql_backend": sampler.peak,
+    }
+    return result, wall, peaks
 
 
 def main() -> int:

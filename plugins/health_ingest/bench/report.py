@@ -41,13 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         build_fhir_dataset(config.project_root() / "samples" / "smart-bulk-10", dataset, size)
         url = _fresh_database(admin_url, f"bench_{size}")
         print(f"[bench] running the batch path and the floor on {size:,} resources", flush=True)
-        measured = subprocess.run(
-            [sys.executable, "-m", "health_ingest.bench.measure", "--url", url, "--dataset", str(dataset)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        runs.append({"target": size, **json.loads(measured.stdout)})
+        runs.append({"target": size, **_measure(url, dataset)})
 
     claims_runs = []
     for size in QUICK_SIZES if args.quick else FULL_SIZES:
@@ -55,13 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] SNDS dataset of {size:,} rows in {dataset}", flush=True)
         build_snds_dataset(config.project_root() / "samples" / "snds-dcir", dataset, size)
         url = _fresh_database(admin_url, f"bench_snds_{size}")
-        measured = subprocess.run(
-            [sys.executable, "-m", "health_ingest.bench.measure", "--claims", "--url", url, "--dataset", str(dataset)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        run = json.loads(measured.stdout)
+        run = _measure(url, dataset, "--claims")
         run["rows_per_second"] = round(run["rows"] / run["end_to_end_seconds"])
         claims_runs.append({"target": size, **run})
 
@@ -117,6 +105,12 @@ def render(results: dict) -> str:
 
 
 # --- implementation details -------------------------------------------------------------------
+
+
+def _measure(url: str, dataset: Path, *options: str) -> dict:
+    """One measured run in a fresh process, so that its peak memory is its own."""
+    command = [sys.executable, "-m", "health_ingest.bench.measure", *options, "--url", url, "--dataset", str(dataset)]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
 
 def _with_rates(run: dict) -> dict:
