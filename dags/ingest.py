@@ -1,5 +1,5 @@
 """Ingestion: one DAG per source of `sources.yml` (FHIR exports and bundles; SNDS, Synthea CSV and CMS RIF claims),
-each delivery loaded as one batch.
+each delivery loaded as one batch. A FHIR source with a `bulk:` server pulls its next `$export` first.
 
 A DAG runs on its source's schedule and as soon as a delivery's `_READY` marker lands in the source's inbox (or
 with `delivery_path` from the trigger form). It maps one ingestion task over the pending deliveries; the quality
@@ -31,15 +31,32 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
                 None,
                 type=["null", "string"],
                 description="A folder to load now, instead of the inbox's pending deliveries.",
-            )
+            ),
+            **(
+                {"full_refresh": Param(False, type="boolean", description="Export everything, ignoring _since.")}
+                if source.bulk
+                else {}
+            ),
         },
     ) as dag:
+        if source.bulk:
 
-        @task
-        def find_deliveries(source_name: str, params=None) -> list[str]:
-            from health_ingest.orchestration import find_deliveries
+            @task
+            def pull_export(source_name: str, params=None) -> list[str]:
+                from health_ingest.orchestration import pull_export
 
-            return find_deliveries(source_name, params or {})
+                return pull_export(source_name, params or {})
+
+            deliveries = pull_export(source.name)
+        else:
+
+            @task
+            def find_deliveries(source_name: str, params=None) -> list[str]:
+                from health_ingest.orchestration import find_deliveries
+
+                return find_deliveries(source_name, params or {})
+
+            deliveries = find_deliveries(source.name)
 
         @task(max_active_tis_per_dagrun=1, outlets=[tables_alias(source)])
         def ingest(source_name: str, delivery: str, outlet_events=None) -> dict:
@@ -47,7 +64,7 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
             return ingest_delivery(source_name, delivery, outlet_events)
 
-        summaries = ingest.partial(source_name=source.name).expand(delivery=find_deliveries(source.name))
+        summaries = ingest.partial(source_name=source.name).expand(delivery=deliveries)
 
         if source.kind == "fhir":
 

@@ -360,6 +360,61 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_jwks(args: argparse.Namespace) -> int:
+    """A signing key pair for SMART Backend Services: the private key to a 0600 file, the public JWKS printed."""
+    import json
+
+    from health_ingest.sources.bulk.auth import new_signing_key
+
+    path = Path(args.out)
+    if path.exists():
+        print(f"error: {path} exists; keys are never overwritten", file=sys.stderr)
+        return 2
+    pem, jwks = new_signing_key(args.alg)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    print(json.dumps(jwks, indent=2))
+    print(
+        f"private key written to {path} (mode 0600): put it in the password of the source's Airflow connection, "
+        f'with extra {{"auth": "smart-backend-services", "client_id": ..., "alg": "{args.alg}", '
+        f'"kid": "{jwks["keys"][0]["kid"]}"}}; register the JWKS above with the server',
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_pull_fhir(args: argparse.Namespace) -> int:
+    """Pull a FHIR server's export and load it as one batch (or, with --url alone, only download it)."""
+    from health_ingest.report import batch_counts_table
+    from health_ingest.sources.bulk import pull
+    from health_ingest.sources.registry import get_source
+
+    def progress(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    if not args.source:
+        if not args.url:
+            print("error: give --source NAME (a declared source) or --url URL (a one-off download)", file=sys.stderr)
+            return 2
+        folder = pull.download_once(args.url, Path(args.out), progress=progress)
+        print(f"export downloaded to {folder} (not loaded: give --source to load it)")
+        return 0
+    source = get_source(args.source)
+    if args.cancel:
+        print(pull.cancel_export(source))
+        return 0
+    export = pull.pull_export(source, full_refresh=args.full_refresh, url=args.url, progress=progress)
+    result = pull.load_export(source, export)
+    counts = [(t, c.rows_read, c.rows_loaded, c.rows_quarantined) for t, c in sorted(result.counts.items())]
+    print(batch_counts_table(counts))
+    print(
+        f"\nbatch {result.batch_id} committed in {result.elapsed:.1f} s; next export of {source.name} since "
+        f"{export.transaction_time}"
+    )
+    return 0
+
+
 # --- implementation details -------------------------------------------------------------------
 
 
@@ -384,6 +439,16 @@ def _parser() -> argparse.ArgumentParser:
     claims.add_argument("--profile", choices=["snds", "synthea", "cms-rif"], help="default: the source's format")
     claims.add_argument("--quiet", action="store_true", help="no progress lines")
     claims.set_defaults(run=cmd_ingest_claims)
+
+    pull = commands.add_parser("pull", help="pull an export from a server and load it")
+    pull_kinds = pull.add_subparsers(title="kinds")
+    pull_fhir = pull_kinds.add_parser("fhir", help="a FHIR Bulk Data ($export) server")
+    pull_fhir.add_argument("--source", help="a source of the sources file with a 'bulk:' server")
+    pull_fhir.add_argument("--url", help="another server base URL (with --source: load into it; alone: download)")
+    pull_fhir.add_argument("--out", default="export", help="with --url alone: the folder to download into")
+    pull_fhir.add_argument("--full-refresh", action="store_true", help="ignore _since: export everything")
+    pull_fhir.add_argument("--cancel", action="store_true", help="cancel the export in flight (DELETE)")
+    pull_fhir.set_defaults(run=cmd_pull_fhir)
 
     pseudonymise = commands.add_parser(
         "pseudonymise", help="a streaming filter: NDJSON resources on stdin, pseudonymised on stdout"
@@ -436,6 +501,10 @@ def _parser() -> argparse.ArgumentParser:
     rotate = key_actions.add_parser("rotate", help="add a fresh key and make it the active one")
     rotate.add_argument("--keyring", required=True)
     rotate.set_defaults(run=cmd_keys_rotate)
+    jwks = key_actions.add_parser("jwks", help="a key pair for SMART Backend Services; prints the public JWKS")
+    jwks.add_argument("--out", required=True, help="where to write the private key (PEM, mode 0600)")
+    jwks.add_argument("--alg", choices=["RS384", "ES384"], default="RS384")
+    jwks.set_defaults(run=cmd_keys_jwks)
     listing = key_actions.add_parser("list", help="key ids of a keyring")
     listing.add_argument("--keyring")
     listing.set_defaults(run=cmd_keys_list)

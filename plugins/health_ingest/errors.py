@@ -40,3 +40,13 @@ class BatchRejected(LoadError):
     def __init__(self, message: str, *, evidence: object = None) -> None:
         super().__init__(message)
         self.evidence = evidence
+
+
+class ExportError(HealthIngestError):
+    """A Bulk Data export could not be pulled whole (server answer, manifest, download): nothing was loaded."""
+
+    exit_code = 6
+
+
+class ExportExpired(ExportError):
+    """The server no longer knows the export (status URL gone, files expired): a new one must be kicked off."""

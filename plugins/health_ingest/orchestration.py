@@ -48,7 +48,14 @@ def doc_md(source: Source) -> str:
         f"marker appears in the inbox {inbox}.\n"
         "- **One batch per delivery**: land, read, check, pseudonymise, stage, verify, commit. A batch commits "
         "whole or not at all; bad records go to `ingest.quarantine` with file, line and reason.\n"
-        "- **Trigger a delivery by hand**: *Trigger DAG* with `delivery_path` set to a folder of NDJSON files.\n"
+        + (
+            f"- **Pulls** `$export` from `{source.bulk.url}` ({source.bulk.level} level): incremental from the last "
+            "committed export's transactionTime; *Trigger DAG* with `full_refresh` exports everything again. An "
+            "export in flight is resumed, never started twice.\n"
+            if source.bulk
+            else ""
+        )
+        + "- **Trigger a delivery by hand**: *Trigger DAG* with `delivery_path` set to a folder of NDJSON files.\n"
         "- **After a failure**: `health-ingest warehouse status` shows the batch and its error; the delivery stays "
         "pending and the next run takes it again.\n"
     )
@@ -67,6 +74,19 @@ def find_deliveries(source_name: str, params: dict[str, Any]) -> list[str]:
     return found
 
 
+def pull_export(source_name: str, params: dict[str, Any]) -> list[str]:
+    """A Bulk Data source's run: its next export (resumed if one is in flight), then any inbox deliveries."""
+    from health_ingest.sources.bulk.pull import pull_export as pull
+    from health_ingest.sources.registry import get_source
+
+    source = get_source(source_name)
+    if params.get("delivery_path"):
+        return [str(Path(params["delivery_path"]).resolve())]
+    export = pull(source, full_refresh=bool(params.get("full_refresh")))
+    log.info("source %s: export of %s downloaded, %d records", source_name, export.transaction_time, export.records)
+    return [str(export.delivery), *find_deliveries(source_name, {})]
+
+
 def tables_alias(source: Source):
     """The alias through which a source's DAG emits one Asset event per warehouse table it wrote."""
     from airflow.sdk import AssetAlias
@@ -80,6 +100,7 @@ def ingest_delivery(source_name: str, delivery: str, outlet_events=None) -> dict
 
     from health_ingest.errors import ConfigurationError
     from health_ingest.pipeline import run_fhir_batch
+    from health_ingest.sources.bulk.pull import commit_hook, release_export
     from health_ingest.sources.inbox import mark_done
     from health_ingest.sources.registry import get_source
 
@@ -90,7 +111,8 @@ def ingest_delivery(source_name: str, delivery: str, outlet_events=None) -> dict
 
             result = run_claims_batch(Path(delivery), source)
         else:
-            result = run_fhir_batch(Path(delivery), source)
+            result = run_fhir_batch(Path(delivery), source, before_commit=commit_hook(source, Path(delivery)))
+            release_export(source, Path(delivery))
     except ConfigurationError as error:
         raise AirflowFailException(str(error)) from None
     if source.inbox and Path(delivery).parent == source.inbox:

@@ -23,17 +23,20 @@ from health_ingest.encoding import FileEncoder
 from health_ingest.errors import BatchRejected, HealthIngestError, LoadError
 from health_ingest.privacy.gate import KAnonymityReport, check_k_anonymity, record_k_anonymity
 from health_ingest.privacy.keyring import Keyring, load_keyring
+from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.reconcile import reconcile_staging
 from health_ingest.quality.suites import evaluate_batch, record_outcomes
 from health_ingest.sources.landing import LandedDelivery, LandedFile, land_fhir_delivery
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import batches, merge, staging
 from health_ingest.warehouse.connection import connect, hosting_decision, warehouse_url
+from health_ingest.warehouse.deletions import apply_deletions, record_export_errors
 from health_ingest.warehouse.migrations import require_migrated
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, bool], None]  # file name, records so far, file done
+BeforeCommit = Callable[[object, str], None]  # (cursor, batch id): last writes of the load transaction
 ESCROW_SPOOL = "escrow.copy"
 QUOTED = re.compile(r'"[^"]*"')
 
@@ -121,9 +124,21 @@ def run_fhir_batch(
     url: str | None = None,
     keyring: Keyring | None = None,
     progress: ProgressCallback | None = None,
+    before_commit: BeforeCommit | None = None,
 ) -> BatchResult:
-    """Load one FHIR delivery as one batch: all of it commits, or nothing does and the batch is marked failed."""
-    return run_batch(delivery, source, "fhir", _BatchLoader, url=url, keyring=keyring, progress=progress)
+    """Load one FHIR delivery as one batch: all of it commits, or nothing does and the batch is marked failed.
+
+    `before_commit` runs inside the load transaction (a pulled export's next `_since` moves there)."""
+    return run_batch(
+        delivery,
+        source,
+        "fhir",
+        _BatchLoader,
+        url=url,
+        keyring=keyring,
+        progress=progress,
+        before_commit=before_commit,
+    )
 
 
 def run_batch(
@@ -135,6 +150,7 @@ def run_batch(
     url: str | None = None,
     keyring: Keyring | None = None,
     progress: ProgressCallback | None = None,
+    before_commit: BeforeCommit | None = None,
 ) -> BatchResult:
     """The life of any batch: the source's lock, the batch row, the loader's transaction, and on failure a
     rollback, a 'failed' (or 'rejected') row with a message that quotes no record, and the staging dropped."""
@@ -163,6 +179,7 @@ def run_batch(
         )
         log.info("source %s: batch %s started (key %s)", source.name, batch_id, keyring.active_id)
         loader = loader_class(batch_id, source, keyring, progress, warehouse)
+        loader.before_commit = before_commit
         copy_conn = connect(warehouse)
         copy_conn.autocommit = True
         try:
@@ -221,6 +238,7 @@ class _BatchLoader:
         self._producer_position = "while reading the delivery"
         self.times = StepTimes()
         self.outcomes: list = []  # the quality suites' results, gathered type by type
+        self.before_commit: BeforeCommit | None = None
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         """`copy_conn` stages (autocommit); `conn` holds the load transaction that merges and commits."""
@@ -235,6 +253,7 @@ class _BatchLoader:
         conn.autocommit = False
         with conn.cursor() as cur, copy_conn.cursor() as copy_cur:
             file_counts = self._stage_and_merge(cur, copy_cur, landed)
+            self._apply_export_files(cur, landed)
             clock = time.perf_counter()
             self.position = "while verifying the staged batch"
             reconcile_staging(cur, self.batch_id, landed, file_counts)
@@ -245,9 +264,24 @@ class _BatchLoader:
             self.position = "while committing"
             merge.quarantine_rejected(cur, self.batch_id, landed)
             counts, commit_seq = mark_batch_committed(cur, self.batch_id, landed, file_counts, self.times, started)
+            if self.before_commit is not None:
+                self.before_commit(cur, self.batch_id)
         conn.commit()
         self.times.commit += time.perf_counter() - clock
         return committed_result(self, landed, counts, commit_seq)
+
+    def _apply_export_files(self, cur, landed: LandedDelivery) -> None:
+        """An export's deleted[] files delete by pseudonym; its error[] files are counted and recorded."""
+        clock = time.perf_counter()
+        if landed.of_role("deleted"):
+            self.position = "while applying the export's deletions"
+            apply_deletions(
+                cur, self.batch_id, landed.of_role("deleted"), Tokeniser(self.keyring, id_space=self.source.id_space)
+            )
+        if landed.of_role("error"):
+            self.position = "while recording the export's errors"
+            record_export_errors(cur, self.batch_id, landed.of_role("error"))
+        self.times.commit += time.perf_counter() - clock
 
     def _stage_and_merge(self, cur, copy_cur, landed: LandedDelivery) -> dict[int, FileCounts]:
         """Python encodes the next file into a spool while PostgreSQL copies and merges the previous one.

@@ -33,14 +33,17 @@ class LandedFile:
     resource_type: str | None
     unpacked: bool = False  # a Bundle, whose entries were written to files derived from it
     derived_from: str | None = None
+    role: str = "resources"  # or an export's "deleted" (Bundles of DELETE entries) or "error" (OperationOutcomes)
 
     @property
     def status(self) -> str:
+        if self.role != "resources":
+            return {"deleted": "deletions", "error": "errors"}[self.role]
         return "unpacked" if self.unpacked else "skipped" if self.skip_reason else "loaded"
 
     @property
     def skip_reason(self) -> str | None:
-        if self.resource_type is None and not self.unpacked:
+        if self.resource_type is None and not self.unpacked and self.role == "resources":
             return "file name does not start with a FHIR resource type (e.g. Patient.000.ndjson)"
         return None
 
@@ -58,6 +61,9 @@ class LandedDelivery:
         for landed in self.files:
             digest.update(f"{landed.name}\0{landed.sha256}\n".encode())
         return digest.hexdigest()
+
+    def of_role(self, role: str) -> list[LandedFile]:
+        return [f for f in self.files if f.role == role]
 
     @property
     def loadable(self) -> list[LandedFile]:
@@ -87,7 +93,7 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
         resource_type = None if bundle else resource_type_of(source_file)
         file_no = len(files) + 1
         label = safe_label(source_file.name, file_no)
-        files.append(LandedFile(file_no, label, target, size, sha256, resource_type, bundle))
+        files.append(LandedFile(file_no, label, target, size, sha256, resource_type, bundle, role=_role(source_file)))
     bundles = [f for f in files if f.unpacked]
     if bundles:
         entries = landing_folder / "entries"
@@ -152,8 +158,15 @@ def safe_label(file_name: str, file_no: int) -> str:
     return f"file-{file_no:03d}{suffix}"
 
 
+def _role(path: Path) -> str:
+    """An export's `deleted` and `error` files, by the names the Bulk Data client gives them."""
+    first = path.name.split(".")[0].lower()
+    return first if first in {"deleted", "error"} and is_ndjson(path) else "resources"
+
+
 def _is_input(path: Path) -> bool:
-    return is_ndjson(path) or _is_bundle(path)
+    """Names starting with `_` are the pipeline's own (markers, a pulled export's record), never input."""
+    return not path.name.startswith("_") and (is_ndjson(path) or _is_bundle(path))
 
 
 def _is_bundle(path: Path) -> bool:

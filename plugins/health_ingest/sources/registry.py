@@ -10,6 +10,7 @@ from health_ingest import config
 from health_ingest.errors import ConfigurationError
 from health_ingest.privacy.policy import PrivacyPolicy
 from health_ingest.quality.policy import QualityPolicy
+from health_ingest.sources.bulk.settings import BulkSettings, parse_bulk
 
 SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 KINDS = {"fhir", "claims"}
@@ -32,6 +33,7 @@ class Source:
     id_space: str = ""
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     quality: QualityPolicy = field(default_factory=QualityPolicy)
+    bulk: BulkSettings | None = None  # a FHIR server this source pulls `$export`s from
 
     @property
     def dag_id(self) -> str:
@@ -101,6 +103,7 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         "linking_identifiers",
         "privacy",
         "quality",
+        "bulk",
     }
     if unknown:
         raise ConfigurationError(f"{where}: unknown keys {sorted(unknown)}")
@@ -126,7 +129,17 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         id_space=str(entry.get("id_space") or name),
         privacy=_parse_privacy(where, entry),
         quality=_parse_quality(where, entry),
+        bulk=_parse_bulk(where, kind, entry),
     )
+
+
+def _parse_bulk(where: str, kind: str, entry: dict) -> BulkSettings | None:
+    if entry.get("bulk") is not None and kind != "fhir":
+        raise ConfigurationError(f"{where}: 'bulk' (a FHIR server to pull from) applies to fhir sources only")
+    try:
+        return parse_bulk(entry.get("bulk"))
+    except (TypeError, ValueError) as error:
+        raise ConfigurationError(f"{where}: bulk: {error}") from None
 
 
 def _parse_quality(where: str, entry: dict) -> QualityPolicy:

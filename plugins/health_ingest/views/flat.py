@@ -70,6 +70,11 @@ def refresh_batch(conn, batch_id: str, views: list[FlatView] | None = None) -> d
             if _source_exists(cur, view):
                 _ensure_table(cur, view)
                 written[view.name] = _load(cur, view, "WHERE batch_id = %s", (batch_id,), replace=True)
+                cur.execute(  # what the batch deleted leaves its flat tables too
+                    f"DELETE FROM flat.{view.table} WHERE resource_id IN (SELECT id FROM ingest.deletions "
+                    "WHERE batch_id = %s AND lower(resource_type) = %s)",
+                    (batch_id, view.source_table),
+                )
     return written
 
 

@@ -1,0 +1,272 @@
+"""Pull a source's export and load it: resume or kick off, poll, download, then one batch that moves `_since`.
+
+The DAG, the CLI and the tests call `pull_export` then `load_export` (or `pull_and_load`). Every step leaves
+`ingest.source_state` so that a crash anywhere resumes where it stood: a run that finds an export in flight polls
+its status URL again instead of starting a new one, and one that finds it downloaded loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from health_ingest import config
+from health_ingest.errors import ConfigurationError, ExportError, ExportExpired
+from health_ingest.sources.bulk import state as export_state
+from health_ingest.sources.bulk.auth import Authoriser, load_credentials
+from health_ingest.sources.bulk.client import BulkClient, DownloadedFile, Progress
+from health_ingest.sources.registry import Source
+
+log = logging.getLogger(__name__)
+
+EXPORT_RECORD = "_export.json"
+PULL_LOCK_PREFIX = "health_ingest:pull:"
+
+
+@dataclass(frozen=True)
+class PulledExport:
+    delivery: Path
+    transaction_time: str
+    files: list[DownloadedFile]
+    resumed: bool
+    kick_offs: int
+
+    @property
+    def records(self) -> int:
+        return sum(f.lines for f in self.files if f.kind == "output")
+
+
+def pull_export(
+    source: Source,
+    *,
+    full_refresh: bool = False,
+    url: str | None = None,
+    progress: Progress | None = None,
+    warehouse: str | None = None,
+    session=None,
+) -> PulledExport:
+    """Download the source's next export into the exports folder, resuming the one in flight if any."""
+    from health_ingest.warehouse.connection import connect, warehouse_url
+    from health_ingest.warehouse.migrations import require_migrated
+
+    settings = _settings(source, url)
+    conn = connect(warehouse or warehouse_url())
+    conn.autocommit = True
+    try:
+        require_migrated(conn)
+        _lock(conn, source.name)
+        client = _client(source, settings, progress, session)
+        return _pull(conn, client, source, full_refresh=full_refresh)
+    finally:
+        conn.close()
+
+
+def load_export(source: Source, export: PulledExport | Path, *, warehouse: str | None = None, progress=None):
+    """One batch of the downloaded export; `_since` moves to its transactionTime in the batch's transaction."""
+    from health_ingest.pipeline import run_fhir_batch
+
+    delivery = export.delivery if isinstance(export, PulledExport) else Path(export)
+    result = run_fhir_batch(
+        delivery, source, url=warehouse, progress=progress, before_commit=commit_hook(source, delivery)
+    )
+    release_export(source, delivery)
+    return result
+
+
+def release_export(source: Source, delivery: Path) -> None:
+    """After the commit: tell the server (DELETE) it may drop the files, and drop our download (landing keeps
+    its own copy). A no-op for a delivery that is not a pulled export."""
+    record = read_export_record(delivery)
+    if not record:
+        return
+    if record.get("status_url") and source.bulk is not None:
+        client = _client(source, _settings(source, None), None, None)
+        status = client.delete(record["status_url"])
+        log.info("source %s: export's files released on the server (DELETE answered %s)", source.name, status)
+    shutil.rmtree(delivery, ignore_errors=True)
+
+
+def pull_and_load(
+    source: Source,
+    *,
+    full_refresh: bool = False,
+    url: str | None = None,
+    progress=None,
+    warehouse: str | None = None,
+    session=None,
+):
+    export = pull_export(
+        source, full_refresh=full_refresh, url=url, progress=progress, warehouse=warehouse, session=session
+    )
+    return export, load_export(source, export, warehouse=warehouse)
+
+
+def download_once(url: str, folder: Path, *, progress: Progress | None = None, session=None) -> Path:
+    """A one-off: kick off, poll and download a server's full export into `folder`, with no source state."""
+    from health_ingest.sources.bulk.settings import BulkSettings
+
+    settings = BulkSettings(url=url)
+    client = BulkClient(
+        "one-off",
+        settings,
+        Authoriser(load_credentials(None), url, _session(settings, session), source="one-off"),
+        _session(settings, session),
+        progress=progress,
+    )
+    status_url, _ = client.kick_off(None)
+    manifest = client.wait_for_manifest(status_url, deadline=time.time() + settings.deadline_minutes * 60)
+    if folder.exists() and any(folder.iterdir()):
+        raise ConfigurationError(f"{folder}: exists and is not empty")
+    files = client.download_all(manifest, folder)
+    client.delete(status_url)
+    client.progress(f"{sum(f.lines for f in files if f.kind == 'output')} records in {len(files)} files")
+    return folder
+
+
+def cancel_export(source: Source, *, warehouse: str | None = None, session=None) -> str:
+    """Send DELETE to the status URL of the export in flight and forget it; `_since` does not move."""
+    from health_ingest.warehouse.connection import connect, warehouse_url
+
+    conn = connect(warehouse or warehouse_url())
+    conn.autocommit = True
+    try:
+        current = export_state.read_state(conn, source.name)
+        if not current.status_url:
+            return f"source {source.name}: no export in flight"
+        client = _client(source, _settings(source, None), None, session)
+        status = client.delete(current.status_url)
+        export_state.forget_export(conn, source.name)
+        if current.delivery:
+            shutil.rmtree(current.delivery, ignore_errors=True)
+        return f"source {source.name}: export cancelled (DELETE answered {status or 'nothing'})"
+    finally:
+        conn.close()
+
+
+def commit_hook(source: Source, delivery: Path):
+    """For a delivery that is a pulled export: the step that moves the source's `_since`, else None."""
+    record = read_export_record(delivery)
+    if not record:
+        return None
+
+    def move_since(cur, batch_id: str) -> None:
+        export_state.commit_export(cur, source.name, record["transaction_time"], batch_id)
+
+    return move_since
+
+
+def read_export_record(delivery: Path) -> dict:
+    path = Path(delivery) / EXPORT_RECORD
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+def _pull(conn, client: BulkClient, source: Source, *, full_refresh: bool) -> PulledExport:
+    current = export_state.read_state(conn, source.name)
+    if current.status_url and full_refresh and not current.full_refresh:
+        client.progress("a full refresh replaces the incremental export in flight: cancelling it")
+        client.delete(current.status_url)
+        export_state.forget_export(conn, source.name)
+        current = export_state.read_state(conn, source.name)
+    if current.delivery and read_export_record(Path(current.delivery)):
+        client.progress(f"the export of {current.transaction_time} is downloaded and waits for its batch")
+        record = read_export_record(Path(current.delivery))
+        return PulledExport(
+            Path(current.delivery), record["transaction_time"], [DownloadedFile(**f) for f in record["files"]], True, 0
+        )
+
+    kick_offs = 0
+    resumed = restarted = False
+    while True:
+        if current.status_url:
+            resumed = True
+            client.progress(f"resuming the export kicked off at {current.kicked_off_at:%Y-%m-%d %H:%M:%S} UTC")
+            status_url, request, kicked_off = current.status_url, current.request or "", current.kicked_off_at
+            full = current.full_refresh
+        else:
+            since = None if full_refresh or current.since is None else _instant(current.since)
+            status_url, request = client.kick_off(since)
+            kick_offs += 1
+            export_state.record_kick_off(conn, source.name, status_url, request, full_refresh=since is None)
+            kicked_off, full = datetime.now(UTC), since is None
+        deadline = kicked_off.timestamp() + client.settings.deadline_minutes * 60
+        try:
+            manifest = client.wait_for_manifest(status_url, deadline=deadline)
+            export_state.record_manifest(conn, source.name, manifest.transaction_time, manifest.expires_at)
+            folder = _export_folder(source, manifest.transaction_time)
+            shutil.rmtree(folder, ignore_errors=True)  # what a crashed download left
+            files = client.download_all(manifest, folder)
+        except ExportExpired as expired:
+            export_state.forget_export(conn, source.name)
+            if restarted:
+                raise ExportError(f"{expired}; the export started again expired as well, giving up") from None
+            restarted, resumed = True, False
+            client.progress(f"{expired}; kicking off a new export")
+            current = export_state.read_state(conn, source.name)
+            continue
+        record = {
+            "source": source.name,
+            "status_url": status_url,
+            "request": request,
+            "transaction_time": manifest.transaction_time,
+            "full_refresh": full,
+            "files": [vars(f) for f in files],
+        }
+        (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        export_state.record_downloaded(conn, source.name, str(folder))
+        pulled = PulledExport(folder, manifest.transaction_time, files, resumed, kick_offs)
+        client.progress(f"export downloaded: {pulled.records} records in {len(files)} files")
+        return pulled
+
+
+def _instant(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _export_folder(source: Source, transaction_time: str) -> Path:
+    stamp = "".join(c for c in transaction_time if c.isalnum())[:20] or str(int(time.time()))
+    return config.state_dir() / "exports" / source.name / f"export-{stamp}"
+
+
+def _settings(source: Source, url: str | None):
+    if url:
+        from health_ingest.sources.bulk.settings import BulkSettings
+
+        return replace(source.bulk, url=url) if source.bulk else BulkSettings(url=url)
+    if source.bulk is None:
+        raise ConfigurationError(f"source {source.name} declares no 'bulk:' server to pull from (or give --url)")
+    return source.bulk
+
+
+def _session(settings, session=None):
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    if session is not None:
+        return session
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_maxsize=max(4, settings.parallel_downloads + 2))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = "health-ingest"
+    return session
+
+
+def _client(source: Source, settings, progress: Progress | None, session) -> BulkClient:
+    session = _session(settings, session)
+    authoriser = Authoriser(load_credentials(settings.connection), settings.url, session, source=source.name)
+    return BulkClient(source.name, settings, authoriser, session, progress=progress)
+
+
+def _lock(conn, source: str) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (PULL_LOCK_PREFIX + source,))
+        if not cur.fetchone()[0]:
+            raise ExportError(f"source {source}: another pull of this source is running")
