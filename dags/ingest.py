@@ -3,8 +3,8 @@ each delivery loaded as one batch. A FHIR source with a `bulk:` server pulls its
 
 A DAG runs on its source's schedule and as soon as a delivery's `_READY` marker lands in the source's inbox (or
 with `delivery_path` from the trigger form). It maps one ingestion task over the pending deliveries; the quality
-suites gate each FHIR batch before it commits; for FHIR, the flat SQL-on-FHIR tables are then refreshed and the
-Data Docs rendered. All logic lives in `health_ingest`.
+suites gate each batch before it commits and its Data Docs are rendered; for FHIR, the flat SQL-on-FHIR tables are
+then refreshed, gated by their own suites. All logic lives in `health_ingest`.
 """
 
 from __future__ import annotations
@@ -66,6 +66,14 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
         summaries = ingest.partial(source_name=source.name).expand(delivery=deliveries)
 
+        @task
+        def publish_data_docs(summary: dict) -> str | None:
+            from health_ingest.orchestration import publish_data_docs
+
+            return publish_data_docs(summary)
+
+        publish_data_docs.expand(summary=summaries)
+
         if source.kind == "fhir":
 
             @task
@@ -74,13 +82,6 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
                 return refresh_flat_tables(summary)
 
-            @task
-            def publish_data_docs(summary: dict) -> str | None:
-                from health_ingest.orchestration import publish_data_docs
-
-                return publish_data_docs(summary)
-
             refresh_flat_tables.expand(summary=summaries)
-            publish_data_docs.expand(summary=summaries)
 
     globals()[source.dag_id] = dag

@@ -247,7 +247,7 @@ def test_the_suites_are_valid_great_expectations_suites():
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
 
-    for path in sorted((PROJECT / "expectations" / "fhir").glob("*.json")):
+    for path in sorted((PROJECT / "expectations").rglob("*.json")):
         document = json.loads(path.read_text())
         suite = gx.ExpectationSuite(
             name=document["name"],

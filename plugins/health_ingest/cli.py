@@ -298,6 +298,7 @@ def cmd_views(args: argparse.Namespace) -> int:
     from health_ingest.warehouse.migrations import require_migrated
 
     conn = connect(warehouse_url())
+    conn.autocommit = True  # each refresh opens its own transaction
     try:
         require_migrated(conn)
         written = refresh_batch(conn, args.batch) if args.batch else rebuild(conn)
@@ -357,6 +358,16 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     for key_id, key in sorted(keyring.keys.items()):
         flags = [f for f, on in (("active", key_id == keyring.active_id), ("demo", key.demo)) if on]
         print(f"{key_id}  {len(key.secret) * 8}-bit  {' '.join(flags)}")
+    return 0
+
+
+def cmd_quality_scaffold_claims(args: argparse.Namespace) -> int:
+    from health_ingest.quality.claims_suites import scaffold
+
+    written = scaffold(config.project_root() / "expectations", force=args.force)
+    for path in written:
+        print(f"wrote {path.relative_to(config.project_root())}")
+    print(f"{len(written)} suites written; existing ones were kept" if not args.force else f"{len(written)} written")
     return 0
 
 
@@ -477,6 +488,12 @@ def _parser() -> argparse.ArgumentParser:
     docs = quality_actions.add_parser("docs", help="render a batch's Data Docs and print where they are")
     docs.add_argument("--batch", required=True)
     docs.set_defaults(run=cmd_quality_docs)
+
+    scaffold = quality_actions.add_parser(
+        "scaffold-claims", help="write a suite for every claims table that has none, from its Table Schema"
+    )
+    scaffold.add_argument("--force", action="store_true", help="overwrite existing suites too")
+    scaffold.set_defaults(run=cmd_quality_scaffold_claims)
 
     views = commands.add_parser("views", help="flat tables from the SQL-on-FHIR ViewDefinitions")
     view_actions = views.add_subparsers(title="actions")

@@ -25,7 +25,7 @@ from health_ingest.privacy.gate import KAnonymityReport, check_k_anonymity, reco
 from health_ingest.privacy.keyring import Keyring, load_keyring
 from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.reconcile import reconcile_staging
-from health_ingest.quality.suites import evaluate_batch, record_outcomes
+from health_ingest.quality.suites import evaluate_batch, quality_gate, record_outcomes
 from health_ingest.sources.landing import LandedDelivery, LandedFile, land_fhir_delivery
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import batches, merge, staging
@@ -344,38 +344,21 @@ class _BatchLoader:
         self.position = f"while running the quality suite of {resource_type}"
         types = sorted({f.resource_type for f in landed.loadable})
         self.outcomes.extend(
-            evaluate_batch(
-                cur,
-                self.batch_id,
-                self.source.name,
-                [resource_type],
-                tolerance=self.source.quality.tolerance,
-                types_in_batch=types,
+            self.source.quality.apply(
+                evaluate_batch(
+                    cur,
+                    self.batch_id,
+                    self.source.name,
+                    [resource_type],
+                    tolerance=self.source.quality.tolerance,
+                    types_in_batch=types,
+                )
             )
         )
         self.times.suites += time.perf_counter() - clock
 
     def _quality_gate(self, cur, landed: LandedDelivery) -> None:
-        """Before commit: an error of any suite rejects the batch, warnings are recorded with it."""
-        if not self.source.quality.suites:
-            log.warning("source %s: quality suites are off by the source's policy", self.source.name)
-            return
-        outcomes = self.outcomes
-        failed_errors = [o for o in outcomes if not o.success and o.severity == "error"]
-        warnings = [o for o in outcomes if not o.success and o.severity == "warning"]
-        for outcome in warnings:
-            log.warning("quality warning: %s", outcome.describe())
-        log.info(
-            "quality suites: %d expectations on %d tables in %.3f s, %d errors, %d warnings",
-            len(outcomes),
-            len({o.table for o in outcomes}),
-            self.times.suites,
-            len(failed_errors),
-            len(warnings),
-        )
-        if failed_errors:
-            raise BatchRejected("data quality: " + "; ".join(o.describe() for o in failed_errors), evidence=outcomes)
-        record_outcomes(cur, self.batch_id, outcomes)
+        quality_gate(cur, self.batch_id, self.source, self.outcomes, self.times.suites)
 
     def _after_merges(self, cur, landed: LandedDelivery) -> None:
         """Privacy steps that need the whole batch staged: person links, escrow, the k-anonymity gate."""

@@ -24,6 +24,7 @@ from health_ingest.pipeline import (
 from health_ingest.privacy.claims import plan_columns, transform_row
 from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.tokens import Tokeniser
+from health_ingest.quality.suites import evaluate_tables, quality_gate
 from health_ingest.sources.landing import SAFE_NAME, LandedFile, land_files
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import claims_tables
@@ -93,6 +94,17 @@ class _ClaimsLoader:
                 self._reconcile(cur, staged, files, file_counts, duplicates)
                 claims_tables.quarantine_rows(cur, staged, self.batch_id, {f.file_no: f.name for f in files})
                 self.times.commit += time.perf_counter() - clock
+            clock = time.perf_counter()
+            self.position = "while running the quality suites"
+            warehouse_tables = [f"claims.{self.profile.warehouse_table(t)}" for t in tables]
+            outcomes = (
+                evaluate_tables(cur, self.batch_id, self.source.name, warehouse_tables, self.source.quality)
+                if self.source.quality.suites
+                else []
+            )
+            self.times.suites = time.perf_counter() - clock
+            self.times.verify += self.times.suites
+            quality_gate(cur, self.batch_id, self.source, outcomes, self.times.suites)
             clock = time.perf_counter()
             self.position = "while committing"
             counts, commit_seq = mark_batch_committed(cur, self.batch_id, landed, file_counts, self.times, started)

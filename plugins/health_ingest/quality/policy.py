@@ -14,7 +14,18 @@ class QualityPolicy:
     # run the suites of expectations/ as a gate; off only for sources that are not patient records
     # (terminology, conformance fixtures), where clinical plausibility does not apply
     suites: bool = True
+    # Kahn categories or expectation types whose errors this source records as warnings: for extracts whose
+    # values are generated column by column (synthetic data), never to hide a real source's faults
+    downgrade: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.tolerance < 1.0:
             raise ValueError("tolerance must be in [0, 1)")
+        object.__setattr__(self, "downgrade", tuple(self.downgrade))
+
+    def apply(self, outcomes: list) -> list:
+        """The outcomes with this source's downgrades marked."""
+        for outcome in outcomes:
+            if outcome.category in self.downgrade or outcome.expectation["type"] in self.downgrade:
+                outcome.downgraded = not outcome.success and outcome.expectation["meta"]["severity"] == "error"
+        return outcomes

@@ -54,6 +54,7 @@ class Outcome:
     expectation: dict[str, Any]
     success: bool
     observed: dict[str, Any] = field(default_factory=dict)
+    downgraded: bool = False  # an error the source's policy records as a warning
 
     @property
     def category(self) -> str:
@@ -61,7 +62,7 @@ class Outcome:
 
     @property
     def severity(self) -> str:
-        return self.expectation["meta"]["severity"]
+        return "warning" if self.downgraded else self.expectation["meta"]["severity"]
 
     def describe(self) -> str:
         kwargs = self.expectation["kwargs"]
@@ -77,6 +78,21 @@ class Outcome:
         return f"{self.table} {self.expectation['type']}({target}): {detail} [{self.category}, {self.severity}]"
 
 
+@dataclass(frozen=True)
+class TableSuite:
+    """A suite over rows of a warehouse table (claims, flat), read by batch id after the batch's merge.
+
+    `columns` are SQL expressions over the table's row `s`; a column given as `{"sql": ..., "requires": table,
+    "otherwise": ...}` falls back to `otherwise` while `requires` does not exist (a header table never loaded)."""
+
+    name: str
+    table: str
+    columns: dict[str, Any]
+    expectations: tuple[dict[str, Any], ...]
+    volume_key: str | None
+    path: Path
+
+
 @lru_cache(maxsize=1)
 def load_suites(folder: Path | None = None) -> dict[str, Suite]:
     """Suites by resource type ('*' for the default suite that every FHIR table gets)."""
@@ -85,14 +101,7 @@ def load_suites(folder: Path | None = None) -> dict[str, Suite]:
     for path in sorted(folder.glob("*.json")):
         document = json.loads(path.read_text(encoding="utf-8"))
         settings = document["meta"]["health_ingest"]
-        for expectation in document["expectations"]:
-            if expectation["type"] not in SUPPORTED:
-                raise ValueError(f"{path}: expectation type {expectation['type']} is not supported by the gate")
-            meta = expectation.get("meta", {})
-            if meta.get("category") not in {"conformance", "completeness", "plausibility"} or meta.get(
-                "severity"
-            ) not in {"error", "warning"}:
-                raise ValueError(f"{path}: every expectation needs a Kahn category and a severity in its meta")
+        _validate(path, document)
         suite = Suite(
             document["name"],
             settings["resource_type"],
@@ -103,6 +112,59 @@ def load_suites(folder: Path | None = None) -> dict[str, Suite]:
         )
         suites[suite.resource_type] = suite
     return suites
+
+
+@lru_cache(maxsize=1)
+def load_table_suites(root: Path | None = None) -> dict[str, TableSuite]:
+    """Suites of the claims and flat tables (`expectations/claims/<profile>/`, `expectations/flat/`), by table."""
+    root = root or config.project_root() / "expectations"
+    suites = {}
+    for path in sorted([*root.glob("claims/*/*.json"), *root.glob("flat/*.json")]):
+        document = json.loads(path.read_text(encoding="utf-8"))
+        _validate(path, document)
+        settings = document["meta"]["health_ingest"]
+        suite = TableSuite(
+            document["name"],
+            settings["table"],
+            settings["columns"],
+            tuple(document["expectations"]),
+            settings.get("volume_key"),
+            path,
+        )
+        suites[suite.table] = suite
+    return suites
+
+
+def evaluate_tables(cur, batch_id: str, source: str, tables: list[str], policy) -> list[Outcome]:
+    """The suites of warehouse tables on the rows this batch wrote (inside its transaction, before commit)."""
+    suites = load_table_suites()
+    outcomes = []
+    for table in tables:
+        suite = suites.get(table)
+        if suite is None:
+            log.warning("no quality suite for %s: add one to expectations/", table)
+            continue
+        parameters = {"half_of_previous_batch": _half_of_previous(cur, source, suite.volume_key or table)}
+        columns = {}
+        for name, column in suite.columns.items():
+            if isinstance(column, dict):
+                cur.execute("SELECT to_regclass(%s) IS NOT NULL", (column["requires"],))
+                column = column["sql"] if cur.fetchone()[0] else column["otherwise"]
+            columns[name] = column
+        selected = ",\n".join(f'({expression}) AS "{name}"' for name, expression in columns.items())
+        with_q = f"WITH q AS (SELECT {selected} FROM {suite.table} s WHERE s.batch_id = %(batch_id)s)"
+        found = _run(
+            cur,
+            with_q,
+            {"batch_id": batch_id},
+            suite.name,
+            suite.table,
+            suite.expectations,
+            parameters,
+            policy.tolerance,
+        )
+        outcomes.extend(policy.apply(found))
+    return outcomes
 
 
 def suite_for(resource_type: str) -> Suite:
@@ -131,6 +193,31 @@ def evaluate_batch(
     return outcomes
 
 
+def quality_gate(cur, batch_id: str, source, outcomes: list[Outcome], seconds: float) -> None:
+    """Before commit: an error of any suite rejects the batch (its evidence is recorded after the rollback);
+    warnings are recorded with the batch."""
+    from health_ingest.errors import BatchRejected
+
+    if not source.quality.suites:
+        log.warning("source %s: quality suites are off by the source's policy", source.name)
+        return
+    failed_errors = [o for o in outcomes if not o.success and o.severity == "error"]
+    warnings = [o for o in outcomes if not o.success and o.severity == "warning"]
+    for outcome in warnings:
+        log.warning("quality warning: %s", outcome.describe())
+    log.info(
+        "quality suites: %d expectations on %d tables in %.3f s, %d errors, %d warnings",
+        len(outcomes),
+        len({o.table for o in outcomes}),
+        seconds,
+        len(failed_errors),
+        len(warnings),
+    )
+    if failed_errors:
+        raise BatchRejected("data quality: " + "; ".join(o.describe() for o in failed_errors), evidence=outcomes)
+    record_outcomes(cur, batch_id, outcomes)
+
+
 def record_outcomes(cur, batch_id: str, outcomes: list[Outcome]) -> None:
     for outcome in outcomes:
         kwargs = outcome.expectation["kwargs"]
@@ -147,7 +234,14 @@ def record_outcomes(cur, batch_id: str, outcomes: list[Outcome]) -> None:
                 outcome.category,
                 outcome.severity,
                 outcome.success,
-                json.dumps({**outcome.observed, "suite": outcome.suite, "kwargs": _plain_kwargs(kwargs)}),
+                json.dumps(
+                    {
+                        **outcome.observed,
+                        "suite": outcome.suite,
+                        "kwargs": _plain_kwargs(kwargs),
+                        **({"downgraded_by_source_policy": True} if outcome.downgraded else {}),
+                    }
+                ),
             ),
         )
 
@@ -188,18 +282,33 @@ def suite_ctes(cur, suite: Suite, batch_id: str, resource_type: str, types_in_ba
 
 def _evaluate(cur, suite, batch_id, resource_type, types_in_batch, parameters, tolerance) -> list[Outcome]:
     with_q = suite_ctes(cur, suite, batch_id, resource_type, types_in_batch)
-    aggregates, params = [], {}
-    for index, expectation in enumerate(suite.expectations):
-        aggregates.append(_aggregate(index, expectation, params))
+    table = suite.table_for(resource_type)
+    return _run(cur, with_q, {}, suite.name, table, suite.expectations, parameters, tolerance)
+
+
+def _run(cur, with_q, params, suite_name, table, expectations, parameters, tolerance) -> list[Outcome]:
+    """One query for the whole suite: per expectation, its unexpected and element counts."""
+    aggregates = [_aggregate(index, expectation, params) for index, expectation in enumerate(expectations)]
     cur.execute(f"{with_q} SELECT count(*), {', '.join(aggregates)} FROM q", params)
     row = cur.fetchone()
     rows = row[0]
-    table = suite.table_for(resource_type)
     outcomes = []
-    for index, expectation in enumerate(suite.expectations):
+    for index, expectation in enumerate(expectations):
         unexpected, elements = int(row[1 + 2 * index]), int(row[2 + 2 * index])
-        outcomes.append(_outcome(suite.name, table, expectation, rows, unexpected, elements, parameters, tolerance))
+        outcomes.append(_outcome(suite_name, table, expectation, rows, unexpected, elements, parameters, tolerance))
     return outcomes
+
+
+def _validate(path: Path, document: dict) -> None:
+    for expectation in document["expectations"]:
+        if expectation["type"] not in SUPPORTED:
+            raise ValueError(f"{path}: expectation type {expectation['type']} is not supported by the gate")
+        meta = expectation.get("meta", {})
+        if meta.get("category") not in {"conformance", "completeness", "plausibility"} or meta.get("severity") not in {
+            "error",
+            "warning",
+        }:
+            raise ValueError(f"{path}: every expectation needs a Kahn category and a severity in its meta")
 
 
 def _aggregate(index: int, expectation: dict[str, Any], params: dict[str, Any]) -> str:

@@ -144,8 +144,8 @@ def _parse_bulk(where: str, kind: str, entry: dict) -> BulkSettings | None:
 
 def _parse_quality(where: str, entry: dict) -> QualityPolicy:
     options = entry.get("quality") or {}
-    if not isinstance(options, dict) or set(options) - {"tolerance", "strict", "suites"}:
-        raise ConfigurationError(f"{where}: 'quality' takes only 'tolerance', 'strict' and 'suites'")
+    if not isinstance(options, dict) or set(options) - {"tolerance", "strict", "suites", "downgrade"}:
+        raise ConfigurationError(f"{where}: 'quality' takes only 'tolerance', 'strict', 'suites' and 'downgrade'")
     try:
         return QualityPolicy(**options)
     except (TypeError, ValueError) as error:

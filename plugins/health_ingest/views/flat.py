@@ -63,18 +63,40 @@ def repository_views() -> list[FlatView]:
 
 
 def refresh_batch(conn, batch_id: str, views: list[FlatView] | None = None) -> dict[str, int]:
-    """Replace the flat rows of every resource this batch wrote; one transaction for all views."""
-    with _transaction(conn) as cur:
-        written = {}
-        for view in views or repository_views():
-            if _source_exists(cur, view):
-                _ensure_table(cur, view)
-                written[view.name] = _load(cur, view, "WHERE batch_id = %s", (batch_id,), replace=True)
-                cur.execute(  # what the batch deleted leaves its flat tables too
-                    f"DELETE FROM flat.{view.table} WHERE resource_id IN (SELECT id FROM ingest.deletions "
-                    "WHERE batch_id = %s AND lower(resource_type) = %s)",
-                    (batch_id, view.source_table),
+    """Replace the flat rows of every resource this batch wrote; one transaction for all views, gated by the
+    flat tables' quality suites: an error leaves every flat table as it was (and fails the refresh)."""
+    from health_ingest.errors import BatchRejected
+    from health_ingest.quality.policy import QualityPolicy
+    from health_ingest.quality.suites import evaluate_tables, record_outcomes
+
+    outcomes = []
+    try:
+        with _transaction(conn) as cur:
+            written = {}
+            for view in views or repository_views():
+                if _source_exists(cur, view):
+                    _ensure_table(cur, view)
+                    written[view.name] = _load(cur, view, "WHERE batch_id = %s", (batch_id,), replace=True)
+                    cur.execute(  # what the batch deleted leaves its flat tables too
+                        f"DELETE FROM flat.{view.table} WHERE resource_id IN (SELECT id FROM ingest.deletions "
+                        "WHERE batch_id = %s AND lower(resource_type) = %s)",
+                        (batch_id, view.source_table),
+                    )
+            cur.execute("SELECT source FROM ingest.batches WHERE batch_id = %s", (batch_id,))
+            source = (cur.fetchone() or ("",))[0]
+            tables = [f"flat.{view.table}" for view in views or repository_views() if view.name in written]
+            outcomes = evaluate_tables(cur, batch_id, source, tables, QualityPolicy())
+            failed = [o for o in outcomes if not o.success and o.severity == "error"]
+            if failed:
+                raise BatchRejected(
+                    f"flat tables of batch {batch_id} not refreshed: " + "; ".join(o.describe() for o in failed),
+                    evidence=outcomes,
                 )
+            record_outcomes(cur, batch_id, outcomes)
+    except BatchRejected:
+        with _transaction(conn) as cur:  # the evidence outlives the rollback
+            record_outcomes(cur, batch_id, outcomes)
+        raise
     return written
 
 
