@@ -20,7 +20,7 @@ from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.resources import ResourcePseudonymiser
 from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.checks import Rejection, check_line, last_updated
-from health_ingest.quality.strict import strict_problem
+from health_ingest.quality.strict import StrictRules, strict_problem
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse.staging import encode_loaded, encode_rejected
 
@@ -43,9 +43,15 @@ class EncodedChunk:
 
 class ChunkEncoder:
     def __init__(
-        self, pseudonymiser: ResourcePseudonymiser, escrow: EscrowCipher | None = None, *, strict: bool = False
+        self,
+        pseudonymiser: ResourcePseudonymiser,
+        escrow: EscrowCipher | None = None,
+        *,
+        strict: bool = False,
+        rules: StrictRules | None = None,
     ) -> None:
         self._strict = strict
+        self._rules = rules
         self.pseudonymiser = pseudonymiser
         self._pseudonymise = pseudonymiser.pseudonymise
         self._tokens = pseudonymiser.tokens
@@ -61,7 +67,7 @@ class ChunkEncoder:
             t1 = clock()
             check_seconds += t1 - t0
             if self._strict and type(checked) is not Rejection:
-                checked = strict_problem(checked) or checked
+                checked = strict_problem(checked, self._rules) or checked
             if type(checked) is Rejection:
                 rejected += 1
                 rows.append(encode_rejected(file_no, line_no, checked.reason, checked.message))
@@ -149,7 +155,7 @@ def chunk_encoder(keyring: Keyring, source: Source) -> ChunkEncoder:
     shifter = DateShifter(keyring, policy.date_shift_days) if policy.date_shift_days else None
     pseudonymiser = ResourcePseudonymiser(tokeniser, policy, date_shifter=shifter)
     escrow = EscrowCipher(keyring) if policy.escrow else None
-    return ChunkEncoder(pseudonymiser, escrow, strict=source.quality.strict)
+    return ChunkEncoder(pseudonymiser, escrow, strict=source.quality.strict, rules=source.quality.strict_rules)
 
 
 def _start_worker(keyring: Keyring, source: Source) -> None:

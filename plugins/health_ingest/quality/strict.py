@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import typing
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -16,13 +18,50 @@ from health_ingest.quality.checks import Rejection
 
 EMBEDDED_HTML = re.compile(r"<\s*/?\s*[A-Za-z][^<>]*>")
 UNSAFE_NARRATIVE = re.compile(r"<\s*(script|iframe|object|embed|form)\b|\son[a-z]+\s*=|javascript:", re.IGNORECASE)
+EXAMPLE_URL = re.compile(r"^[a-z][a-z0-9+.-]*://([^/]*\.)?example\.(org|com|net)(:[0-9]+)?(/|$)", re.IGNORECASE)
+URL_KEYS = {"url", "reference", "system", "valueUri", "valueUrl", "valueCanonical", "profile", "source"}
+CORE_EXTENSIONS = "http://hl7.org/fhir/StructureDefinition/"
 
 
-def strict_problem(resource: dict[str, Any]) -> Rejection | None:
+@dataclass(frozen=True)
+class StrictRules:
+    """The options a source gives strict validation (`quality: {strict: {...}}`), as validators have them."""
+
+    security_checks: bool = True  # strings (not markdown, not narrative) must not hold HTML tags
+    html_in_markdown: bool = True  # markdown may hold HTML-like text: its presentation layer escapes it
+    example_urls: bool = True  # URLs on example.org, example.com, example.net
+    known_extensions_only: bool = False  # extensions must be the core's (or of `extension_domains`)
+    extension_domains: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extension_domains", tuple(self.extension_domains))
+
+
+# Invariants of the R4 definitions the model does not check, by resource type: (key, test, human text)
+INVARIANTS = {
+    "RiskAssessment": [
+        (
+            "ras-2",
+            lambda r: all(
+                not isinstance(p.get("probabilityDecimal"), int | float) or p["probabilityDecimal"] <= 100
+                for p in r.get("prediction") or []
+                if isinstance(p, dict)
+            ),
+            "prediction.probabilityDecimal must be <= 100",
+        )
+    ],
+}
+
+
+def strict_problem(resource: dict[str, Any], rules: StrictRules | None = None) -> Rejection | None:
     """None when the resource is valid; else why not."""
-    problem = _generic_problem(resource, resource["resourceType"])
+    rules = rules or StrictRules()
+    problem = _generic_problem(resource, resource["resourceType"], rules, resource["resourceType"])
     if problem:
         return problem
+    for key, holds, text in INVARIANTS.get(resource["resourceType"], ()):
+        if not holds(resource):
+            return Rejection("invalid_fhir", f"constraint {key} failed: {text}")
     model = _model(resource["resourceType"])
     if model is None:
         return Rejection("invalid_fhir", f"{resource['resourceType']} is not an R4 resource type")
@@ -60,9 +99,11 @@ def _describe(error: Exception) -> str:
     return f"not valid FHIR R4: {type(error).__name__}"
 
 
-def _generic_problem(node: Any, path: str) -> Rejection | None:
-    """Rules the model does not enforce: no empty arrays, base64 that decodes, sizes that match, no HTML."""
+def _generic_problem(node: Any, path: str, rules: StrictRules, model: str | None) -> Rejection | None:
+    """Rules the model does not enforce: no empty arrays, base64 that decodes, sizes that match, no HTML where
+    the options forbid it, no example URLs, known extensions. `model` is the FHIR type of `node`, when known."""
     if isinstance(node, dict):
+        markdown, children = _element_types(model) if model else (frozenset(), {})
         for key, value in node.items():
             where = f"{path}.{key}"
             if isinstance(value, list) and not value:
@@ -78,16 +119,97 @@ def _generic_problem(node: Any, path: str) -> Rejection | None:
             elif key == "div" and isinstance(value, str):
                 if UNSAFE_NARRATIVE.search(value):
                     return Rejection("invalid_fhir", f"{where}: the narrative holds active content (scripts, events)")
+                problem = _xhtml_problem(value, where)
+                if problem:
+                    return problem
             elif isinstance(value, str):
-                if EMBEDDED_HTML.search(value):
-                    return Rejection("invalid_fhir", f"{where}: a string holds embedded HTML tags")
+                problem = _string_problem(key, value, where, key in markdown, rules)
+                if problem:
+                    return problem
             else:
-                problem = _generic_problem(value, where)
+                if key in ("extension", "modifierExtension") and isinstance(value, list):
+                    problem = _extension_problem(value, where, rules)
+                    if problem:
+                        return problem
+                child = children.get(key)
+                if key == "contained" or (key == "resource" and isinstance(value, dict)):
+                    child = value.get("resourceType") if isinstance(value, dict) else None
+                problem = _generic_problem(value, where, rules, child)
                 if problem:
                     return problem
     elif isinstance(node, list):
         for index, item in enumerate(node):
-            problem = _generic_problem(item, f"{path}[{index}]")
+            child = item.get("resourceType", model) if isinstance(item, dict) and "resourceType" in item else model
+            problem = _generic_problem(item, f"{path}[{index}]", rules, child)
             if problem:
                 return problem
     return None
+
+
+def _xhtml_problem(div: str, where: str) -> Rejection | None:
+    """A narrative is an XHTML `div`: well-formed XML, XML's own entities only (no `&reg;`), in its namespace."""
+    from xml.etree import ElementTree
+
+    try:
+        root = ElementTree.fromstring(div)
+    except ElementTree.ParseError as error:
+        return Rejection("invalid_fhir", f"{where}: not well-formed XHTML ({str(error).split(':')[0]})")
+    if root.tag != "{http://www.w3.org/1999/xhtml}div":
+        return Rejection("invalid_fhir", f"{where}: the narrative must be an XHTML div")
+    return None
+
+
+def _string_problem(key: str, value: str, where: str, markdown: bool, rules: StrictRules) -> Rejection | None:
+    if markdown:
+        if not rules.html_in_markdown and EMBEDDED_HTML.search(value):
+            return Rejection("invalid_fhir", f"{where}: the markdown holds what looks like an HTML tag")
+    elif rules.security_checks and EMBEDDED_HTML.search(value):
+        return Rejection("invalid_fhir", f"{where}: a string holds embedded HTML tags")
+    if not rules.example_urls and key in URL_KEYS and EXAMPLE_URL.match(value):
+        return Rejection("invalid_fhir", f"{where}: example URLs are not allowed here")
+    return None
+
+
+def _extension_problem(extensions: list, where: str, rules: StrictRules) -> Rejection | None:
+    for index, extension in enumerate(extensions):
+        url = extension.get("url") if isinstance(extension, dict) else None
+        if not isinstance(url, str) or not url:
+            return Rejection("invalid_fhir", f"{where}[{index}]: an extension needs a url")
+        if "|" in url:
+            return Rejection("invalid_fhir", f"{where}[{index}]: an extension url must not carry a |version")
+        if not rules.example_urls and EXAMPLE_URL.match(url):
+            return Rejection("invalid_fhir", f"{where}[{index}]: example URLs are not allowed here")
+        known = url.startswith(CORE_EXTENSIONS) or any(url.startswith(d) for d in rules.extension_domains)
+        if rules.known_extensions_only and not known:
+            return Rejection("invalid_fhir", f"{where}[{index}]: the extension's definition is unknown")
+    return None
+
+
+@cache
+def _element_types(model_name: str) -> tuple[frozenset[str], dict[str, str]]:
+    """For a FHIR type: its markdown elements, and the FHIR type of each complex element (from the R4 model)."""
+    model = _model(model_name)
+    if model is None:
+        return frozenset(), {}
+    markdown, children = set(), {}
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        kind = _unwrap(field.annotation)
+        if typing.get_origin(kind) is typing.Annotated:
+            if any(type(m).__name__ == "Markdown" for m in typing.get_args(kind)[1:]):
+                markdown.add(key)
+            continue
+        type_name = getattr(kind, "__name__", "")
+        if type_name.endswith("Type") and type_name not in {"Type"}:
+            children[key] = type_name[: -len("Type")]
+    return frozenset(markdown), children
+
+
+def _unwrap(annotation):
+    """Optional[List[X]] -> X."""
+    while typing.get_origin(annotation) in (typing.Union, list, typing.List):  # noqa: UP006
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if args else annotation
+        if not args:
+            break
+    return annotation
