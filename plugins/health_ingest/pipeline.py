@@ -284,17 +284,15 @@ class _BatchLoader:
         self.times.commit += time.perf_counter() - clock
 
     def _stage_and_merge(self, cur, copy_cur, landed: LandedDelivery) -> dict[int, FileCounts]:
-        """Python encodes the next file into a spool while PostgreSQL copies and merges the previous one.
-
-        The two cores both work, memory stays flat (spools are files), and a type is merged as soon as its
-        last file is staged; the merges stay inside the load transaction (`cur`), which commits or not as a
-        whole, while the staging tables (`copy_cur`, autocommit) are visible to the quality suites.
-        """
+        """Four stages at once, each a file (or a type) apart: the workers encode the next file into a spool, a
+        thread copies the previous spool into staging (`copy_cur`, autocommit), the suites check each staged type
+        on their own connection, and this thread merges each staged type inside the load transaction (`cur`),
+        which commits or not as a whole. Both cores work and memory stays flat (spools are files)."""
         for resource_type in sorted({f.resource_type for f in landed.loadable}):
             staging.create_staging_table(copy_cur, self.batch_id, resource_type)
         file_counts = {f.file_no: FileCounts() for f in landed.loadable}
-        last_file_of_type = {f.resource_type: f.file_no for f in landed.loadable}
-        handoff: queue.Queue = queue.Queue(maxsize=1)
+        handoff: queue.Queue = queue.Queue(maxsize=2)
+        staged: queue.Queue = queue.Queue()
         stop = threading.Event()
         producer = threading.Thread(
             target=self._encode_into_spools,
@@ -302,60 +300,72 @@ class _BatchLoader:
             name="encode",
             daemon=True,
         )
+        suites = _SuiteRunner(self, landed)
+        stager = threading.Thread(
+            target=self._stage_spools, args=(copy_cur, landed, file_counts, handoff, staged, suites), name="stage"
+        )
         producer.start()
+        stager.start()
         try:
-            while (item := handoff.get()) is not None:
+            while (item := staged.get()) is not None:
                 if isinstance(item, _ProducerFailure):
                     self.position = item.position
                     raise item.error
-                landed_file, spool = item
+                resource_type, duplicates = item
                 clock = time.perf_counter()
-                self.position = f"while staging {landed_file.name}"
-                staging.copy_spool(copy_cur, staging.staging_table(self.batch_id, landed_file.resource_type), spool)
-                spool.unlink()
-                self.times.stage += time.perf_counter() - clock
-                counts = file_counts[landed_file.file_no]
-                log.info("%s: %d read, %d quarantined", landed_file.name, counts.rows_read, counts.rows_quarantined)
-                if last_file_of_type[landed_file.resource_type] == landed_file.file_no:
-                    clock = time.perf_counter()
-                    self.position = f"while merging {landed_file.resource_type}"
-                    duplicates = merge.merge_resource_type(
-                        cur, self.batch_id, landed_file.resource_type, self.source.id_space
-                    )
-                    for file_no, count in duplicates.items():
-                        file_counts[file_no].rows_quarantined += count
-                    self.times.commit += time.perf_counter() - clock
-                    self._run_suites(cur, landed_file.resource_type, landed)
+                self.position = f"while merging {resource_type}"
+                merge.merge_resource_type(cur, self.batch_id, resource_type, self.source.id_space)
+                for file_no, count in duplicates.items():
+                    file_counts[file_no].rows_quarantined += count
+                self.times.commit += time.perf_counter() - clock
             self._after_merges(cur, landed)
+            clock = time.perf_counter()
+            self.outcomes = suites.results()
+            self.times.verify += time.perf_counter() - clock  # what the merges did not hide of the suites
         finally:
             stop.set()
             while producer.is_alive():
                 with contextlib.suppress(queue.Empty):
                     handoff.get_nowait()
                 producer.join(0.05)
+            while True:  # what the stager did not take is dropped with the spool folder
+                try:
+                    handoff.get_nowait()
+                except queue.Empty:
+                    break
+            handoff.put(None)  # the stager stops at the end of what it has
+            stager.join()
+            suites.close()
             shutil.rmtree(landed.folder / ".spool", ignore_errors=True)
         return file_counts
 
-    def _run_suites(self, cur, resource_type: str, landed: LandedDelivery) -> None:
-        """A type's suite runs as soon as the type is merged, while the workers encode the next files."""
-        if not self.source.quality.suites:
-            return
-        clock = time.perf_counter()
-        self.position = f"while running the quality suite of {resource_type}"
-        types = sorted({f.resource_type for f in landed.loadable})
-        self.outcomes.extend(
-            self.source.quality.apply(
-                evaluate_batch(
-                    cur,
-                    self.batch_id,
-                    self.source.name,
-                    [resource_type],
-                    tolerance=self.source.quality.tolerance,
-                    types_in_batch=types,
-                )
-            )
-        )
-        self.times.suites += time.perf_counter() - clock
+    def _stage_spools(self, copy_cur, landed: LandedDelivery, file_counts, handoff, staged, suites) -> None:
+        """COPY each spool as it comes; a type whose last file is staged goes to its suite and to the merge."""
+        last_file_of_type = {f.resource_type: f.file_no for f in landed.loadable}
+        position = "while staging"
+        try:
+            while (item := handoff.get()) is not None:
+                if isinstance(item, _ProducerFailure):
+                    staged.put(item)
+                    return
+                landed_file, spool = item
+                clock = time.perf_counter()
+                position = f"while staging {landed_file.name}"
+                staging.copy_spool(copy_cur, staging.staging_table(self.batch_id, landed_file.resource_type), spool)
+                spool.unlink()
+                self.times.stage += time.perf_counter() - clock
+                counts = file_counts[landed_file.file_no]
+                log.info("%s: %d read, %d quarantined", landed_file.name, counts.rows_read, counts.rows_quarantined)
+                if last_file_of_type[landed_file.resource_type] == landed_file.file_no:
+                    # the staging table is final before its suite and its merge read it: duplicates quarantined
+                    position = f"while looking for duplicates in {landed_file.resource_type}"
+                    table = staging.staging_table(self.batch_id, landed_file.resource_type)
+                    duplicates = merge.quarantine_duplicates(copy_cur, table)
+                    suites.submit(landed_file.resource_type)
+                    staged.put((landed_file.resource_type, duplicates))
+            staged.put(None)
+        except BaseException as error:
+            staged.put(_ProducerFailure(error, position))
 
     def _quality_gate(self, cur, landed: LandedDelivery) -> None:
         quality_gate(cur, self.batch_id, self.source, self.outcomes, self.times.suites)
@@ -432,6 +442,69 @@ class _BatchLoader:
                     self.progress(landed_file.name, counts.rows_read, False)
         if self.progress:
             self.progress(landed_file.name, counts.rows_read, True)
+
+
+class _SuiteRunner:
+    """The quality suites of each type, on their own connection, as soon as the type is staged: they read the
+    staging tables (committed at once) and the stored patients, so PostgreSQL checks one type on one core while
+    it merges the next on the other."""
+
+    def __init__(self, loader: _BatchLoader, landed: LandedDelivery) -> None:
+        self.loader = loader
+        self.types = sorted({f.resource_type for f in landed.loadable})
+        self.pending: queue.Queue = queue.Queue()
+        self.outcomes: list = []
+        self.error: BaseException | None = None
+        self.thread = None
+        if loader.source.quality.suites:
+            self.thread = threading.Thread(target=self._run, name="suites", daemon=True)
+            self.thread.start()
+
+    def submit(self, resource_type: str) -> None:
+        if self.thread is not None:
+            self.pending.put(resource_type)
+
+    def results(self) -> list:
+        """Every submitted type's outcomes; an error of the runner is raised here, in the load's thread."""
+        if self.thread is None:
+            return []
+        self.pending.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.outcomes
+
+    def close(self) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            self.pending.put(None)
+            self.thread.join(timeout=60)
+
+    def _run(self) -> None:
+        loader = self.loader
+        conn = None
+        try:
+            conn = connect(loader.warehouse)
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                while (resource_type := self.pending.get()) is not None:
+                    clock = time.perf_counter()
+                    found = evaluate_batch(
+                        cur,
+                        loader.batch_id,
+                        loader.source.name,
+                        [resource_type],
+                        tolerance=loader.source.quality.tolerance,
+                        types_in_batch=self.types,
+                    )
+                    self.outcomes.extend(loader.source.quality.apply(found))
+                    loader.times.suites += time.perf_counter() - clock
+        except BaseException as error:  # raised again by results(), where the batch can fail cleanly
+            self.error = error
+            while self.pending.get() is not None:
+                pass
+        finally:
+            if conn is not None:
+                conn.close()
 
 
 @dataclass(frozen=True)

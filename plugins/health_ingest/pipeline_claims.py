@@ -5,7 +5,11 @@ The same batch life as FHIR (`pipeline.run_batch`): one source at a time, one tr
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import logging
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +59,7 @@ class _ClaimsLoader:
         self.tokens = Tokeniser(keyring, id_space=source.id_space)
         self.profile: ClaimsProfile = load_profile(source.format)
         self.position = "while landing the delivery"
+        self.reader_position = "while reading the delivery"
         self.times = StepTimes()
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
@@ -68,32 +73,42 @@ class _ClaimsLoader:
         conn.autocommit = False
         file_counts = {f.file_no: FileCounts() for f in landed.loadable}
         tables = sorted({f.resource_type for f in landed.loadable})
+        files_of = {table: [f for f in landed.loadable if f.resource_type == table] for table in tables}
         with conn.cursor() as cur, copy_conn.cursor() as copy_cur:
-            for table in tables:
-                files = [f for f in landed.loadable if f.resource_type == table]
-                schema = self.profile.tables[table]
-                plan = plans[files[0].file_no][0]
-                staged = claims_tables.create_staging(copy_cur, self.batch_id, table, plan)
-                for landed_file in files:
-                    self._stage_file(
-                        copy_cur,
-                        staged,
-                        landed_file,
-                        schema,
-                        plans[landed_file.file_no],
-                        file_counts[landed_file.file_no],
-                    )
-                clock = time.perf_counter()
-                self.position = f"while typing and merging {table}"
-                warehouse_table = self.profile.warehouse_table(table)
-                claims_tables.ensure_table(cur, warehouse_table, schema, plan)
-                claims_tables.quarantine_bad_values(cur, staged, schema, plan)
-                duplicates = claims_tables.merge_table(
-                    cur, staged, warehouse_table, schema, plan, self.batch_id, self.source.name
+            staged_of = {
+                table: claims_tables.create_staging(
+                    copy_cur, self.batch_id, table, plans[files_of[table][0].file_no][0]
                 )
-                self._reconcile(cur, staged, files, file_counts, duplicates)
-                claims_tables.quarantine_rows(cur, staged, self.batch_id, {f.file_no: f.name for f in files})
-                self.times.commit += time.perf_counter() - clock
+                for table in tables
+            }
+            # a thread reads and pseudonymises the next file while PostgreSQL copies, types and merges this one
+            spools: queue.Queue = queue.Queue(maxsize=2)
+            stop = threading.Event()
+            reader = threading.Thread(
+                target=self._encode_files, args=(tables, files_of, plans, file_counts, spools, stop), daemon=True
+            )
+            reader.start()
+            try:
+                while (item := spools.get()) is not None:
+                    if isinstance(item, BaseException):
+                        self.position = self.reader_position
+                        raise item
+                    table, landed_file, spool = item
+                    if landed_file is not None:
+                        clock = time.perf_counter()
+                        copy_spool(copy_cur, staged_of[table], spool, columns=None, csv=True)
+                        spool.unlink()
+                        self.times.stage += time.perf_counter() - clock
+                        if self.progress:
+                            self.progress(landed_file.name, file_counts[landed_file.file_no].rows_read, True)
+                        continue
+                    self._type_and_merge(cur, table, staged_of[table], files_of[table], plans, file_counts)
+            finally:
+                stop.set()
+                while reader.is_alive():
+                    with contextlib.suppress(queue.Empty):
+                        spools.get_nowait()
+                    reader.join(0.05)
             clock = time.perf_counter()
             self.position = "while running the quality suites"
             warehouse_tables = [f"claims.{self.profile.warehouse_table(t)}" for t in tables]
@@ -111,6 +126,38 @@ class _ClaimsLoader:
         conn.commit()
         self.times.commit += time.perf_counter() - clock
         return committed_result(self, landed, counts, commit_seq)
+
+    def _type_and_merge(self, cur, table: str, staged: str, files: list[LandedFile], plans, file_counts) -> None:
+        clock = time.perf_counter()
+        self.position = f"while typing and merging {table}"
+        schema = self.profile.tables[table]
+        plan = plans[files[0].file_no][0]
+        warehouse_table = self.profile.warehouse_table(table)
+        claims_tables.ensure_table(cur, warehouse_table, schema, plan)
+        typed = claims_tables.type_staged(cur, staged, schema, plan)
+        duplicates = claims_tables.merge_table(
+            cur, typed, warehouse_table, schema, plan, self.batch_id, self.source.name
+        )
+        self._reconcile(cur, typed, files, file_counts, duplicates)
+        claims_tables.quarantine_rows(cur, typed, self.batch_id, {f.file_no: f.name for f in files})
+        self.times.commit += time.perf_counter() - clock
+
+    def _encode_files(self, tables, files_of, plans, file_counts, spools: queue.Queue, stop) -> None:
+        """Each file into a CSV spool, then a (table, None, None) marker once a table's files are all written."""
+        try:
+            for table in tables:
+                schema = self.profile.tables[table]
+                for landed_file in files_of[table]:
+                    if stop.is_set():
+                        return
+                    spool = self._encode_file(
+                        landed_file, schema, plans[landed_file.file_no], file_counts[landed_file.file_no], stop
+                    )
+                    spools.put((table, landed_file, spool))
+                spools.put((table, None, None))
+            spools.put(None)
+        except BaseException as error:
+            spools.put(error)
 
     def _table_of(self, path: Path) -> str:
         table = self.profile.table_for(path)
@@ -130,40 +177,35 @@ class _ClaimsLoader:
         providers = self.source.privacy.providers
         return (*plan_columns(schema, opened.header, self.profile.privacy, providers), len(opened.header))
 
-    def _stage_file(self, copy_cur, staged: str, landed_file: LandedFile, schema: TableSchema, plan, counts):
+    def _encode_file(self, landed_file: LandedFile, schema: TableSchema, plan, counts, stop) -> Path:
+        """Rows as CSV for COPY, where an empty unquoted field is NULL (the reader has made every empty value an
+        absent one); rows of the wrong width are kept with their reason, so that nothing read goes unaccounted."""
         columns, persons, width = plan
         opened = open_claims_file(landed_file.path, landed_file.name, self.profile, schema)
         spool = landed_file.path.with_name(landed_file.path.name + ".copy")
         clock = time.perf_counter()
-        self.position = f"while reading {landed_file.name}"
-        with spool.open("w", encoding="utf-8", newline="\n", buffering=1 << 20) as out:
+        self.reader_position = f"while reading {landed_file.name}"
+        blanks = [None] * len(columns)
+        file_no = landed_file.file_no
+        with spool.open("w", encoding="utf-8", newline="", buffering=1 << 20) as out:
+            writer = csv.writer(out, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
             for row_no, values in opened.rows:
                 counts.rows_read += 1
                 if len(values) != width:
                     counts.rows_quarantined += 1
                     message = f"expected {width} values, found {len(values)}"
-                    out.write(
-                        f"{landed_file.file_no}\t{row_no}\t\\N\twrong_column_count\t{message}"
-                        + "\t\\N" * len(columns)
-                        + "\n"
-                    )
+                    writer.writerow([file_no, row_no, None, "wrong_column_count", message, *blanks])
                     continue
                 cells, person = transform_row(values, columns, persons, self.tokens)
-                out.write(
-                    f"{landed_file.file_no}\t{row_no}\t{person or chr(92) + 'N'}\t\\N\t\\N"
-                    + "".join("\t" + (_copy_text(c) if c is not None else "\\N") for c in cells)
-                    + "\n"
-                )
-                if self.progress and counts.rows_read % 50_000 == 0:
-                    self.progress(landed_file.name, counts.rows_read, False)
+                writer.writerow([file_no, row_no, person, None, None, *cells])
+                if counts.rows_read % 50_000 == 0:
+                    if stop.is_set():
+                        break
+                    if self.progress:
+                        self.progress(landed_file.name, counts.rows_read, False)
         self.times.pseudonymise += time.perf_counter() - clock
-        clock = time.perf_counter()
-        copy_spool(copy_cur, staged, spool, columns=None)
-        spool.unlink()
-        self.times.stage += time.perf_counter() - clock
-        if self.progress:
-            self.progress(landed_file.name, counts.rows_read, True)
         log.info("%s: %d rows read", landed_file.name, counts.rows_read)
+        return spool
 
     def _reconcile(self, cur, staged: str, files: list[LandedFile], file_counts, duplicates: dict[int, int]) -> None:
         for file_no, count in duplicates.items():
@@ -179,7 +221,3 @@ class _ClaimsLoader:
                     f"{landed_file.name}: read {counts.rows_read} rows but staged {good + bad}; "
                     "the counts must reconcile"
                 )
-
-
-def _copy_text(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")

@@ -15,11 +15,20 @@ from pathlib import Path
 from health_ingest import config
 from health_ingest.bench.floor import bare_copy, parse_only
 from health_ingest.pipeline import run_fhir_batch
+from health_ingest.quality.policy import QualityPolicy
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse.connection import connect
 
 BENCH_SOURCE = Source(name="bench", kind="fhir", format="ndjson", id_space="bench")
-SNDS_SOURCE = Source(name="bench_snds", kind="claims", format="snds", id_space="bench_snds")
+# the bench's rows are the synthetic DCIR sample's, replicated under new DCT_ORD_NUM: its suite failures are
+# recorded as warnings, as for the bundled extract (the suites still run, and their time counts)
+SNDS_SOURCE = Source(
+    name="bench_snds",
+    kind="claims",
+    format="snds",
+    id_space="bench_snds",
+    quality=QualityPolicy(downgrade=("conformance", "plausibility")),
+)
 
 
 class BackendMemory(threading.Thread):

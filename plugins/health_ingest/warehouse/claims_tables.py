@@ -62,45 +62,56 @@ def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[Colu
     cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON claims.{warehouse_table} TO health_ingest_loader")
 
 
-def quarantine_bad_values(cur, staged: str, schema: TableSchema, plan: list[ColumnPlan]) -> None:
-    """Rows with a missing key or a value that does not cast to its column's type go to quarantine, naming the
-    first such column."""
+def type_staged(cur, staged: str, schema: TableSchema, plan: list[ColumnPlan]) -> str:
+    """One pass over the staged text: each value cast once to its column's type, each row's digest taken, and
+    the rows with a missing key or a value that does not cast given their reason (naming the first such column).
+    Returns the typed table (unlogged, in the load transaction) that the merge and the quarantine read."""
     kinds = {c.name: c.type for c in schema.columns}
+    typed = f"{staged}_typed"
     tests = [
-        (f'"{column.name.lower()}" IS NULL', f"{column.name}: missing, and part of the key")
-        for column in plan
+        (f"r{index} IS NULL", f"{column.name}: missing, and part of the key")
+        for index, column in enumerate(plan)
         if column.name in schema.primary_key
     ]
-    for column in plan:
-        if column.action != "keep" or kinds[column.name] not in TYPES:
-            continue
-        _, cast, meaning = TYPES[kinds[column.name]]
+    inner = ["file_no", "line_no", "patient_id", "reason", "message"]
+    outer = []
+    for index, column in enumerate(plan):
         name = f'"{column.name.lower()}"'
-        tests.append((f"({name} IS NOT NULL AND {cast.format(name)} IS NULL)", f"{column.name}: {meaning}"))
-    if not tests:
-        return
-    case = " ".join(f"WHEN {test} THEN '{message}'" for test, message in tests)
+        cast = _cast(column, kinds[column.name])
+        inner.append(f"{name} AS r{index}")
+        if cast == name:
+            outer.append(f"r{index} AS {name}")
+            continue
+        inner.append(f"{cast} AS t{index}")
+        outer.append(f"t{index} AS {name}")
+        tests.append((f"(r{index} IS NOT NULL AND t{index} IS NULL)", f"{column.name}: {TYPES[kinds[column.name]][2]}"))
+    digest = f"md5(ROW({', '.join(f'r{i}' for i in range(len(plan))) or 'NULL'})::text)"
+    if tests:
+        failing = " OR ".join(test for test, _ in tests)
+        reason = f"coalesce(reason, CASE WHEN {failing} THEN 'invalid_value' END)"
+        message = "coalesce(message, CASE " + " ".join(f"WHEN {t} THEN '{m}'" for t, m in tests) + " END)"
+    else:
+        reason, message = "reason", "message"
     cur.execute(
-        f"UPDATE {staged} SET reason = 'invalid_value', message = CASE {case} END "
-        f"WHERE reason IS NULL AND ({' OR '.join(test for test, _ in tests)})"
+        f"CREATE UNLOGGED TABLE {typed} AS SELECT file_no, line_no, patient_id, {reason} AS reason, "
+        f"{message} AS message, {digest} AS ingest_row_sha{''.join(', ' + o for o in outer)} "
+        f"FROM (SELECT {', '.join(inner)} FROM {staged} OFFSET 0) raw"
     )
+    return typed
 
 
 def merge_table(
-    cur, staged: str, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan], batch_id: str, source: str
+    cur, typed: str, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan], batch_id: str, source: str
 ) -> dict[int, int]:
     """Upsert by key (or by row content); duplicates of a key within the batch are quarantined, the last kept."""
-    kinds = {c.name: c.type for c in schema.columns}
     names = [f'"{c.name.lower()}"' for c in plan]
-    values = [_cast(c, kinds[c.name]) for c in plan]
     key = [k.lower() for k in schema.primary_key if k in {c.name for c in plan}]
-    digest = f"md5(ROW({', '.join(names) or 'NULL'})::text)"
     conflict = f"({', '.join(key)})" if key else "(ingest_source, ingest_row_sha)"
     updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in [*names, "patient_id", "batch_id", "ingest_row_sha"])
     targets = ", ".join([*names, "patient_id", "batch_id", "ingest_source", "ingest_row_sha"])
     statement = (
         f"INSERT INTO claims.{warehouse_table} ({targets}) "
-        f"SELECT {', '.join([*values, 'patient_id', '%(batch)s', '%(source)s', digest])} FROM {staged} "
+        f"SELECT {', '.join([*names, 'patient_id', '%(batch)s', '%(source)s', 'ingest_row_sha'])} FROM {typed} "
         f"WHERE reason IS NULL ON CONFLICT {conflict} DO UPDATE SET {updates}"
     )
     params = {"batch": batch_id, "source": source}
@@ -112,13 +123,13 @@ def merge_table(
         if getattr(error, "pgcode", None) != "21000":
             raise
         cur.execute("ROLLBACK TO SAVEPOINT merge_claims")
-        partition = ", ".join(_cast_for_key(c, kinds[c.name]) for c in plan if c.name.lower() in key) or digest
+        partition = ", ".join(f'"{k}"' for k in key) or "ingest_row_sha"
         cur.execute(
             f"""
-            UPDATE {staged} s SET reason = 'duplicate_in_batch', message = %(message)s
+            UPDATE {typed} s SET reason = 'duplicate_in_batch', message = %(message)s
               FROM (SELECT file_no, line_no, row_number() OVER (PARTITION BY {partition}
                                                              ORDER BY file_no DESC, line_no DESC) AS rank
-                      FROM {staged} WHERE reason IS NULL) ranked
+                      FROM {typed} WHERE reason IS NULL) ranked
              WHERE ranked.rank > 1 AND s.file_no = ranked.file_no AND s.line_no = ranked.line_no
             RETURNING s.file_no
             """,
@@ -171,7 +182,3 @@ def _cast(column: ColumnPlan, kind: str) -> str:
     if column.action != "keep" or kind not in TYPES:
         return name
     return TYPES[kind][1].format(name)
-
-
-def _cast_for_key(column: ColumnPlan, kind: str) -> str:
-    return _cast(column, kind)

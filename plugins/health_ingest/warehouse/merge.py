@@ -15,26 +15,21 @@ if TYPE_CHECKING:
 DUPLICATE_MESSAGE = "the same resource id appears again in this delivery; its newest version was loaded"
 
 
-def merge_resource_type(cur, batch_id: str, resource_type: str, id_space: str) -> dict[int, int]:
+def merge_resource_type(cur, batch_id: str, resource_type: str, id_space: str) -> None:
     """Upsert by pseudonymised id; a re-delivered resource replaces the stored one unless that one is newer.
-
-    Returns the records quarantined as duplicates, per file number (usually none).
-    """
+    The staged rows hold each id once (see `quarantine_duplicates`)."""
     cur.execute("SELECT ingest.ensure_fhir_table(%s)", (resource_type,))
     (table,) = cur.fetchone()
-    staged = staging_table(batch_id, resource_type)
-    duplicates: dict[int, int] = {}
-    cur.execute("SAVEPOINT merge_type")
-    try:
-        _upsert(cur, table, staged, batch_id, id_space)
-    except Exception as error:
-        if getattr(error, "pgcode", None) != "21000":  # cardinality_violation: an id twice in the batch
-            raise
-        cur.execute("ROLLBACK TO SAVEPOINT merge_type")
-        duplicates = _quarantine_duplicates(cur, staged)
-        _upsert(cur, table, staged, batch_id, id_space)
-    cur.execute("RELEASE SAVEPOINT merge_type")
-    return duplicates
+    _upsert(cur, table, staging_table(batch_id, resource_type), batch_id, id_space)
+
+
+def quarantine_duplicates(cur, staged: str) -> dict[int, int]:
+    """An id twice in one delivery: the newest version is kept (the last one on a tie), the others quarantined.
+    Returns the records quarantined per file number (usually none: one hash aggregate finds out)."""
+    cur.execute(f"SELECT EXISTS (SELECT 1 FROM {staged} WHERE reason IS NULL GROUP BY id HAVING count(*) > 1)")
+    if not cur.fetchone()[0]:
+        return {}
+    return _quarantine_duplicates(cur, staged)
 
 
 def quarantine_rejected(cur, batch_id: str, landed: LandedDelivery) -> None:

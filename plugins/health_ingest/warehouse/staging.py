@@ -47,11 +47,11 @@ def drop_staging_tables(cur, batch_id: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {STAGING_SCHEMA}.{table}")
 
 
-def copy_spool(cur, table: str, spool: Path, columns: str | None = STAGING_COLUMNS) -> None:
-    """COPY a file of already-encoded rows (text format) into a staging table (`columns` None: all, in order)."""
+def copy_spool(cur, table: str, spool: Path, columns: str | None = STAGING_COLUMNS, *, csv: bool = False) -> None:
+    """COPY a file of already-encoded rows (text format, or CSV) into a staging table (`columns` None: all)."""
     target = f"{table} ({columns})" if columns else table
     with spool.open("rb") as handle:
-        cur.copy_expert(f"COPY {target} FROM STDIN", handle, size=COPY_CHUNK)
+        cur.copy_expert(f"COPY {target} FROM STDIN{' WITH (FORMAT csv)' if csv else ''}", handle, size=COPY_CHUNK)
 
 
 def encode_loaded(
