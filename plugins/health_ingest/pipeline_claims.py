@@ -5,7 +5,6 @@ The same batch life as FHIR (`pipeline.run_batch`): one source at a time, one tr
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import queue
@@ -81,34 +80,24 @@ class _ClaimsLoader:
                 )
                 for table in tables
             }
-            # a thread reads and pseudonymises the next file while PostgreSQL copies, types and merges this one
-            spools: queue.Queue = queue.Queue(maxsize=2)
+            # a thread reads, pseudonymises and copies the next table while PostgreSQL types and merges this one
+            staged_tables: queue.Queue = queue.Queue()
             stop = threading.Event()
             reader = threading.Thread(
-                target=self._encode_files, args=(tables, files_of, plans, file_counts, spools, stop), daemon=True
+                target=self._stage_files,
+                args=(copy_cur, staged_of, tables, files_of, plans, file_counts, staged_tables, stop),
+                daemon=True,
             )
             reader.start()
             try:
-                while (item := spools.get()) is not None:
+                while (item := staged_tables.get()) is not None:
                     if isinstance(item, BaseException):
                         self.position = self.reader_position
                         raise item
-                    table, landed_file, spool = item
-                    if landed_file is not None:
-                        clock = time.perf_counter()
-                        copy_spool(copy_cur, staged_of[table], spool, columns=None, csv=True)
-                        spool.unlink()
-                        self.times.stage += time.perf_counter() - clock
-                        if self.progress:
-                            self.progress(landed_file.name, file_counts[landed_file.file_no].rows_read, True)
-                        continue
-                    self._type_and_merge(cur, table, staged_of[table], files_of[table], plans, file_counts)
+                    self._type_and_merge(cur, item, staged_of[item], files_of[item], plans, file_counts)
             finally:
                 stop.set()
-                while reader.is_alive():
-                    with contextlib.suppress(queue.Empty):
-                        spools.get_nowait()
-                    reader.join(0.05)
+                reader.join()
             clock = time.perf_counter()
             self.position = "while running the quality suites"
             warehouse_tables = [f"claims.{self.profile.warehouse_table(t)}" for t in tables]
@@ -142,22 +131,27 @@ class _ClaimsLoader:
         claims_tables.quarantine_rows(cur, typed, self.batch_id, {f.file_no: f.name for f in files})
         self.times.commit += time.perf_counter() - clock
 
-    def _encode_files(self, tables, files_of, plans, file_counts, spools: queue.Queue, stop) -> None:
-        """Each file into a CSV spool, then a (table, None, None) marker once a table's files are all written."""
+    def _stage_files(self, copy_cur, staged_of, tables, files_of, plans, file_counts, staged_tables, stop) -> None:
+        """Each file into a CSV spool, then COPY (autocommit); each table's name once all its files are staged."""
         try:
             for table in tables:
                 schema = self.profile.tables[table]
                 for landed_file in files_of[table]:
                     if stop.is_set():
                         return
-                    spool = self._encode_file(
-                        landed_file, schema, plans[landed_file.file_no], file_counts[landed_file.file_no], stop
-                    )
-                    spools.put((table, landed_file, spool))
-                spools.put((table, None, None))
-            spools.put(None)
+                    counts = file_counts[landed_file.file_no]
+                    spool = self._encode_file(landed_file, schema, plans[landed_file.file_no], counts, stop)
+                    clock = time.perf_counter()
+                    self.reader_position = f"while staging {landed_file.name}"
+                    copy_spool(copy_cur, staged_of[table], spool, columns=None, csv=True)
+                    spool.unlink()
+                    self.times.stage += time.perf_counter() - clock
+                    if self.progress:
+                        self.progress(landed_file.name, counts.rows_read, True)
+                staged_tables.put(table)
+            staged_tables.put(None)
         except BaseException as error:
-            spools.put(error)
+            staged_tables.put(error)
 
     def _table_of(self, path: Path) -> str:
         table = self.profile.table_for(path)
