@@ -77,7 +77,12 @@ def test_full_export_loads_every_resource_and_moves_since(db):
 
 def test_incremental_export_brings_only_newer_resources_and_deletions(db):
     with BulkDataServer(SAMPLE, Scenario(polls_before_ready=0)) as server:
-        source = _source(server, types=("Patient", "Encounter", "Procedure"), method="post")
+        source = _source(
+            server,
+            types=("Patient", "Encounter", "Procedure"),
+            type_filters=("Encounter?status=finished,cancelled",),
+            method="post",
+        )
         first, _, _ = _pull(source)
         encounters, procedures = server.ids("Encounter"), server.ids("Procedure")
         for encounter_id in encounters[:5]:
@@ -94,6 +99,7 @@ def test_incremental_export_brings_only_newer_resources_and_deletions(db):
             first.transaction_time[:19]
         )
         assert server.kickoff_requests[1]["method"] == "POST" and params["_type"] == ["Patient,Encounter,Procedure"]
+        assert params["_typeFilter"] == ["Encounter?status=finished,cancelled"]
         assert result.rows_read == 6, "five updated Encounters and one new Procedure, nothing else"
         with db.cursor() as cur:
             cur.execute("SELECT count(*), count(DISTINCT id) FROM fhir.encounter")
@@ -111,10 +117,11 @@ def test_incremental_export_brings_only_newer_resources_and_deletions(db):
 
 def test_a_429_storm_is_waited_out(db):
     with BulkDataServer(SAMPLE, Scenario(throttle_polls=6, retry_after="120")) as server:
-        source = _source(server)
+        source = _source(server, level="patient")
         started = time.monotonic()
         _, result, messages = _pull(source)
 
+        assert server.kickoff_requests[0]["path"] == "/fhir/Patient/$export"
         assert server.throttled == 6 and result.status == "committed"
         assert sum("throttled (429)" in m for m in messages) == 6
         assert time.monotonic() - started >= 6 * FAST["max_retry_after_seconds"], "each Retry-After honoured (capped)"
@@ -123,8 +130,9 @@ def test_a_429_storm_is_waited_out(db):
 
 def test_a_500_on_one_file_is_retried(db):
     with BulkDataServer(SAMPLE, Scenario(fail_file_once="Encounter")) as server:
-        _, result, _ = _pull(_source(server))
+        _, result, _ = _pull(_source(server, level="group", group="cohort-12"))
 
+        assert server.kickoff_requests[0]["path"] == "/fhir/Group/cohort-12/$export"
         assert server.file_gets["Encounter-1.ndjson"] == 2 and server.file_gets["Patient-1.ndjson"] == 1
         assert _table_counts(db, server) == _expected(server)
         assert result.rows_loaded == sum(sample_line_counts().values())
@@ -298,3 +306,59 @@ def test_the_dag_of_a_bulk_source_pulls_incrementally_and_on_demand_in_full(airf
                 "SELECT rows_read, rows_deleted FROM ingest.batches WHERE status = 'committed' ORDER BY commit_seq"
             )
             assert cur.fetchall() == [(13 + 2056, 0), (0, 1), (13 + 2055, 0)]
+
+
+def test_the_cli_pulls_a_declared_source_and_downloads_a_one_off_export(db, tmp_path, monkeypatch, capsys):
+    from health_ingest.cli import main
+
+    with BulkDataServer(SAMPLE, Scenario(polls_before_ready=1, retry_after="0", gzip=True)) as server:
+        sources = tmp_path / "sources.yml"
+        sources.write_text(
+            "sources:\n  - name: hospital_cli\n    kind: fhir\n    bulk:\n"
+            f"      url: {server.base_url}\n      min_poll_seconds: 0.01\n"
+        )
+        monkeypatch.setenv("HEALTH_INGEST_SOURCES", str(sources))
+        assert main(["pull", "fhir", "--source", "hospital_cli"]) == 0
+        shown = capsys.readouterr()
+        assert "export kicked off (full)" in shown.err and "export in progress (50% complete)" in shown.err
+        assert "committed" in shown.out and "next export of hospital_cli since" in shown.out
+
+        one_off = tmp_path / "one-off"
+        assert main(["pull", "fhir", "--url", server.base_url, "--out", str(one_off)]) == 0
+        assert "not loaded" in capsys.readouterr().out
+        downloaded: dict[str, int] = {}
+        for path in one_off.iterdir():  # the server splits its files at 1,000 records
+            resource_type = path.name.split(".")[0]
+            downloaded[resource_type] = downloaded.get(resource_type, 0) + sum(1 for _ in path.open())
+    assert downloaded == sample_line_counts()
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*), sum(rows_loaded) FROM ingest.batches WHERE status = 'committed'")
+        assert cur.fetchone() == (1, sum(sample_line_counts().values())), "the one-off loaded nothing"
+
+
+def test_an_export_past_its_deadline_stays_recorded_and_can_be_cancelled(db):
+    from health_ingest.errors import ExportError
+    from health_ingest.sources.bulk.pull import cancel_export
+
+    with BulkDataServer(SAMPLE, Scenario(polls_before_ready=1000, retry_after="1")) as server:
+        source = _source(server, deadline_minutes=0.002)
+        with pytest.raises(ExportError, match="did not finish before its deadline"):
+            _pull(source)
+        job = next(iter(server.jobs))
+        assert _since(db, source.name) == (None, f"{server.base_url}/status/{job}"), "kept for the next run"
+
+        assert "export cancelled (DELETE answered 202)" in cancel_export(source)
+        assert server.deletes == [job] and _since(db, source.name) == (None, None)
+
+
+def test_a_static_bearer_token_is_sent_with_every_request(db, monkeypatch):
+    with BulkDataServer(SAMPLE, Scenario(require_auth=True)) as server:
+        server.tokens["static-token-of-the-test"] = [float("inf"), None]
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_BULK_BEARER",
+            json.dumps({"password": "static-token-of-the-test", "extra": {"auth": "bearer"}}),
+        )
+        _, result, messages = _pull(_source(server, connection="bulk_bearer"))
+
+        assert result.status == "committed" and not [r for r in server.requests if r[2] == 401]
+        assert "static-token-of-the-test" not in " ".join(messages)
