@@ -25,6 +25,7 @@ from health_ingest.sources.registry import Source
 from health_ingest.warehouse.staging import encode_loaded, encode_rejected
 
 CHUNK_LINES = 2000
+CHUNK_BYTES = 1 << 20  # about 1 MiB of raw lines
 ENV_WORKERS = "HEALTH_INGEST_WORKERS"
 
 
@@ -132,14 +133,22 @@ class FileEncoder:
             yield in_flight.popleft().result()
 
     def _chunks(self, path: Path) -> Iterator[list[tuple[int, bytes]]]:
+        """Chunks of at most CHUNK_LINES lines and about CHUNK_BYTES: large resources (notes, bundles) make
+        fewer lines per chunk, so that memory in flight does not depend on what the file holds."""
         clock = time.perf_counter
-        lines = read_lines(path)
-        while True:
-            started = clock()
-            chunk = [entry for _, entry in zip(range(CHUNK_LINES), lines, strict=False)]
-            self.read_seconds += clock() - started
-            if not chunk:
-                return
+        started = clock()
+        chunk: list[tuple[int, bytes]] = []
+        size = 0
+        for entry in read_lines(path):
+            chunk.append(entry)
+            size += len(entry[1])
+            if len(chunk) >= CHUNK_LINES or size >= CHUNK_BYTES:
+                self.read_seconds += clock() - started
+                yield chunk
+                started = clock()
+                chunk, size = [], 0
+        self.read_seconds += clock() - started
+        if chunk:
             yield chunk
 
 
