@@ -561,10 +561,12 @@ def _print_demo_summary(batch, counts, url: str, elapsed: float, configured: boo
     print()
     step_seconds, batch_seconds, failed_expectations, expectations = quality
     suites = (step_seconds or {}).get("suites", 0.0)
-    share = 100 * suites / float(batch_seconds) if batch_seconds else 0.0
+    waited = (step_seconds or {}).get("suites_waited", suites)
+    share = 100 * waited / float(batch_seconds) if batch_seconds else 0.0
     print(
-        f"Quality suites: {expectations} expectations, {failed_expectations} not met (warnings only), "
-        f"{suites:.2f} s of the {float(batch_seconds):.2f} s batch ({share:.0f} %)"
+        f"Quality suites: {expectations} expectations, {failed_expectations} not met (warnings only); "
+        f"{suites:.2f} s on their own connection beside the merges, of which the {float(batch_seconds):.2f} s "
+        f"batch waited {waited:.2f} s ({share:.0f} %)"
     )
     if batch.dq_report:
         print(f"Data Docs: {batch.dq_report}")

@@ -81,6 +81,13 @@ def render(results: dict) -> str:
             "quality suites (beside the merges), share",
             *(f"{100 * run['steps_seconds'].get('suites', 0) / run['end_to_end_seconds']:.1f} %" for run in runs),
         ],
+        [
+            "batch waiting for the suites, share",
+            *(
+                f"{100 * run['steps_seconds'].get('suites_waited', 0) / run['end_to_end_seconds']:.1f} %"
+                for run in runs
+            ),
+        ],
         ["end to end (s)", *(f"{run['end_to_end_seconds']:.1f}" for run in runs)],
         ["peak RSS pipeline (MiB)", *(run["peak_rss_bytes"]["pipeline"] >> 20 for run in runs)],
         ["peak RSS PostgreSQL backend (MiB)", *(run["peak_rss_bytes"]["postgresql_backend"] >> 20 for run in runs)],
