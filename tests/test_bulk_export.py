@@ -362,3 +362,22 @@ def test_a_static_bearer_token_is_sent_with_every_request(db, monkeypatch):
 
         assert result.status == "committed" and not [r for r in server.requests if r[2] == 401]
         assert "static-token-of-the-test" not in " ".join(messages)
+
+
+def test_a_file_changed_between_download_and_load_fails_the_batch(db):
+    from health_ingest.errors import LoadError
+    from health_ingest.sources.bulk.pull import load_export, pull_export
+
+    with BulkDataServer(SAMPLE) as server:
+        source = _source(server)
+        export = pull_export(source)
+        device = export.delivery / "Device.000.ndjson"
+        device.write_bytes(b" " + device.read_bytes())  # the same resources, other bytes
+        with pytest.raises(LoadError, match=r"file Device\.000\.ndjson: what was loaded is not what was downloaded"):
+            load_export(source, export)
+
+    with db.cursor() as cur:
+        cur.execute("SELECT status FROM ingest.batches")
+        assert cur.fetchall() == [("failed",)]
+        cur.execute("SELECT since, export_delivery IS NOT NULL FROM ingest.source_state")
+        assert cur.fetchall() == [(None, True)], "_since did not move; the download waits for a retry"

@@ -99,9 +99,7 @@ def load_suites(folder: Path | None = None) -> dict[str, Suite]:
     folder = folder or config.project_root() / "expectations" / "fhir"
     suites = {}
     for path in sorted(folder.glob("*.json")):
-        document = json.loads(path.read_text(encoding="utf-8"))
-        settings = document["meta"]["health_ingest"]
-        _validate(path, document)
+        document, settings = _read_suite(path)
         suite = Suite(
             document["name"],
             settings["resource_type"],
@@ -120,9 +118,7 @@ def load_table_suites(root: Path | None = None) -> dict[str, TableSuite]:
     root = root or config.project_root() / "expectations"
     suites = {}
     for path in sorted([*root.glob("claims/*/*.json"), *root.glob("flat/*.json")]):
-        document = json.loads(path.read_text(encoding="utf-8"))
-        _validate(path, document)
-        settings = document["meta"]["health_ingest"]
+        document, settings = _read_suite(path)
         suite = TableSuite(
             document["name"],
             settings["table"],
@@ -299,7 +295,9 @@ def _run(cur, with_q, params, suite_name, table, expectations, parameters, toler
     return outcomes
 
 
-def _validate(path: Path, document: dict) -> None:
+def _read_suite(path: Path) -> tuple[dict, dict]:
+    """A suite file, checked: every expectation of a supported type, with its category and severity."""
+    document = json.loads(path.read_text(encoding="utf-8"))
     for expectation in document["expectations"]:
         if expectation["type"] not in SUPPORTED:
             raise ValueError(f"{path}: expectation type {expectation['type']} is not supported by the gate")
@@ -309,6 +307,7 @@ def _validate(path: Path, document: dict) -> None:
             "warning",
         }:
             raise ValueError(f"{path}: every expectation needs a Kahn category and a severity in its meta")
+    return document, document["meta"]["health_ingest"]
 
 
 def _aggregate(index: int, expectation: dict[str, Any], params: dict[str, Any]) -> str:

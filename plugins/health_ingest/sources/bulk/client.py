@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 import zlib
 from collections.abc import Callable
@@ -35,6 +36,8 @@ Progress = Callable[[str], None]
 CHUNK = 1 << 20
 RETRYABLE_ISSUE_CODES = {"transient", "throttled", "timeout", "lock-error", "incomplete"}
 FHIR_JSON = "application/fhir+json"
+REFERENCE_LIKE = re.compile(r"\b([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}")
+LONG_NUMBER = re.compile(r"\d{6,}")
 
 
 @dataclass(frozen=True)
@@ -535,13 +538,16 @@ def _issue_codes(response) -> set[str]:
 
 
 def _outcome_summary(response) -> str:
+    """Severity, code and the server's words, with what could name a patient (a reference, a long number) masked:
+    this text goes into exceptions, logs and alerts."""
     outcome = _outcome(response)
     if not outcome:
         return ""
     parts = []
     for issue in (outcome.get("issue") or [])[:3]:
-        text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or ""
-        parts.append(f"{issue.get('severity', '?')}/{issue.get('code', '?')} {str(text)[:160]}".strip())
+        text = str(issue.get("diagnostics") or (issue.get("details") or {}).get("text") or "")[:160]
+        text = LONG_NUMBER.sub("…", REFERENCE_LIKE.sub(r"\1/…", text))
+        parts.append(f"{issue.get('severity', '?')}/{issue.get('code', '?')} {text}".strip())
     return "; ".join(parts)
 
 

@@ -149,15 +149,24 @@ def cancel_export(source: Source, *, warehouse: str | None = None, session=None)
 
 
 def commit_hook(source: Source, delivery: Path):
-    """For a delivery that is a pulled export: the step that moves the source's `_since`, else None."""
+    """For a delivery that is a pulled export, the last step of its load transaction: every file loaded is the file
+    downloaded (same SHA-256), then the source's `_since` moves. None for any other delivery."""
     record = read_export_record(delivery)
     if not record:
         return None
 
-    def move_since(cur, batch_id: str) -> None:
+    def check_and_move_since(cur, batch_id: str) -> None:
+        cur.execute("SELECT file_name, sha256 FROM ingest.batch_files WHERE batch_id = %s", (batch_id,))
+        landed = dict(cur.fetchall())
+        for downloaded in record["files"]:
+            if landed.get(downloaded["name"]) != downloaded["sha256"]:
+                raise ExportError(
+                    f"source {source.name}: file {downloaded['name']}: what was loaded is not what was downloaded "
+                    "(its SHA-256 differs); nothing was committed"
+                )
         export_state.commit_export(cur, source.name, record["transaction_time"], batch_id)
 
-    return move_since
+    return check_and_move_since
 
 
 def read_export_record(delivery: Path) -> dict:
