@@ -364,7 +364,7 @@ def test_a_static_bearer_token_is_sent_with_every_request(db, monkeypatch):
         assert "static-token-of-the-test" not in " ".join(messages)
 
 
-def test_a_file_changed_between_download_and_load_fails_the_batch(db):
+def test_a_file_changed_between_download_and_load_fails_the_batch_and_is_downloaded_again(db):
     from health_ingest.errors import LoadError
     from health_ingest.sources.bulk.pull import load_export, pull_export
 
@@ -375,9 +375,14 @@ def test_a_file_changed_between_download_and_load_fails_the_batch(db):
         device.write_bytes(b" " + device.read_bytes())  # the same resources, other bytes
         with pytest.raises(LoadError, match=r"file Device\.000\.ndjson: what was loaded is not what was downloaded"):
             load_export(source, export)
+        with db.cursor() as cur:
+            cur.execute("SELECT status FROM ingest.batches")
+            assert cur.fetchall() == [("failed",)]
+            cur.execute("SELECT since FROM ingest.source_state")
+            assert cur.fetchall() == [(None,)], "_since did not move"
 
-    with db.cursor() as cur:
-        cur.execute("SELECT status FROM ingest.batches")
-        assert cur.fetchall() == [("failed",)]
-        cur.execute("SELECT since, export_delivery IS NOT NULL FROM ingest.source_state")
-        assert cur.fetchall() == [(None, True)], "_since did not move; the download waits for a retry"
+        _, result, messages = _pull(source)
+
+        assert "the downloaded export changed on disk since: downloading it again" in messages
+        assert len(server.kickoff_requests) == 1 and server.file_gets["Device-1.ndjson"] == 2
+        assert result.status == "committed" and _table_counts(db, server) == _expected(server)

@@ -101,7 +101,7 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
         index = index_bundles([(f.path, f.name) for f in bundles])
         for bundle in bundles:
             for derived in explode_bundle(bundle.path, bundle.name, index, entries):
-                size, sha256 = derived.stat().st_size, _sha256(derived)
+                size, sha256 = derived.stat().st_size, file_sha256(derived)
                 files.append(
                     LandedFile(
                         len(files) + 1,
@@ -173,7 +173,7 @@ def _is_bundle(path: Path) -> bool:
     return path.name.lower().endswith(".json")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(CHUNK):

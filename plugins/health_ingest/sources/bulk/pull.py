@@ -185,11 +185,13 @@ def _pull(conn, client: BulkClient, source: Source, *, full_refresh: bool) -> Pu
         export_state.forget_export(conn, source.name)
         current = export_state.read_state(conn, source.name)
     if current.delivery and read_export_record(Path(current.delivery)):
-        client.progress(f"the export of {current.transaction_time} is downloaded and waits for its batch")
         record = read_export_record(Path(current.delivery))
-        return PulledExport(
-            Path(current.delivery), record["transaction_time"], [DownloadedFile(**f) for f in record["files"]], True, 0
-        )
+        if _intact(Path(current.delivery), record):
+            client.progress(f"the export of {current.transaction_time} is downloaded and waits for its batch")
+            files = [DownloadedFile(**f) for f in record["files"]]
+            return PulledExport(Path(current.delivery), record["transaction_time"], files, True, 0)
+        client.progress("the downloaded export changed on disk since: downloading it again")
+        shutil.rmtree(current.delivery, ignore_errors=True)
 
     kick_offs = 0
     resumed = restarted = False
@@ -233,6 +235,15 @@ def _pull(conn, client: BulkClient, source: Source, *, full_refresh: bool) -> Pu
         pulled = PulledExport(folder, manifest.transaction_time, files, resumed, kick_offs)
         client.progress(f"export downloaded: {pulled.records} records in {len(files)} files")
         return pulled
+
+
+def _intact(folder: Path, record: dict) -> bool:
+    """Every file of the record is there with the digest it was downloaded with."""
+    from health_ingest.sources.landing import file_sha256
+
+    return all(
+        (folder / f["name"]).is_file() and file_sha256(folder / f["name"]) == f["sha256"] for f in record["files"]
+    )
 
 
 def _instant(value: datetime) -> str:
