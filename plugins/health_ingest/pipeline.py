@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from health_ingest import config
-from health_ingest.encoding import FileEncoder
+from health_ingest.encoding import FileEncoder, release_free_memory
 from health_ingest.errors import BatchRejected, HealthIngestError, LoadError
 from health_ingest.privacy.gate import KAnonymityReport, check_k_anonymity, record_k_anonymity
 from health_ingest.privacy.keyring import Keyring, load_keyring
@@ -430,11 +430,15 @@ class _BatchLoader:
         """Every line read becomes one COPY row, good or rejected, so nothing read goes unaccounted."""
         self._producer_position = f"while reading {landed_file.name}"
         with spool.open("wb", buffering=1 << 20) as handle:
-            for chunk in encoder.encode(landed_file.path, landed_file.file_no, landed_file.resource_type):
+            for number, chunk in enumerate(
+                encoder.encode(landed_file.path, landed_file.file_no, landed_file.resource_type), start=1
+            ):
                 if stop.is_set():
                     return
                 handle.write(chunk.data)
                 escrow.write(chunk.escrow)
+                if number % 32 == 0:
+                    release_free_memory()
                 counts.rows_read += chunk.rows_read
                 counts.rows_quarantined += chunk.rows_quarantined
                 self.times.check += chunk.check_seconds
@@ -444,6 +448,7 @@ class _BatchLoader:
                     self.progress(landed_file.name, counts.rows_read, False)
         if self.progress:
             self.progress(landed_file.name, counts.rows_read, True)
+        release_free_memory()
 
 
 class _SuiteRunner:
