@@ -211,11 +211,15 @@ def _encode_range_in_worker(
     path: str, start: int, end: int, first_line: int, file_no: int, expected_type: str
 ) -> EncodedChunk:
     """Read a run of whole lines of the file and encode them."""
+    return _worker.encode(file_no, expected_type, lines_of_range(path, start, end, first_line))
+
+
+def lines_of_range(path: str | Path, start: int, end: int, first_line: int) -> list[tuple[int, bytes]]:
+    """(line number, raw bytes) of the non-blank lines of a byte range that starts and ends at line breaks."""
     with open(path, "rb") as handle:
         handle.seek(start)
         data = handle.read(end - start)
-    lines = [(number, raw) for number, raw in enumerate(data.split(b"\n"), start=first_line) if raw.strip()]
-    return _worker.encode(file_no, expected_type, lines)
+    return [(number, raw) for number, raw in enumerate(data.split(b"\n"), start=first_line) if raw.strip()]
 
 
 def release_free_memory() -> None:
