@@ -116,6 +116,28 @@ def test_each_flat_suite_rejects_a_broken_view_and_leaves_its_table_as_it_was(db
     assert len(rejected) == 9, rejected
 
 
+@pytest.mark.integration
+def test_the_rebuild_command_rebuilds_and_a_broken_view_leaves_the_tables_as_they_were(db, smart_source, capsys):
+    from health_ingest.cli import main
+    from health_ingest.pipeline import run_fhir_batch
+    from health_ingest.views.flat import FlatView, rebuild, repository_views
+    from health_ingest.views.runner import ViewRunner
+
+    run_fhir_batch(SAMPLE, smart_source)
+    assert main(["views", "rebuild"]) == 0
+    assert "flat.encounter: 1,215 rows rebuilt" in capsys.readouterr().out
+
+    encounter = next(view for view in repository_views() if view.name == "encounter")
+    broken = FlatView(encounter.name, ViewRunner(_with_constant_id(encounter.runner.view)))
+    with pytest.raises(
+        BatchRejected, match=r"flat tables not rebuilt: flat\.encounter expect_column_values_to_be_unique"
+    ):
+        rebuild(db, [broken])
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT id) FROM flat.encounter")
+        assert cur.fetchone() == (1215, 1215)
+
+
 # --- helpers --------------------------------------------------------------------------------------
 
 

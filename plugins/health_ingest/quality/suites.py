@@ -131,8 +131,9 @@ def load_table_suites(root: Path | None = None) -> dict[str, TableSuite]:
     return suites
 
 
-def evaluate_tables(cur, batch_id: str, source: str, tables: list[str], policy) -> list[Outcome]:
-    """The suites of warehouse tables on the rows this batch wrote (inside its transaction, before commit)."""
+def evaluate_tables(cur, batch_id: str | None, source: str, tables: list[str], policy) -> list[Outcome]:
+    """The suites of warehouse tables on the rows this batch wrote (inside its transaction, before commit), or on
+    every row of the tables when `batch_id` is None (a rebuild)."""
     suites = load_table_suites()
     outcomes = []
     for table in tables:
@@ -148,7 +149,8 @@ def evaluate_tables(cur, batch_id: str, source: str, tables: list[str], policy) 
                 column = column["sql"] if cur.fetchone()[0] else column["otherwise"]
             columns[name] = column
         selected = ",\n".join(f'({expression}) AS "{name}"' for name, expression in columns.items())
-        with_q = f"WITH q AS (SELECT {selected} FROM {suite.table} s WHERE s.batch_id = %(batch_id)s)"
+        where = "WHERE s.batch_id = %(batch_id)s" if batch_id else ""
+        with_q = f"WITH q AS (SELECT {selected} FROM {suite.table} s {where})"
         found = _run(
             cur,
             with_q,

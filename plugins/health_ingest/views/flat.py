@@ -101,7 +101,12 @@ def refresh_batch(conn, batch_id: str, views: list[FlatView] | None = None) -> d
 
 
 def rebuild(conn, views: list[FlatView] | None = None) -> dict[str, int]:
-    """Rebuild every flat table from the JSONB of the warehouse (no source is fetched again)."""
+    """Rebuild every flat table from the JSONB of the warehouse (no source is fetched again); the flat suites
+    check every rebuilt row, and an error leaves the tables as they were."""
+    from health_ingest.errors import BatchRejected
+    from health_ingest.quality.policy import QualityPolicy
+    from health_ingest.quality.suites import evaluate_tables
+
     with _transaction(conn) as cur:
         written = {}
         for view in views or repository_views():
@@ -109,6 +114,11 @@ def rebuild(conn, views: list[FlatView] | None = None) -> dict[str, int]:
             if _source_exists(cur, view):
                 _ensure_table(cur, view)
                 written[view.name] = _load(cur, view, "", (), replace=False)
+        tables = [f"flat.{view.table}" for view in views or repository_views() if view.name in written]
+        outcomes = evaluate_tables(cur, None, "", tables, QualityPolicy())
+        errors = [o for o in outcomes if not o.success and o.severity == "error"]
+        if errors:
+            raise BatchRejected("flat tables not rebuilt: " + "; ".join(o.describe() for o in errors))
     return written
 
 
