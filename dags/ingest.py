@@ -14,6 +14,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param, task
 from health_ingest.orchestration import doc_md, schedule_for, sources_of_kind, tables_alias
+from health_ingest.sources.bulk.operator import PullExportOperator
 
 for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
     with DAG(
@@ -40,14 +41,7 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
         },
     ) as dag:
         if source.bulk:
-
-            @task
-            def pull_export(source_name: str, params=None) -> list[str]:
-                from health_ingest.orchestration import pull_export
-
-                return pull_export(source_name, params or {})
-
-            deliveries = pull_export(source.name)
+            deliveries = PullExportOperator(task_id="pull_export", source_name=source.name).output
         else:
 
             @task

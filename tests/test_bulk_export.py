@@ -299,6 +299,9 @@ def test_the_dag_of_a_bulk_source_pulls_incrementally_and_on_demand_in_full(airf
 
         since = [request["params"].get("_since") for request in server.kickoff_requests]
         assert since[0] is None and since[1] is not None and since[2] is None, "full, incremental, full"
+        polls = [path for method, path, _ in server.requests if method == "GET" and "/status/" in path]
+        # the task deferred: the triggerer polled until ready (202, 200), then the resumed task read the manifest
+        assert len(polls) == 3 * 3 and all(polls.count(path) == 3 for path in polls)
         with db.cursor() as cur:
             cur.execute("SELECT count(*), count(DISTINCT id) FROM fhir.procedure")
             assert cur.fetchone() == (2055, 2055)

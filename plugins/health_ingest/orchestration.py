@@ -74,19 +74,6 @@ def find_deliveries(source_name: str, params: dict[str, Any]) -> list[str]:
     return found
 
 
-def pull_export(source_name: str, params: dict[str, Any]) -> list[str]:
-    """A Bulk Data source's run: its next export (resumed if one is in flight), then any inbox deliveries."""
-    from health_ingest.sources.bulk.pull import pull_export as pull
-    from health_ingest.sources.registry import get_source
-
-    source = get_source(source_name)
-    if params.get("delivery_path"):
-        return [str(Path(params["delivery_path"]).resolve())]
-    export = pull(source, full_refresh=bool(params.get("full_refresh")))
-    log.info("source %s: export of %s downloaded, %d records", source_name, export.transaction_time, export.records)
-    return [str(export.delivery), *find_deliveries(source_name, {})]
-
-
 def tables_alias(source: Source):
     """The alias through which a source's DAG emits one Asset event per warehouse table it wrote."""
     from airflow.sdk import AssetAlias

@@ -1,4 +1,5 @@
-"""An event trigger for the triggerer: fires when a delivery in a source's inbox gets its `_READY` marker."""
+"""Triggers for the triggerer: a delivery's `_READY` marker in a source's inbox, and a Bulk Data export whose
+manifest is ready."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseEventTrigger, TriggerEvent
+from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
 from health_ingest.sources.inbox import claim_next_ready
 
@@ -34,3 +35,48 @@ class DeliveryReadyTrigger(BaseEventTrigger):
                     yield TriggerEvent({"inbox": self.inbox, "delivery": delivery})
                     return
             await asyncio.sleep(self.poke_interval)
+
+
+class ExportReadyTrigger(BaseTrigger):
+    """Polls a source's export in flight, honouring the server's Retry-After, until its manifest is ready: the
+    task waits here instead of on a worker. Credentials are read again from the source's connection, never
+    carried in the trigger (its arguments are stored in the metadata database)."""
+
+    def __init__(self, source_name: str, status_url: str, deadline: float) -> None:
+        super().__init__()
+        self.source_name = source_name
+        self.status_url = status_url
+        self.deadline = deadline
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            "health_ingest.sources.triggers.ExportReadyTrigger",
+            {"source_name": self.source_name, "status_url": self.status_url, "deadline": self.deadline},
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        import time
+
+        from health_ingest.errors import ExportError, ExportExpired
+        from health_ingest.sources.bulk.pull import status_wait
+        from health_ingest.sources.registry import get_source
+
+        source = await asyncio.to_thread(get_source, self.source_name)
+        attempt = 0
+        while True:
+            try:
+                wait = await asyncio.to_thread(status_wait, source, self.status_url, attempt)
+            except ExportExpired as expired:
+                yield TriggerEvent({"status": "expired", "message": str(expired)})
+                return
+            except ExportError as error:
+                yield TriggerEvent({"status": "error", "message": str(error)})
+                return
+            if wait is None:
+                yield TriggerEvent({"status": "ready"})
+                return
+            if time.time() + wait > self.deadline:
+                yield TriggerEvent({"status": "deadline"})
+                return
+            attempt += 1
+            await asyncio.sleep(wait)

@@ -187,6 +187,25 @@ class BulkClient:
             )
             self._sleep_before(deadline, wait, f"status {status_url}")
 
+    def status_wait(self, status_url: str, attempt: int = 0) -> float | None:
+        """One poll: None when the manifest is ready, else the seconds to wait before the next poll."""
+        response = self._send("GET", status_url, what="status", headers={"Accept": "application/json"})
+        if response.status_code == 200:
+            return None
+        if response.status_code in (404, 410):
+            raise ExportExpired(
+                f"source {self.source}: status {status_url} answered {response.status_code}: "
+                "the server no longer knows this export"
+            )
+        if response.status_code != 202:
+            raise ExportError(self._unexpected(response, "status", status_url, "202 or 200"))
+        wait = retry_after_seconds(response.headers.get("Retry-After"), cap=self.settings.max_retry_after_seconds)
+        if wait is None:
+            wait = backoff_seconds(attempt, base=self.settings.min_poll_seconds, cap=60.0)
+        progress = response.headers.get("X-Progress")
+        self.progress(f"export in progress{' (' + progress[:80] + ')' if progress else ''}")
+        return max(wait, self.settings.min_poll_seconds)
+
     def _read_manifest(self, response, status_url: str, deadline: float) -> Manifest:
         body = self._json(response, "manifest", status_url)
         expires = _expires(response.headers.get("Expires"))

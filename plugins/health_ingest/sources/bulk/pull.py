@@ -66,6 +66,39 @@ def pull_export(
         conn.close()
 
 
+def prepare_export(source: Source, *, full_refresh: bool = False, warehouse: str | None = None) -> dict:
+    """The first half of a pull, for a task that waits in the triggerer rather than on a worker: the export
+    downloaded already ({"delivery": folder}), or the one in flight, kicked off if need be ({"status_url",
+    "deadline"}: what to poll, and until when)."""
+    from health_ingest.warehouse.connection import connect, warehouse_url
+    from health_ingest.warehouse.migrations import require_migrated
+
+    settings = _settings(source, None)
+    conn = connect(warehouse or warehouse_url())
+    conn.autocommit = True
+    try:
+        require_migrated(conn)
+        _lock(conn, source.name)
+        client = _client(source, settings, None, None)
+        waiting = _downloaded_export(conn, client, source, full_refresh=full_refresh)
+        if waiting is not None:
+            return {"delivery": str(waiting.delivery)}
+        current = export_state.read_state(conn, source.name)
+        if current.status_url:
+            status_url, kicked_off = current.status_url, current.kicked_off_at
+        else:
+            status_url, _, kicked_off, _ = _kick_off(conn, client, source, full_refresh=full_refresh)
+        return {"status_url": status_url, "deadline": kicked_off.timestamp() + settings.deadline_minutes * 60}
+    finally:
+        conn.close()
+
+
+def status_wait(source: Source, status_url: str, attempt: int = 0) -> float | None:
+    """One poll of an export's status: None when its manifest is ready, else the seconds to wait. Raises
+    ExportExpired when the server no longer knows it."""
+    return _client(source, _settings(source, None), None, None).status_wait(status_url, attempt)
+
+
 def load_export(source: Source, export: PulledExport | Path, *, warehouse: str | None = None, progress=None):
     """One batch of the downloaded export; `_since` moves to its transactionTime in the batch's transaction."""
     from health_ingest.pipeline import run_fhir_batch
@@ -178,21 +211,10 @@ def read_export_record(delivery: Path) -> dict:
 
 
 def _pull(conn, client: BulkClient, source: Source, *, full_refresh: bool) -> PulledExport:
+    waiting = _downloaded_export(conn, client, source, full_refresh=full_refresh)
+    if waiting is not None:
+        return waiting
     current = export_state.read_state(conn, source.name)
-    if current.status_url and full_refresh and not current.full_refresh:
-        client.progress("a full refresh replaces the incremental export in flight: cancelling it")
-        client.delete(current.status_url)
-        export_state.forget_export(conn, source.name)
-        current = export_state.read_state(conn, source.name)
-    if current.delivery and read_export_record(Path(current.delivery)):
-        record = read_export_record(Path(current.delivery))
-        if _intact(Path(current.delivery), record):
-            client.progress(f"the export of {current.transaction_time} is downloaded and waits for its batch")
-            files = [DownloadedFile(**f) for f in record["files"]]
-            return PulledExport(Path(current.delivery), record["transaction_time"], files, True, 0)
-        client.progress("the downloaded export changed on disk since: downloading it again")
-        shutil.rmtree(current.delivery, ignore_errors=True)
-
     kick_offs = 0
     resumed = restarted = False
     while True:
@@ -202,11 +224,8 @@ def _pull(conn, client: BulkClient, source: Source, *, full_refresh: bool) -> Pu
             status_url, request, kicked_off = current.status_url, current.request or "", current.kicked_off_at
             full = current.full_refresh
         else:
-            since = None if full_refresh or current.since is None else _instant(current.since)
-            status_url, request = client.kick_off(since)
+            status_url, request, kicked_off, full = _kick_off(conn, client, source, full_refresh=full_refresh)
             kick_offs += 1
-            export_state.record_kick_off(conn, source.name, status_url, request, full_refresh=since is None)
-            kicked_off, full = datetime.now(UTC), since is None
         deadline = kicked_off.timestamp() + client.settings.deadline_minutes * 60
         try:
             manifest = client.wait_for_manifest(status_url, deadline=deadline)
@@ -235,6 +254,35 @@ def _pull(conn, client: BulkClient, source: Source, *, full_refresh: bool) -> Pu
         pulled = PulledExport(folder, manifest.transaction_time, files, resumed, kick_offs)
         client.progress(f"export downloaded: {pulled.records} records in {len(files)} files")
         return pulled
+
+
+def _downloaded_export(conn, client: BulkClient, source: Source, *, full_refresh: bool) -> PulledExport | None:
+    """The export already downloaded and waiting for its batch, if any (after a full refresh asked for has
+    cancelled an incremental export in flight, and a download changed on disk since has been dropped)."""
+    current = export_state.read_state(conn, source.name)
+    if current.status_url and full_refresh and not current.full_refresh:
+        client.progress("a full refresh replaces the incremental export in flight: cancelling it")
+        client.delete(current.status_url)
+        export_state.forget_export(conn, source.name)
+        current = export_state.read_state(conn, source.name)
+    if current.delivery and read_export_record(Path(current.delivery)):
+        record = read_export_record(Path(current.delivery))
+        if _intact(Path(current.delivery), record):
+            client.progress(f"the export of {current.transaction_time} is downloaded and waits for its batch")
+            files = [DownloadedFile(**f) for f in record["files"]]
+            return PulledExport(Path(current.delivery), record["transaction_time"], files, True, 0)
+        client.progress("the downloaded export changed on disk since: downloading it again")
+        shutil.rmtree(current.delivery, ignore_errors=True)
+    return None
+
+
+def _kick_off(conn, client: BulkClient, source: Source, *, full_refresh: bool) -> tuple[str, str, datetime, bool]:
+    """A new export from the source's `_since` (none for a full refresh), recorded before anything else."""
+    current = export_state.read_state(conn, source.name)
+    since = None if full_refresh or current.since is None else _instant(current.since)
+    status_url, request = client.kick_off(since)
+    export_state.record_kick_off(conn, source.name, status_url, request, full_refresh=since is None)
+    return status_url, request, datetime.now(UTC), since is None
 
 
 def _intact(folder: Path, record: dict) -> bool:
