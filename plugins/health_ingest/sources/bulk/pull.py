@@ -11,6 +11,8 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,35 +53,15 @@ def pull_export(
     session=None,
 ) -> PulledExport:
     """Download the source's next export into the exports folder, resuming the one in flight if any."""
-    from health_ingest.warehouse.connection import connect, warehouse_url
-    from health_ingest.warehouse.migrations import require_migrated
-
-    settings = _settings(source, url)
-    conn = connect(warehouse or warehouse_url())
-    conn.autocommit = True
-    try:
-        require_migrated(conn)
-        _lock(conn, source.name)
-        client = _client(source, settings, progress, session)
+    with _pulling(source, warehouse, _client(source, _settings(source, url), progress, session)) as (conn, client):
         return _pull(conn, client, source, full_refresh=full_refresh)
-    finally:
-        conn.close()
 
 
 def prepare_export(source: Source, *, full_refresh: bool = False, warehouse: str | None = None) -> dict:
     """The first half of a pull, for a task that waits in the triggerer rather than on a worker: the export
     downloaded already ({"delivery": folder}), or the one in flight, kicked off if need be ({"status_url",
     "deadline"}: what to poll, and until when)."""
-    from health_ingest.warehouse.connection import connect, warehouse_url
-    from health_ingest.warehouse.migrations import require_migrated
-
-    settings = _settings(source, None)
-    conn = connect(warehouse or warehouse_url())
-    conn.autocommit = True
-    try:
-        require_migrated(conn)
-        _lock(conn, source.name)
-        client = _client(source, settings, None, None)
+    with _pulling(source, warehouse, _client(source, _settings(source, None), None, None)) as (conn, client):
         waiting = _downloaded_export(conn, client, source, full_refresh=full_refresh)
         if waiting is not None:
             return {"delivery": str(waiting.delivery)}
@@ -88,9 +70,7 @@ def prepare_export(source: Source, *, full_refresh: bool = False, warehouse: str
             status_url, kicked_off = current.status_url, current.kicked_off_at
         else:
             status_url, _, kicked_off, _ = _kick_off(conn, client, source, full_refresh=full_refresh)
-        return {"status_url": status_url, "deadline": kicked_off.timestamp() + settings.deadline_minutes * 60}
-    finally:
-        conn.close()
+        return {"status_url": status_url, "deadline": kicked_off.timestamp() + client.settings.deadline_minutes * 60}
 
 
 def status_wait(source: Source, status_url: str, attempt: int = 0) -> float | None:
@@ -208,6 +188,22 @@ def read_export_record(delivery: Path) -> dict:
 
 
 # --- implementation details -------------------------------------------------------------------
+
+
+@contextmanager
+def _pulling(source: Source, warehouse: str | None, client: BulkClient) -> Iterator[tuple[object, BulkClient]]:
+    """The warehouse connection of a pull (migrated, holding the source's pull lock until it closes)."""
+    from health_ingest.warehouse.connection import connect, warehouse_url
+    from health_ingest.warehouse.migrations import require_migrated
+
+    conn = connect(warehouse or warehouse_url())
+    conn.autocommit = True
+    try:
+        require_migrated(conn)
+        _lock(conn, source.name)
+        yield conn, client
+    finally:
+        conn.close()
 
 
 def _pull(conn, client: BulkClient, source: Source, *, full_refresh: bool) -> PulledExport:
