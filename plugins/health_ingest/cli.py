@@ -334,8 +334,7 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     from health_ingest.privacy.keyring import new_keyring_file
 
     path = Path(args.keyring)
-    if path.exists():
-        print(f"error: {path} exists; keys are never overwritten", file=sys.stderr)
+    if _refuse_overwrite(path):
         return 2
     keyring = new_keyring_file(path)
     print(f"wrote {path} (mode 0600) with active key {keyring.active_id}; set {config.ENV_KEYRING}={path}")
@@ -378,8 +377,7 @@ def cmd_keys_jwks(args: argparse.Namespace) -> int:
     from health_ingest.sources.bulk.auth import new_signing_key
 
     path = Path(args.out)
-    if path.exists():
-        print(f"error: {path} exists; keys are never overwritten", file=sys.stderr)
+    if _refuse_overwrite(path):
         return 2
     pem, jwks = new_signing_key(args.alg)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -427,6 +425,14 @@ def cmd_pull_fhir(args: argparse.Namespace) -> int:
 
 
 # --- implementation details -------------------------------------------------------------------
+
+
+def _refuse_overwrite(path: Path) -> bool:
+    """Key files are never overwritten: True (and a message) when one is already there."""
+    if path.exists():
+        print(f"error: {path} exists; keys are never overwritten", file=sys.stderr)
+        return True
+    return False
 
 
 def _parser() -> argparse.ArgumentParser:

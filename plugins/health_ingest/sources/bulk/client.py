@@ -164,34 +164,25 @@ class BulkClient:
         """Poll until the manifest is ready (then read all its pages), the export expires or the deadline passes."""
         attempt = 0
         while True:
-            response = self._send(
-                "GET", status_url, what="status", headers={"Accept": "application/json"}, deadline=deadline
-            )
-            if response.status_code == 200:
-                return self._read_manifest(response, status_url, deadline)
-            if response.status_code in (404, 410):
-                raise ExportExpired(
-                    f"source {self.source}: status {status_url} answered {response.status_code}: "
-                    "the server no longer knows this export"
-                )
-            if response.status_code != 202:
-                raise ExportError(self._unexpected(response, "status", status_url, "202 or 200"))
-            progress = response.headers.get("X-Progress")
-            wait = retry_after_seconds(response.headers.get("Retry-After"), cap=self.settings.max_retry_after_seconds)
-            if wait is None:
-                wait = backoff_seconds(attempt, base=self.settings.min_poll_seconds, cap=60.0)
-            wait = max(wait, self.settings.min_poll_seconds)
+            ready, wait = self._poll(status_url, attempt, deadline)
+            if ready is not None:
+                return self._read_manifest(ready, status_url, deadline)
             attempt += 1
-            self.progress(
-                f"export in progress{' (' + progress[:80] + ')' if progress else ''}, next poll in {wait:.1f} s"
-            )
             self._sleep_before(deadline, wait, f"status {status_url}")
 
     def status_wait(self, status_url: str, attempt: int = 0) -> float | None:
         """One poll: None when the manifest is ready, else the seconds to wait before the next poll."""
-        response = self._send("GET", status_url, what="status", headers={"Accept": "application/json"})
+        ready, wait = self._poll(status_url, attempt, None)
+        return None if ready is not None else wait
+
+    def _poll(self, status_url: str, attempt: int, deadline: float | None):
+        """One GET of the status URL: (the 200 response, 0) when the manifest is ready, else (None, seconds to wait:
+        the server's Retry-After, or a backoff). Raises ExportExpired when the server no longer knows the export."""
+        response = self._send(
+            "GET", status_url, what="status", headers={"Accept": "application/json"}, deadline=deadline
+        )
         if response.status_code == 200:
-            return None
+            return response, 0.0
         if response.status_code in (404, 410):
             raise ExportExpired(
                 f"source {self.source}: status {status_url} answered {response.status_code}: "
@@ -202,9 +193,10 @@ class BulkClient:
         wait = retry_after_seconds(response.headers.get("Retry-After"), cap=self.settings.max_retry_after_seconds)
         if wait is None:
             wait = backoff_seconds(attempt, base=self.settings.min_poll_seconds, cap=60.0)
+        wait = max(wait, self.settings.min_poll_seconds)
         progress = response.headers.get("X-Progress")
-        self.progress(f"export in progress{' (' + progress[:80] + ')' if progress else ''}")
-        return max(wait, self.settings.min_poll_seconds)
+        self.progress(f"export in progress{' (' + progress[:80] + ')' if progress else ''}, next poll in {wait:.1f} s")
+        return None, wait
 
     def _read_manifest(self, response, status_url: str, deadline: float) -> Manifest:
         body = self._json(response, "manifest", status_url)
