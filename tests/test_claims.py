@@ -225,3 +225,135 @@ def test_the_claims_dag_and_the_cli_load_a_delivery(airflow_db, db, tmp_path):
     with db.cursor() as cur:
         cur.execute("SELECT source, kind, status FROM ingest.batches ORDER BY commit_seq")
         assert cur.fetchall() == [("snds_extract", "claims", "committed"), ("synthea_claims", "claims", "committed")]
+
+
+def _pha_delivery(tmp_path: Path, cases: list[tuple[str, str]]) -> tuple[Path, list[str]]:
+    """ER_PHA_F with one row per (column, value) case, each under its own DCT_ORD_NUM (900000 + case index)."""
+    with (SNDS / "DCIR" / "ER_PHA_F.csv").open(newline="") as handle:
+        reader = csv.reader(handle)
+        header, template = next(reader), next(reader)
+    delivery = tmp_path / "shapes"
+    delivery.mkdir()
+    with (delivery / "ER_PHA_F.csv").open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(header)
+        for index, (column, value) in enumerate(cases):
+            row = list(template)
+            row[header.index("DCT_ORD_NUM")] = str(900000 + index)
+            row[header.index(column)] = value
+            writer.writerow(row)
+    return delivery, header
+
+
+def test_values_are_typed_by_their_shape_and_text_is_kept_verbatim(tmp_path, db):
+    """The fast native casts take only values written the way the type writes them back; every other shape takes
+    the careful route or is quarantined, whatever the server's version."""
+    loaded = [
+        ("PHA_ACT_QSN", "-3", -3),
+        ("PHA_ACT_QSN", "+5", 5),
+        ("PHA_ACT_QSN", "007", 7),
+        ("PHA_ACT_QSN", " 12 ", 12),
+        ("PHA_ACT_QSN", "40.00", 40),
+        ("PHA_ACT_PRU", "1.50", "1.50"),
+        ("PHA_ACT_PRU", ".5", "0.5"),
+        ("PHA_ACT_PRU", "1e3", "1000"),
+        ("PHA_ACT_PRU", "NaN", "NaN"),
+        ("FLX_TRT_DTD", "2019-12-31", "2019-12-31"),
+        ("FLX_TRT_DTD", "20200301", "2020-03-01"),
+        ("FLX_TRT_DTD", "01/03/2020", "2020-03-01"),
+        ("PHA_CPA_PCP", "a\tb", "a\tb"),
+        ("PHA_CPA_PCP", "back\\slash", "back\\slash"),
+        ("PHA_CPA_PCP", "two\nlines\r", "two\nlines\r"),
+        ("PHA_CPA_PCP", 'quote"d, comma', 'quote"d, comma'),
+    ]
+    refused = [
+        ("PHA_ACT_QSN", "0x1F", "PHA_ACT_QSN: not an integer"),
+        ("PHA_ACT_QSN", "1_000", "PHA_ACT_QSN: not an integer"),
+        ("PHA_ACT_QSN", "99999999999999999999", "PHA_ACT_QSN: not an integer"),
+        ("PHA_ACT_PRU", "Infinity", "PHA_ACT_PRU: not a number"),
+        ("PHA_ACT_PRU", "1_000.5", "PHA_ACT_PRU: not a number"),
+        ("FLX_TRT_DTD", "infinity", "FLX_TRT_DTD: not a date (or an impossible one)"),
+        ("FLX_TRT_DTD", "epoch", "FLX_TRT_DTD: not a date (or an impossible one)"),
+        ("FLX_TRT_DTD", "2020-02-30", "FLX_TRT_DTD: not a date (or an impossible one)"),
+        ("FLX_TRT_DTD", "2020-1-05", "FLX_TRT_DTD: not a date (or an impossible one)"),
+    ]
+    cases = [(column, value) for column, value, _ in refused + loaded]  # the refused first: one line each
+    delivery, _ = _pha_delivery(tmp_path, cases)
+    result = run_claims_batch(delivery, get_source("snds_extract"))
+    assert (result.rows_read, result.rows_loaded, result.rows_quarantined) == (len(cases), len(loaded), len(refused))
+    with db.cursor() as cur:
+        cur.execute("SELECT line_number, reason, message FROM ingest.quarantine ORDER BY line_number")
+        assert cur.fetchall() == [
+            (2 + index, "invalid_value", message) for index, (_, _, message) in enumerate(refused)
+        ]
+        for index, (column, value, expected) in enumerate(loaded, start=len(refused)):
+            cur.execute(
+                f"SELECT {column.lower()}::text FROM claims.snds_er_pha_f WHERE dct_ord_num = %s", (900000 + index,)
+            )
+            assert cur.fetchone()[0] == str(expected), (column, value)
+
+
+def test_small_chunks_load_the_same_rows_and_a_key_repeated_chunks_apart_is_quarantined(tmp_path, db, monkeypatch):
+    """Each row its own chunk (so its own COPY and typing step): the batch still reconciles, and a DCIR key that
+    comes again in a later chunk is quarantined with the last row kept, as within one chunk."""
+    import health_ingest.pipeline_claims as pipeline_claims
+
+    baseline = run_claims_batch(SNDS / "DCIR", get_source("snds_extract")).counts  # one chunk per file
+    monkeypatch.setattr(pipeline_claims, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(pipeline_claims, "CHUNK_CHECK_ROWS", 1)
+    delivery = tmp_path / "dcir"
+    shutil.copytree(SNDS / "DCIR", delivery)
+    prs = delivery / "ER_PRS_F.csv"
+    rows = _rows(prs)
+    repeated = dict(rows[2], PRS_ACT_QTE="77")
+    with prs.open("a", newline="") as out:
+        csv.DictWriter(out, fieldnames=list(rows[0])).writerow(repeated)
+
+    counts = run_claims_batch(delivery, get_source("snds_extract")).counts
+    assert set(counts) == set(baseline)
+    for table, count in counts.items():
+        extra = 1 if table == "ER_PRS_F" else 0
+        assert (count.rows_read, count.rows_loaded) == (baseline[table].rows_read + extra, baseline[table].rows_loaded)
+        assert count.rows_quarantined == baseline[table].rows_quarantined + extra
+    key = " AND ".join(f"{k.lower()}::text = %s" for k in DCIR_KEY)
+    with db.cursor() as cur:
+        cur.execute(f"SELECT prs_act_qte::text FROM claims.snds_er_prs_f WHERE {key}", [repeated[k] for k in DCIR_KEY])
+        assert [row[0] for row in cur.fetchall()] == ["77"]
+        cur.execute("SELECT count(*) FROM claims.snds_er_prs_f")
+        assert cur.fetchone()[0] == baseline["ER_PRS_F"].rows_loaded
+        cur.execute("SELECT file_name, line_number FROM ingest.quarantine WHERE reason = 'duplicate_in_batch'")
+        assert cur.fetchall() == [("ER_PRS_F.csv", 4)]
+        cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'ingest_staging'")
+        assert cur.fetchone()[0] == 0
+
+
+def test_a_reader_failure_after_chunks_were_typed_and_merged_leaves_nothing(tmp_path, db, monkeypatch):
+    """ER_PHA_F is merged and ER_PRS_F partly staged and typed when its gzip stream ends too soon: the batch
+    fails naming the file, nothing reaches the warehouse, and no staging table is left."""
+    import gzip
+
+    import health_ingest.pipeline_claims as pipeline_claims
+
+    monkeypatch.setattr(pipeline_claims, "CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr(pipeline_claims, "CHUNK_CHECK_ROWS", 1)
+    delivery = tmp_path / "dcir"
+    delivery.mkdir()
+    shutil.copy(SNDS / "DCIR" / "ER_PHA_F.csv", delivery)
+    rows = _rows(SNDS / "DCIR" / "ER_PRS_F.csv")
+    with gzip.open(delivery / "ER_PRS_F.csv.gz", "wt", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for copy in range(300):  # about 2 MB of text: some thirty chunks
+            writer.writerows(dict(row, DCT_ORD_NUM=f"{row['DCT_ORD_NUM']}{copy:03d}") for row in rows)
+    packed = (delivery / "ER_PRS_F.csv.gz").read_bytes()
+    (delivery / "ER_PRS_F.csv.gz").write_bytes(packed[: len(packed) * 3 // 4])
+
+    with pytest.raises(LoadError, match=r"while reading ER_PRS_F\.csv\.gz"):
+        run_claims_batch(delivery, get_source("snds_extract"))
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'claims'")
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'ingest_staging'")
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT status FROM ingest.batches")
+        assert cur.fetchall() == [("failed",)]

@@ -1,11 +1,14 @@
 """One claims delivery as one batch: land, check every header, read, pseudonymise, stage, type, verify, commit.
 
 The same batch life as FHIR (`pipeline.run_batch`): one source at a time, one transaction, nothing partial.
+Four stages run at once, a chunk apart: a thread reads and pseudonymises into CSV spools, a thread copies each
+spool into staging, a third connection types each staged chunk, and the load transaction merges each typed table
+and runs its suite.
 """
 
 from __future__ import annotations
 
-import csv
+import itertools
 import logging
 import queue
 import threading
@@ -14,7 +17,7 @@ from pathlib import Path
 
 from health_ingest import config
 from health_ingest.errors import DeliveryError, LoadError
-from health_ingest.formats.claims import ClaimsProfile, TableSchema, is_claims_file, load_profile, open_claims_file
+from health_ingest.formats.claims import ClaimsProfile, is_claims_file, load_profile, open_claims_file
 from health_ingest.pipeline import (
     BatchResult,
     FileCounts,
@@ -24,16 +27,21 @@ from health_ingest.pipeline import (
     mark_batch_committed,
     run_batch,
 )
-from health_ingest.privacy.claims import plan_columns, transform_row
+from health_ingest.privacy.claims import RowTransform, plan_columns
 from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.suites import evaluate_tables, quality_gate
 from health_ingest.sources.landing import SAFE_NAME, LandedFile, land_files
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import claims_tables
-from health_ingest.warehouse.staging import copy_spool
+from health_ingest.warehouse.connection import connect
+from health_ingest.warehouse.staging import copy_spool, escape_text
 
 log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 16 << 20  # a spool this size is copied and typed while the reader writes the next
+CHUNK_CHECK_ROWS = 1024  # how often the reader looks at its spool's size (and at the batch's stop)
+QUEUE_DEPTH = 2  # chunks waiting between two stages (spools on disk, staged chunks in PostgreSQL)
 
 
 def run_claims_batch(
@@ -53,12 +61,12 @@ def run_claims_batch(
 
 class _ClaimsLoader:
     def __init__(self, batch_id: str, source: Source, keyring: Keyring, progress, warehouse: str):
-        self.batch_id, self.source, self.progress = batch_id, source, progress
+        self.batch_id, self.source, self.progress, self.warehouse = batch_id, source, progress, warehouse
         self.key_id = keyring.active_id
         self.tokens = Tokeniser(keyring, id_space=source.id_space)
         self.profile: ClaimsProfile = load_profile(source.format)
         self.position = "while landing the delivery"
-        self.reader_position = "while reading the delivery"
+        self.stage_positions = {"read": "while reading the delivery", "copy": "while staging", "type": "while typing"}
         self.times = StepTimes()
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
@@ -73,57 +81,124 @@ class _ClaimsLoader:
         file_counts = {f.file_no: FileCounts() for f in landed.loadable}
         tables = sorted({f.resource_type for f in landed.loadable})
         files_of = {table: [f for f in landed.loadable if f.resource_type == table] for table in tables}
-        with conn.cursor() as cur, copy_conn.cursor() as copy_cur:
-            staged_of = {
-                table: claims_tables.create_staging(
-                    copy_cur, self.batch_id, table, plans[files_of[table][0].file_no][0]
-                )
-                for table in tables
-            }
-            # a thread reads, pseudonymises and copies the next table while PostgreSQL types and merges this one
-            staged_tables: queue.Queue = queue.Queue()
-            stop = threading.Event()
-            reader = threading.Thread(
-                target=self._stage_files,
-                args=(copy_cur, staged_of, tables, files_of, plans, file_counts, staged_tables, stop),
-                daemon=True,
-            )
-            reader.start()
-            try:
-                while (item := staged_tables.get()) is not None:
-                    if isinstance(item, BaseException):
-                        self.position = self.reader_position
-                        raise item
-                    self._type_and_merge(cur, item, staged_of[item], files_of[item], plans, file_counts)
-            finally:
-                stop.set()
-                reader.join()
-            clock = time.perf_counter()
-            self.position = "while running the quality suites"
-            warehouse_tables = [f"claims.{self.profile.warehouse_table(t)}" for t in tables]
-            outcomes = (
-                evaluate_tables(cur, self.batch_id, self.source.name, warehouse_tables, self.source.quality)
-                if self.source.quality.suites
-                else []
-            )
-            self.times.suites = self.times.suites_waited = time.perf_counter() - clock
-            self.times.verify += self.times.suites
-            quality_gate(cur, self.batch_id, self.source, outcomes, self.times.suites)
-            clock = time.perf_counter()
-            self.position = "while committing"
-            counts, commit_seq = mark_batch_committed(cur, self.batch_id, landed, file_counts, self.times, started)
-        conn.commit()
-        self.times.commit += time.perf_counter() - clock
+        for table in tables:
+            claims_tables.check_columns(table, plans[files_of[table][0].file_no][0])
+        typing_conn = connect(self.warehouse)
+        typing_conn.autocommit = True
+        stop = threading.Event()
+        spools, staged, typed = (queue.Queue(QUEUE_DEPTH), queue.Queue(QUEUE_DEPTH), queue.Queue())
+        stages = [
+            threading.Thread(target=self._read_files, args=(tables, files_of, plans, file_counts, spools, stop)),
+            threading.Thread(target=self._copy_chunks, args=(copy_conn, plans, spools, staged, stop)),
+            threading.Thread(target=self._type_chunks, args=(typing_conn, files_of, plans, staged, typed, stop)),
+        ]
+        outcomes = []
+        try:
+            for stage in stages:
+                stage.start()
+            with conn.cursor() as cur:
+                while (table := self._next_typed(typed, stop)) is not None:
+                    self._merge(cur, table, files_of[table], plans, file_counts)
+                    outcomes += self._suite(cur, table)
+                clock = time.perf_counter()
+                self.position = "while running the quality suites"
+                quality_gate(cur, self.batch_id, self.source, outcomes, self.times.suites)
+                self.times.verify += time.perf_counter() - clock
+                clock = time.perf_counter()
+                self.position = "while committing"
+                counts, commit_seq = mark_batch_committed(cur, self.batch_id, landed, file_counts, self.times, started)
+            conn.commit()
+            self.times.commit += time.perf_counter() - clock
+        finally:
+            stop.set()
+            for stage in stages:
+                stage.join()
+            typing_conn.close()
         return committed_result(self, landed, counts, commit_seq)
 
-    def _type_and_merge(self, cur, table: str, staged: str, files: list[LandedFile], plans, file_counts) -> None:
+    # --- the stages, each in its own thread; an error travels down the queues to the load transaction ---------
+
+    def _read_files(self, tables, files_of, plans, file_counts, spools: queue.Queue, stop) -> None:
+        """Each file into CSV spools of about CHUNK_BYTES; then the table's end."""
+        try:
+            for table in tables:
+                chunk_no = 0
+                for landed_file in files_of[table]:
+                    for spool in self._encode_file(landed_file, plans[landed_file.file_no], file_counts, stop):
+                        if not _put(spools, (table, chunk_no, landed_file, spool), stop):
+                            return
+                        chunk_no += 1
+                    if stop.is_set():
+                        return
+                _put(spools, (table, None, None, None), stop)
+            _put(spools, None, stop)
+        except BaseException as error:
+            _put(spools, _StageFailed(error, self.stage_positions["read"]), stop)
+
+    def _copy_chunks(self, copy_conn, plans, spools: queue.Queue, staged: queue.Queue, stop) -> None:
+        """Each spool into its own staging table (autocommit), then removed."""
+        try:
+            with copy_conn.cursor() as cur:
+                while (item := _next(spools, stop)) is not None:
+                    table, chunk_no, landed_file, spool = item
+                    name = None  # the table's end
+                    if chunk_no is not None:
+                        clock = time.perf_counter()
+                        self.stage_positions["copy"] = f"while staging {landed_file.name}"
+                        plan, _, _, transform = plans[landed_file.file_no]
+                        name = f"{claims_tables.staging_name(self.batch_id, table)}_{chunk_no}"
+                        claims_tables.create_staging(cur, name, plan)
+                        columns = claims_tables.copy_columns(transform.columns)
+                        copy_spool(cur, name, spool, columns, options="FORMAT text, NULL ''")
+                        spool.unlink()
+                        self.times.stage += time.perf_counter() - clock
+                    if not _put(staged, (table, name), stop):
+                        return
+            _put(staged, None, stop)
+        except BaseException as error:
+            _put(staged, _failure(error, self.stage_positions["copy"]), stop)
+
+    def _type_chunks(self, typing_conn, files_of, plans, staged: queue.Queue, typed: queue.Queue, stop) -> None:
+        """Each staged chunk cast into its table's typed table (autocommit), then dropped; the table's name once
+        all its chunks are typed."""
+        try:
+            with typing_conn.cursor() as cur:
+                first = True
+                while (item := _next(staged, stop)) is not None:
+                    table, name = item
+                    if name is None:
+                        typed.put(table)
+                        first = True
+                        continue
+                    clock = time.perf_counter()
+                    self.stage_positions["type"] = f"while typing {table}"
+                    plan = plans[files_of[table][0].file_no][0]
+                    target = f"{claims_tables.staging_name(self.batch_id, table)}_typed"
+                    claims_tables.type_staged(cur, name, target, self.profile.tables[table], plan, first=first)
+                    cur.execute(f"DROP TABLE {name}")
+                    first = False
+                    self.times.check += time.perf_counter() - clock
+            typed.put(None)
+        except BaseException as error:
+            typed.put(_failure(error, self.stage_positions["type"]))
+
+    # --- in the load transaction -------------------------------------------------------------------------------
+
+    def _next_typed(self, typed: queue.Queue, stop):
+        try:
+            return _next(typed, stop)
+        except _StageFailed as failed:
+            self.position = failed.position
+            raise failed.error from None
+
+    def _merge(self, cur, table: str, files: list[LandedFile], plans, file_counts) -> None:
         clock = time.perf_counter()
-        self.position = f"while typing and merging {table}"
+        self.position = f"while merging {table}"
         schema = self.profile.tables[table]
         plan = plans[files[0].file_no][0]
+        typed = f"{claims_tables.staging_name(self.batch_id, table)}_typed"
         warehouse_table = self.profile.warehouse_table(table)
         claims_tables.ensure_table(cur, warehouse_table, schema, plan)
-        typed = claims_tables.type_staged(cur, staged, schema, plan)
         duplicates = claims_tables.merge_table(
             cur, typed, warehouse_table, schema, plan, self.batch_id, self.source.name
         )
@@ -131,27 +206,19 @@ class _ClaimsLoader:
         claims_tables.quarantine_rows(cur, typed, self.batch_id, {f.file_no: f.name for f in files})
         self.times.commit += time.perf_counter() - clock
 
-    def _stage_files(self, copy_cur, staged_of, tables, files_of, plans, file_counts, staged_tables, stop) -> None:
-        """Each file into a CSV spool, then COPY (autocommit); each table's name once all its files are staged."""
-        try:
-            for table in tables:
-                schema = self.profile.tables[table]
-                for landed_file in files_of[table]:
-                    if stop.is_set():
-                        return
-                    counts = file_counts[landed_file.file_no]
-                    spool = self._encode_file(landed_file, schema, plans[landed_file.file_no], counts, stop)
-                    clock = time.perf_counter()
-                    self.reader_position = f"while staging {landed_file.name}"
-                    copy_spool(copy_cur, staged_of[table], spool, columns=None, csv=True)
-                    spool.unlink()
-                    self.times.stage += time.perf_counter() - clock
-                    if self.progress:
-                        self.progress(landed_file.name, counts.rows_read, True)
-                staged_tables.put(table)
-            staged_tables.put(None)
-        except BaseException as error:
-            staged_tables.put(error)
+    def _suite(self, cur, table: str) -> list:
+        """The table's suite on this batch's rows, while the next table is still being typed."""
+        if not self.source.quality.suites:
+            return []
+        clock = time.perf_counter()
+        self.position = f"while running the quality suite of {table}"
+        warehouse_table = f"claims.{self.profile.warehouse_table(table)}"
+        outcomes = evaluate_tables(cur, self.batch_id, self.source.name, [warehouse_table], self.source.quality)
+        seconds = time.perf_counter() - clock
+        self.times.suites += seconds
+        self.times.suites_waited += seconds
+        self.times.verify += seconds
+        return outcomes
 
     def _table_of(self, path: Path) -> str:
         table = self.profile.table_for(path)
@@ -169,37 +236,62 @@ class _ClaimsLoader:
         schema = self.profile.tables[landed_file.resource_type]
         opened = open_claims_file(landed_file.path, landed_file.name, self.profile, schema)
         providers = self.source.privacy.providers
-        return (*plan_columns(schema, opened.header, self.profile.privacy, providers), len(opened.header))
+        columns, persons = plan_columns(schema, opened.header, self.profile.privacy, providers)
+        return columns, persons, len(opened.header), RowTransform(columns, persons, self.tokens)
 
-    def _encode_file(self, landed_file: LandedFile, schema: TableSchema, plan, counts, stop) -> Path:
-        """Rows as CSV for COPY, where an empty unquoted field is NULL (the reader has made every empty value an
-        absent one); rows of the wrong width are kept with their reason, so that nothing read goes unaccounted."""
-        columns, persons, width = plan
+    def _encode_file(self, landed_file: LandedFile, plan, file_counts, stop):
+        """Rows as spools in COPY's text format, where an empty field is NULL (the reader has made every empty
+        value an absent one); rows of the wrong width are kept with their reason, so that nothing read goes
+        unaccounted. Yields each spool once written (at least one)."""
+        _, _, width, transform = plan
+        schema = self.profile.tables[landed_file.resource_type]
+        counts = file_counts[landed_file.file_no]
         opened = open_claims_file(landed_file.path, landed_file.name, self.profile, schema)
-        spool = landed_file.path.with_name(landed_file.path.name + ".copy")
-        clock = time.perf_counter()
-        self.reader_position = f"while reading {landed_file.name}"
-        blanks = [None] * len(columns)
+        blanks = "\t" * len(transform.columns)
+        tabs = len(transform.columns) - 1
         file_no = landed_file.file_no
-        with spool.open("w", encoding="utf-8", newline="", buffering=1 << 20) as out:
-            writer = csv.writer(out, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-            for row_no, values in opened.rows:
-                counts.rows_read += 1
-                if len(values) != width:
-                    counts.rows_quarantined += 1
-                    message = f"expected {width} values, found {len(values)}"
-                    writer.writerow([file_no, row_no, None, "wrong_column_count", message, *blanks])
-                    continue
-                cells, person = transform_row(values, columns, persons, self.tokens)
-                writer.writerow([file_no, row_no, person, None, None, *cells])
-                if counts.rows_read % 50_000 == 0:
-                    if stop.is_set():
-                        break
-                    if self.progress:
-                        self.progress(landed_file.name, counts.rows_read, False)
-        self.times.pseudonymise += time.perf_counter() - clock
+        rows = iter(opened.rows)
+        for spool_no in itertools.count():
+            clock = time.perf_counter()
+            self.stage_positions["read"] = f"while reading {landed_file.name}"
+            spool = landed_file.path.with_name(f"{landed_file.path.name}.{spool_no}.copy")
+            exhausted = True
+            with spool.open("w", encoding="utf-8", newline="", buffering=1 << 20) as out:
+                write = out.write
+                for row_no, values in rows:
+                    counts.rows_read += 1
+                    if len(values) != width:
+                        counts.rows_quarantined += 1
+                        write(
+                            f"{file_no}\t{row_no}\t\twrong_column_count\texpected {width} values, found "
+                            f"{len(values)}{blanks}\n"
+                        )
+                        continue
+                    cells, person = transform(values)
+                    line = "\t".join(cells)
+                    # one test on the joined line: only a row holding a special character has its fields escaped
+                    if line.count("\t") != tabs or "\\" in line or "\n" in line or "\r" in line:
+                        line = "\t".join(map(escape_text, cells))
+                    write(
+                        f"{file_no}\t{row_no}\t{person or ''}\t\t\t{line}\n"
+                        if cells
+                        else f"{file_no}\t{row_no}\t{person or ''}\t\t\n"
+                    )
+                    if counts.rows_read % CHUNK_CHECK_ROWS == 0:
+                        if stop.is_set():
+                            break
+                        if counts.rows_read % (64 * CHUNK_CHECK_ROWS) == 0 and self.progress:
+                            self.progress(landed_file.name, counts.rows_read, False)
+                        if out.tell() >= CHUNK_BYTES:
+                            exhausted = False
+                            break
+            self.times.pseudonymise += time.perf_counter() - clock
+            yield spool
+            if exhausted or stop.is_set():
+                break
         log.info("%s: %d rows read", landed_file.name, counts.rows_read)
-        return spool
+        if self.progress:
+            self.progress(landed_file.name, counts.rows_read, True)
 
     def _reconcile(self, cur, staged: str, files: list[LandedFile], file_counts, duplicates: dict[int, int]) -> None:
         for file_no, count in duplicates.items():
@@ -215,3 +307,40 @@ class _ClaimsLoader:
                     f"{landed_file.name}: read {counts.rows_read} rows but staged {good + bad}; "
                     "the counts must reconcile"
                 )
+
+
+def _put(channel: queue.Queue, item, stop: threading.Event) -> bool:
+    """Hand an item to the next stage, unless the batch has stopped (then False)."""
+    while not stop.is_set():
+        try:
+            channel.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _next(channel: queue.Queue, stop: threading.Event):
+    """The next item from the stage before (an error it met is raised here); None at the end or once stopped."""
+    while not stop.is_set():
+        try:
+            item = channel.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if isinstance(item, _StageFailed):
+            raise item
+        return item
+    return None
+
+
+def _failure(error: BaseException, position: str) -> _StageFailed:
+    """A stage's own error with its position; an upstream stage's failure passes on as it is."""
+    return error if isinstance(error, _StageFailed) else _StageFailed(error, position)
+
+
+class _StageFailed(Exception):
+    """An error of a stage, on its way down to the load transaction, with where the stage was."""
+
+    def __init__(self, error: BaseException, position: str):
+        super().__init__(position)
+        self.error, self.position = error, position

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from operator import itemgetter
 
 from health_ingest.formats.claims import PrivacyRoles, TableSchema
 from health_ingest.privacy.tokens import Tokeniser
@@ -72,30 +73,45 @@ def plan_columns(
     return plan, persons
 
 
-def transform_row(values: list[str], plan: list[ColumnPlan], persons, tokens: Tokeniser) -> tuple[list, str | None]:
-    """The row's kept values, pseudonymised, and the person pseudonym (None when the row names nobody)."""
-    out: list[str | None] = []
-    for column in plan:
-        value = values[column.index]
-        if value == "":
-            out.append(None)
-        elif column.action == "keep":
-            out.append(value)
-        elif column.action == "token":
-            out.append(tokens.identifier(column.system, value))
-        elif column.action == "year":
-            match = YEAR.search(value)
-            out.append(match.group(1) if match else None)
-        elif column.action == "year_month":
-            out.append(_year_month(value))
-        else:  # zip3
-            out.append(value[:3])
-    person = None
-    for index, system in persons:
-        if values[index]:
-            person = tokens.identifier(system, values[index])
-            break
-    return out, person
+class RowTransform:
+    """One file's rows pseudonymised as its plan says. The kept columns come first, picked in one call, then the
+    changed ones: `columns` is the order of the cells, for the COPY column list. Every cell is text: an empty one
+    is an absent value (staged as NULL)."""
+
+    def __init__(self, plan: list[ColumnPlan], persons: list[tuple[int, str]], tokens: Tokeniser):
+        kept = [c for c in plan if c.action == "keep"]
+        self.changed = [c for c in plan if c.action != "keep"]
+        self.columns = kept + self.changed
+        self.persons = persons
+        self.tokens = tokens
+        indexes = [c.index for c in kept]
+        if len(indexes) > 1:
+            self._pick = itemgetter(*indexes)
+        else:
+            self._pick = lambda values: tuple(values[i] for i in indexes)
+
+    def __call__(self, values: list[str]) -> tuple[list[str], str | None]:
+        """The row's cells in `columns` order, and the person pseudonym (None when the row names nobody)."""
+        cells: list[str] = list(self._pick(values))
+        for column in self.changed:
+            value = values[column.index]
+            cells.append((_changed_value(column, value, self.tokens) or "") if value else "")
+        identifier = self.tokens.identifier
+        for index, system in self.persons:
+            if values[index]:
+                return cells, identifier(system, values[index])
+        return cells, None
+
+
+def _changed_value(column: ColumnPlan, value: str, tokens: Tokeniser) -> str | None:
+    if column.action == "token":
+        return tokens.identifier(column.system, value)
+    if column.action == "year":
+        match = YEAR.search(value)
+        return match.group(1) if match else None
+    if column.action == "year_month":
+        return _year_month(value)
+    return value[:3]  # zip3
 
 
 def _year_month(value: str) -> str | None:

@@ -17,9 +17,9 @@ TYPES = {
     "integer": ("bigint", "ingest.try_bigint({})", "not an integer"),
     "number": ("numeric", "ingest.try_numeric({})", "not a number"),
     "boolean": ("boolean", "ingest.try_boolean({})", "not a boolean"),
-    "date": ("date", "ingest.try_date({})", "not a date (or an impossible one)"),
+    "date": ("date", "ingest.try_claims_date({})", "not a date (or an impossible one)"),
     "datetime": ("timestamptz", "ingest.try_timestamptz_claims({})", "not a date-time"),
-    "year": ("integer", "ingest.try_bigint({})::integer", "not a year"),
+    "year": ("integer", "ingest.try_integer({})", "not a year"),
 }
 
 
@@ -27,17 +27,27 @@ def staging_name(batch_id: str, table: str) -> str:
     return f"{STAGING_SCHEMA}.b{batch_id.replace('-', '')[:16]}_claims_{table.lower()}"
 
 
-def create_staging(cur, batch_id: str, table: str, plan: list[ColumnPlan]) -> str:
+def check_columns(table: str, plan: list[ColumnPlan]) -> None:
     clashes = sorted(c.name for c in plan if c.name.lower() in RESERVED)
     if clashes:
         raise ConfigurationError(f"table {table}: columns {clashes} clash with the warehouse's own columns")
-    name = staging_name(batch_id, table)
+
+
+def create_staging(cur, name: str, plan: list[ColumnPlan]) -> str:
+    """A staging table of text columns (committed at once: another connection types it)."""
     columns = ", ".join(f'"{c.name.lower()}" text' for c in plan)
     cur.execute(
         f"CREATE UNLOGGED TABLE IF NOT EXISTS {name} (file_no integer NOT NULL, line_no bigint NOT NULL, "
         f"patient_id text, reason text, message text{', ' + columns if columns else ''})"
     )
     return name
+
+
+def copy_columns(columns: list[ColumnPlan]) -> str:
+    """The COPY column list of a spool whose cells are in `columns` order."""
+    return ", ".join(
+        ["file_no", "line_no", "patient_id", "reason", "message", *(f'"{c.name.lower()}"' for c in columns)]
+    )
 
 
 def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan]) -> None:
@@ -62,12 +72,12 @@ def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[Colu
     cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON claims.{warehouse_table} TO health_ingest_loader")
 
 
-def type_staged(cur, staged: str, schema: TableSchema, plan: list[ColumnPlan]) -> str:
-    """One pass over the staged text: each value cast once to its column's type, each row's digest taken, and
-    the rows with a missing key or a value that does not cast given their reason (naming the first such column).
-    Returns the typed table (unlogged, in the load transaction) that the merge and the quarantine read."""
+def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[ColumnPlan], *, first: bool) -> None:
+    """One pass over a chunk of staged text into the typed table (unlogged, committed; created by the first
+    chunk) that the merge and the quarantine read: each value cast once to its column's type, each row's digest
+    taken, and the rows with a missing key or a value that does not cast given their reason (naming the first such
+    column)."""
     kinds = {c.name: c.type for c in schema.columns}
-    typed = f"{staged}_typed"
     tests = [
         (f"r{index} IS NULL", f"{column.name}: missing, and part of the key")
         for index, column in enumerate(plan)
@@ -92,12 +102,12 @@ def type_staged(cur, staged: str, schema: TableSchema, plan: list[ColumnPlan]) -
         message = "coalesce(message, CASE " + " ".join(f"WHEN {t} THEN '{m}'" for t, m in tests) + " END)"
     else:
         reason, message = "reason", "message"
-    cur.execute(
-        f"CREATE UNLOGGED TABLE {typed} AS SELECT file_no, line_no, patient_id, {reason} AS reason, "
+    query = (
+        f"SELECT file_no, line_no, patient_id, {reason} AS reason, "
         f"{message} AS message, {digest} AS ingest_row_sha{''.join(', ' + o for o in outer)} "
         f"FROM (SELECT {', '.join(inner)} FROM {staged} OFFSET 0) raw"
     )
-    return typed
+    cur.execute(f"CREATE UNLOGGED TABLE {typed} AS {query}" if first else f"INSERT INTO {typed} {query}")
 
 
 def merge_table(

@@ -47,11 +47,17 @@ def drop_staging_tables(cur, batch_id: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {STAGING_SCHEMA}.{table}")
 
 
-def copy_spool(cur, table: str, spool: Path, columns: str | None = STAGING_COLUMNS, *, csv: bool = False) -> None:
-    """COPY a file of already-encoded rows (text format, or CSV) into a staging table (`columns` None: all)."""
+def copy_spool(cur, table: str, spool: Path, columns: str | None = STAGING_COLUMNS, *, options: str = "") -> None:
+    """COPY a file of already-encoded rows (text format unless `options` say otherwise) into a staging table
+    (`columns` None: all)."""
     target = f"{table} ({columns})" if columns else table
     with spool.open("rb") as handle:
-        cur.copy_expert(f"COPY {target} FROM STDIN{' WITH (FORMAT csv)' if csv else ''}", handle, size=COPY_CHUNK)
+        cur.copy_expert(f"COPY {target} FROM STDIN{f' WITH ({options})' if options else ''}", handle, size=COPY_CHUNK)
+
+
+def escape_text(value: str) -> str:
+    """A value as a field of COPY's text format."""
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def encode_loaded(
@@ -76,4 +82,4 @@ def encode_rejected(file_no: int, line_no: int, reason: str, message: str) -> by
 
 
 def _text(value: str) -> bytes:
-    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r").encode()
+    return escape_text(value).encode()
