@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from health_ingest import config
@@ -27,7 +28,7 @@ from health_ingest.pipeline import (
     mark_batch_committed,
     run_batch,
 )
-from health_ingest.privacy.claims import RowTransform, plan_columns
+from health_ingest.privacy.claims import RowTransform, plan_columns, row_digest
 from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.suites import evaluate_tables, quality_gate
@@ -79,6 +80,7 @@ class _ClaimsLoader:
 
         conn.autocommit = False
         file_counts = {f.file_no: FileCounts() for f in landed.loadable}
+        self.file_names = {f.file_no: f.name for f in landed.loadable}
         tables = sorted({f.resource_type for f in landed.loadable})
         files_of = {table: [f for f in landed.loadable if f.resource_type == table] for table in tables}
         for table in tables:
@@ -97,8 +99,13 @@ class _ClaimsLoader:
             for stage in stages:
                 stage.start()
             with conn.cursor() as cur:
-                while (table := self._next_typed(typed, stop)) is not None:
-                    self._merge(cur, table, files_of[table], plans, file_counts)
+                merges: dict[str, _TableMerge] = {}
+                while (item := self._next_typed(typed, stop)) is not None:
+                    table, chunk = item
+                    if chunk is not None:
+                        self._merge_chunk(cur, table, chunk, merges, plans[files_of[table][0].file_no][0])
+                        continue
+                    self._finish_table(cur, table, merges.pop(table), files_of[table], file_counts)
                     outcomes += self._suite(cur, table)
                 clock = time.perf_counter()
                 self.position = "while running the quality suites"
@@ -145,11 +152,10 @@ class _ClaimsLoader:
                     if chunk_no is not None:
                         clock = time.perf_counter()
                         self.stage_positions["copy"] = f"while staging {landed_file.name}"
-                        plan, _, _, transform = plans[landed_file.file_no]
+                        plan = plans[landed_file.file_no][0]
                         name = f"{claims_tables.staging_name(self.batch_id, table)}_{chunk_no}"
                         claims_tables.create_staging(cur, name, plan)
-                        columns = claims_tables.copy_columns(transform.columns)
-                        copy_spool(cur, name, spool, columns, options="FORMAT text, NULL ''")
+                        copy_spool(cur, name, spool, columns=None, options="FORMAT text, NULL ''")
                         spool.unlink()
                         self.times.stage += time.perf_counter() - clock
                     if not _put(staged, (table, name), stop):
@@ -159,25 +165,22 @@ class _ClaimsLoader:
             _put(staged, _failure(error, self.stage_positions["copy"]), stop)
 
     def _type_chunks(self, typing_conn, files_of, plans, staged: queue.Queue, typed: queue.Queue, stop) -> None:
-        """Each staged chunk cast into its table's typed table (autocommit), then dropped; the table's name once
-        all its chunks are typed."""
+        """Each staged chunk cast into a typed chunk (autocommit), then dropped; the table's end passed on."""
         try:
             with typing_conn.cursor() as cur:
-                first = True
                 while (item := _next(staged, stop)) is not None:
                     table, name = item
-                    if name is None:
-                        typed.put(table)
-                        first = True
-                        continue
-                    clock = time.perf_counter()
-                    self.stage_positions["type"] = f"while typing {table}"
-                    plan = plans[files_of[table][0].file_no][0]
-                    target = f"{claims_tables.staging_name(self.batch_id, table)}_typed"
-                    claims_tables.type_staged(cur, name, target, self.profile.tables[table], plan, first=first)
-                    cur.execute(f"DROP TABLE {name}")
-                    first = False
-                    self.times.check += time.perf_counter() - clock
+                    if name is not None:
+                        clock = time.perf_counter()
+                        self.stage_positions["type"] = f"while typing {table}"
+                        plan = plans[files_of[table][0].file_no][0]
+                        claims_tables.type_staged(
+                            cur, name, f"{name}_typed", self.profile.tables[table], plan, first=True
+                        )
+                        cur.execute(f"DROP TABLE {name}")
+                        self.times.check += time.perf_counter() - clock
+                        name = f"{name}_typed"
+                    typed.put((table, name))
             typed.put(None)
         except BaseException as error:
             typed.put(_failure(error, self.stage_positions["type"]))
@@ -191,19 +194,63 @@ class _ClaimsLoader:
             self.position = failed.position
             raise failed.error from None
 
-    def _merge(self, cur, table: str, files: list[LandedFile], plans, file_counts) -> None:
+    def _merge_chunk(self, cur, table: str, chunk: str, merges: dict, plan) -> None:
+        """A typed chunk into the warehouse table as soon as it is typed, its bad rows into the quarantine."""
         clock = time.perf_counter()
         self.position = f"while merging {table}"
         schema = self.profile.tables[table]
-        plan = plans[files[0].file_no][0]
-        typed = f"{claims_tables.staging_name(self.batch_id, table)}_typed"
         warehouse_table = self.profile.warehouse_table(table)
-        claims_tables.ensure_table(cur, warehouse_table, schema, plan)
-        duplicates = claims_tables.merge_table(
-            cur, typed, warehouse_table, schema, plan, self.batch_id, self.source.name
+        merge = merges.get(table)
+        if merge is None:
+            merge = merges[table] = _TableMerge(plan)
+            claims_tables.ensure_table(cur, warehouse_table, schema, plan)
+            cur.execute("SAVEPOINT merge_table")
+        written, merge.plain = claims_tables.merge_rows(
+            cur, chunk, warehouse_table, schema, plan, self.batch_id, self.source.name, plain=merge.plain
         )
-        self._reconcile(cur, typed, files, file_counts, duplicates)
-        claims_tables.quarantine_rows(cur, typed, self.batch_id, {f.file_no: f.name for f in files})
+        merge.add(chunk, written, claims_tables.staged_counts(cur, chunk))
+        claims_tables.quarantine_rows(cur, chunk, self.batch_id, self.file_names)
+        self.times.commit += time.perf_counter() - clock
+
+    def _finish_table(self, cur, table: str, merge: _TableMerge, files: list[LandedFile], file_counts) -> None:
+        """Reconcile the table's counts. When a key written by an earlier chunk came again in a later one, the
+        chunks' writes are undone and the table merged again as one, so that the last row is kept and the earlier
+        quarantined, as within a chunk."""
+        clock = time.perf_counter()
+        self.position = f"while merging {table}"
+        if merge.written != merge.good:
+            log.info("%s: a key comes again chunks apart; merging the table as one", table)
+            cur.execute("ROLLBACK TO SAVEPOINT merge_table")
+            schema = self.profile.tables[table]
+            whole = claims_tables.gather_chunks(
+                cur, merge.chunks, f"{claims_tables.staging_name(self.batch_id, table)}_typed"
+            )
+            merge = _TableMerge(merge.plan)
+            written, _ = claims_tables.merge_rows(
+                cur,
+                whole,
+                self.profile.warehouse_table(table),
+                schema,
+                merge.plan,
+                self.batch_id,
+                self.source.name,
+                plain=False,
+            )
+            merge.add(whole, written, claims_tables.staged_counts(cur, whole))
+            claims_tables.quarantine_rows(cur, whole, self.batch_id, self.file_names)
+        cur.execute("RELEASE SAVEPOINT merge_table")
+        for landed_file in files:
+            counts = file_counts[landed_file.file_no]
+            good, bad = merge.staged.get(landed_file.file_no, (0, 0))
+            # the typing and the merge may quarantine more rows than the reader did: those move from loaded
+            counts.rows_quarantined = bad
+            if good + bad != counts.rows_read:
+                raise LoadError(
+                    f"{landed_file.name}: read {counts.rows_read} rows but staged {good + bad}; "
+                    "the counts must reconcile"
+                )
+        if merge.written != merge.good:
+            raise LoadError(f"{table}: {merge.good} good rows but {merge.written} written; the counts must reconcile")
         self.times.commit += time.perf_counter() - clock
 
     def _suite(self, cur, table: str) -> list:
@@ -264,7 +311,7 @@ class _ClaimsLoader:
                         counts.rows_quarantined += 1
                         write(
                             f"{file_no}\t{row_no}\t\twrong_column_count\texpected {width} values, found "
-                            f"{len(values)}{blanks}\n"
+                            f"{len(values)}\t{blanks}\n"
                         )
                         continue
                     cells, person = transform(values)
@@ -272,10 +319,11 @@ class _ClaimsLoader:
                     # one test on the joined line: only a row holding a special character has its fields escaped
                     if line.count("\t") != tabs or "\\" in line or "\n" in line or "\r" in line:
                         line = "\t".join(map(escape_text, cells))
+                    digest = row_digest(cells)
                     write(
-                        f"{file_no}\t{row_no}\t{person or ''}\t\t\t{line}\n"
+                        f"{file_no}\t{row_no}\t{person or ''}\t\t\t{digest}\t{line}\n"
                         if cells
-                        else f"{file_no}\t{row_no}\t{person or ''}\t\t\n"
+                        else f"{file_no}\t{row_no}\t{person or ''}\t\t\t{digest}\n"
                     )
                     if counts.rows_read % CHUNK_CHECK_ROWS == 0:
                         if stop.is_set():
@@ -293,20 +341,25 @@ class _ClaimsLoader:
         if self.progress:
             self.progress(landed_file.name, counts.rows_read, True)
 
-    def _reconcile(self, cur, staged: str, files: list[LandedFile], file_counts, duplicates: dict[int, int]) -> None:
-        for file_no, count in duplicates.items():
-            file_counts[file_no].rows_quarantined += count
-        staged_counts = claims_tables.staged_counts(cur, staged)
-        for landed_file in files:
-            counts = file_counts[landed_file.file_no]
-            good, bad = staged_counts.get(landed_file.file_no, (0, 0))
-            # the typing step may quarantine more rows than the reader did: those move from loaded to quarantined
-            counts.rows_quarantined = bad
-            if good + bad != counts.rows_read:
-                raise LoadError(
-                    f"{landed_file.name}: read {counts.rows_read} rows but staged {good + bad}; "
-                    "the counts must reconcile"
-                )
+
+@dataclass
+class _TableMerge:
+    """What the chunks of one table have written so far."""
+
+    plan: list
+    chunks: list[str] = field(default_factory=list)
+    written: int = 0
+    good: int = 0
+    plain: bool = True
+    staged: dict[int, tuple[int, int]] = field(default_factory=dict)  # file number: (good, bad)
+
+    def add(self, chunk: str, written: int, staged: dict[int, tuple[int, int]]) -> None:
+        self.chunks.append(chunk)
+        self.written += written
+        for file_no, (good, bad) in staged.items():
+            before = self.staged.get(file_no, (0, 0))
+            self.staged[file_no] = (before[0] + good, before[1] + bad)
+            self.good += good
 
 
 def _put(channel: queue.Queue, item, stop: threading.Event) -> bool:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from hashlib import md5
 from operator import itemgetter
 
 from health_ingest.formats.claims import PrivacyRoles, TableSchema
 from health_ingest.privacy.tokens import Tokeniser
 
 YEAR = re.compile(r"(\d{4})")
+# what makes PostgreSQL quote a field of a record's text: a quote, a backslash, a parenthesis or white space
+RECORD_SPECIAL = re.compile(r'["\\() \t\n\r\v\f]')
 MONTHS = {
     m: f"{i:02d}"
     for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], start=1)
@@ -74,33 +77,48 @@ def plan_columns(
 
 
 class RowTransform:
-    """One file's rows pseudonymised as its plan says. The kept columns come first, picked in one call, then the
-    changed ones: `columns` is the order of the cells, for the COPY column list. Every cell is text: an empty one
-    is an absent value (staged as NULL)."""
+    """One file's rows pseudonymised as its plan says, every cell picked in one call and the changed ones then
+    replaced. Every cell is text: an empty one is an absent value (staged as NULL)."""
 
     def __init__(self, plan: list[ColumnPlan], persons: list[tuple[int, str]], tokens: Tokeniser):
-        kept = [c for c in plan if c.action == "keep"]
-        self.changed = [c for c in plan if c.action != "keep"]
-        self.columns = kept + self.changed
+        self.columns = plan
+        self.changed = [(position, c) for position, c in enumerate(plan) if c.action != "keep"]
         self.persons = persons
         self.tokens = tokens
-        indexes = [c.index for c in kept]
+        indexes = [c.index for c in plan]
         if len(indexes) > 1:
             self._pick = itemgetter(*indexes)
         else:
             self._pick = lambda values: tuple(values[i] for i in indexes)
 
     def __call__(self, values: list[str]) -> tuple[list[str], str | None]:
-        """The row's cells in `columns` order, and the person pseudonym (None when the row names nobody)."""
+        """The row's cells in plan order, and the person pseudonym (None when the row names nobody)."""
         cells: list[str] = list(self._pick(values))
-        for column in self.changed:
-            value = values[column.index]
-            cells.append((_changed_value(column, value, self.tokens) or "") if value else "")
+        for position, column in self.changed:
+            value = cells[position]
+            cells[position] = (_changed_value(column, value, self.tokens) or "") if value else ""
         identifier = self.tokens.identifier
         for index, system in self.persons:
             if values[index]:
                 return cells, identifier(system, values[index])
         return cells, None
+
+
+def row_digest(cells: list[str]) -> str:
+    """The MD5 of the row as PostgreSQL writes `ROW(...)::text`, an empty cell being NULL: rows of a table without
+    a key are told apart by it, so it stays what it was when it was taken in SQL."""
+    text = ",".join(cells)
+    if text.count(",") != len(cells) - 1 or RECORD_SPECIAL.search(text):
+        text = ",".join(map(_record_field, cells))
+    return md5(f"({text})".encode()).hexdigest()
+
+
+def _record_field(cell: str) -> str:
+    if cell and not RECORD_SPECIAL.search(cell) and "," not in cell:
+        return cell
+    if not cell:
+        return ""  # NULL
+    return '"' + cell.replace("\\", "\\\\").replace('"', '""') + '"'
 
 
 def _changed_value(column: ColumnPlan, value: str, tokens: Tokeniser) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from health_ingest.errors import ConfigurationError
 from health_ingest.formats.claims import TableSchema
 from health_ingest.privacy.claims import ColumnPlan
-from health_ingest.warehouse.staging import STAGING_SCHEMA
+from health_ingest.warehouse.staging import STAGING_SCHEMA, TRANSIENT
 
 RESERVED = {"patient_id", "batch_id", "ingest_source", "ingest_row_sha", "file_no", "line_no", "reason", "message"}
 
@@ -38,16 +38,10 @@ def create_staging(cur, name: str, plan: list[ColumnPlan]) -> str:
     columns = ", ".join(f'"{c.name.lower()}" text' for c in plan)
     cur.execute(
         f"CREATE UNLOGGED TABLE IF NOT EXISTS {name} (file_no integer NOT NULL, line_no bigint NOT NULL, "
-        f"patient_id text, reason text, message text{', ' + columns if columns else ''})"
+        f"patient_id text, reason text, message text, ingest_row_sha text{', ' + columns if columns else ''}) "
+        f"{TRANSIENT}"
     )
     return name
-
-
-def copy_columns(columns: list[ColumnPlan]) -> str:
-    """The COPY column list of a spool whose cells are in `columns` order."""
-    return ", ".join(
-        ["file_no", "line_no", "patient_id", "reason", "message", *(f'"{c.name.lower()}"' for c in columns)]
-    )
 
 
 def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan]) -> None:
@@ -74,16 +68,16 @@ def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[Colu
 
 def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[ColumnPlan], *, first: bool) -> None:
     """One pass over a chunk of staged text into the typed table (unlogged, committed; created by the first
-    chunk) that the merge and the quarantine read: each value cast once to its column's type, each row's digest
-    taken, and the rows with a missing key or a value that does not cast given their reason (naming the first such
-    column)."""
+    chunk) that the merge and the quarantine read: each value cast once to its column's type, and the rows with a
+    missing key or a value that does not cast given their reason (naming the first such column). Each row's
+    digest comes staged (`privacy.claims.row_digest`)."""
     kinds = {c.name: c.type for c in schema.columns}
     tests = [
         (f"r{index} IS NULL", f"{column.name}: missing, and part of the key")
         for index, column in enumerate(plan)
         if column.name in schema.primary_key
     ]
-    inner = ["file_no", "line_no", "patient_id", "reason", "message"]
+    inner = ["file_no", "line_no", "patient_id", "reason", "message", "ingest_row_sha"]
     outer = []
     for index, column in enumerate(plan):
         name = f'"{column.name.lower()}"'
@@ -95,7 +89,6 @@ def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[Co
         inner.append(f"{cast} AS t{index}")
         outer.append(f"t{index} AS {name}")
         tests.append((f"(r{index} IS NOT NULL AND t{index} IS NULL)", f"{column.name}: {TYPES[kinds[column.name]][2]}"))
-    digest = f"md5(ROW({', '.join(f'r{i}' for i in range(len(plan))) or 'NULL'})::text)"
     if tests:
         failing = " OR ".join(test for test, _ in tests)
         reason = f"coalesce(reason, CASE WHEN {failing} THEN 'invalid_value' END)"
@@ -104,33 +97,57 @@ def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[Co
         reason, message = "reason", "message"
     query = (
         f"SELECT file_no, line_no, patient_id, {reason} AS reason, "
-        f"{message} AS message, {digest} AS ingest_row_sha{''.join(', ' + o for o in outer)} "
+        f"{message} AS message, ingest_row_sha{''.join(', ' + o for o in outer)} "
         f"FROM (SELECT {', '.join(inner)} FROM {staged} OFFSET 0) raw"
     )
-    cur.execute(f"CREATE UNLOGGED TABLE {typed} AS {query}" if first else f"INSERT INTO {typed} {query}")
+    cur.execute(f"CREATE UNLOGGED TABLE {typed} {TRANSIENT} AS {query}" if first else f"INSERT INTO {typed} {query}")
 
 
-def merge_table(
-    cur, typed: str, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan], batch_id: str, source: str
-) -> dict[int, int]:
-    """Upsert by key (or by row content); duplicates of a key within the batch are quarantined, the last kept."""
+def merge_rows(
+    cur,
+    typed: str,
+    warehouse_table: str,
+    schema: TableSchema,
+    plan: list[ColumnPlan],
+    batch_id: str,
+    source: str,
+    *,
+    plain: bool,
+) -> tuple[int, bool]:
+    """Write the good rows of a typed table (a chunk, or a whole table) into the warehouse table, keyed as the
+    format says (else by row content). With `plain`, a plain INSERT is tried first: rows that are all new need no
+    conflict arbitration, and a key already there (or twice in the rows) sends them down the upsert path, whose
+    answer is then kept for the rest of the table (the third value returned). Rows written earlier by this same
+    batch are never overwritten: they are counted out, and the caller settles them. Duplicates of a key within
+    the rows are quarantined, the last kept. Returns (rows written, plain still worth trying).
+    """
     names = [f'"{c.name.lower()}"' for c in plan]
     key = [k.lower() for k in schema.primary_key if k in {c.name for c in plan}]
     conflict = f"({', '.join(key)})" if key else "(ingest_source, ingest_row_sha)"
     updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in [*names, "patient_id", "batch_id", "ingest_row_sha"])
     targets = ", ".join([*names, "patient_id", "batch_id", "ingest_source", "ingest_row_sha"])
-    statement = (
-        f"INSERT INTO claims.{warehouse_table} ({targets}) "
+    insert = (
+        f"INSERT INTO claims.{warehouse_table} AS t ({targets}) "
         f"SELECT {', '.join([*names, 'patient_id', '%(batch)s', '%(source)s', 'ingest_row_sha'])} FROM {typed} "
-        f"WHERE reason IS NULL ON CONFLICT {conflict} DO UPDATE SET {updates}"
+        f"WHERE reason IS NULL"
     )
+    upsert = f"{insert} ON CONFLICT {conflict} DO UPDATE SET {updates} WHERE t.batch_id <> %(batch)s"
     params = {"batch": batch_id, "source": source}
     cur.execute("SAVEPOINT merge_claims")
+    if plain:
+        try:
+            cur.execute(insert, params)
+            written = cur.rowcount
+            cur.execute("RELEASE SAVEPOINT merge_claims")
+            return written, True
+        except Exception as error:
+            if getattr(error, "pgcode", None) != "23505":  # unique_violation
+                raise
+            cur.execute("ROLLBACK TO SAVEPOINT merge_claims")
     try:
-        cur.execute(statement, params)
-        duplicates: dict[int, int] = {}
+        cur.execute(upsert, params)
     except Exception as error:
-        if getattr(error, "pgcode", None) != "21000":
+        if getattr(error, "pgcode", None) != "21000":  # the same key twice in one statement
             raise
         cur.execute("ROLLBACK TO SAVEPOINT merge_claims")
         partition = ", ".join(f'"{k}"' for k in key) or "ingest_row_sha"
@@ -141,7 +158,6 @@ def merge_table(
                                                              ORDER BY file_no DESC, line_no DESC) AS rank
                       FROM {typed} WHERE reason IS NULL) ranked
              WHERE ranked.rank > 1 AND s.file_no = ranked.file_no AND s.line_no = ranked.line_no
-            RETURNING s.file_no
             """,
             {
                 "message": "the same key appears again later in this delivery; the last row was loaded"
@@ -149,12 +165,18 @@ def merge_table(
                 else "the same row appears again in this delivery; it was loaded once"
             },
         )
-        duplicates = {}
-        for (file_no,) in cur.fetchall():
-            duplicates[file_no] = duplicates.get(file_no, 0) + 1
-        cur.execute(statement, params)
+        cur.execute(upsert, params)
+    written = cur.rowcount
     cur.execute("RELEASE SAVEPOINT merge_claims")
-    return duplicates
+    return written, False
+
+
+def gather_chunks(cur, chunks: list[str], name: str) -> str:
+    """The typed chunks of a table as one table (in the load transaction), for a merge of the whole table."""
+    cur.execute(
+        f"CREATE UNLOGGED TABLE {name} {TRANSIENT} AS " + " UNION ALL ".join(f"SELECT * FROM {c}" for c in chunks)
+    )
+    return name
 
 
 def quarantine_rows(cur, staged: str, batch_id: str, names: dict[int, str]) -> None:

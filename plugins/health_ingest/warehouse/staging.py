@@ -9,6 +9,8 @@ STAGING_COLUMNS = "file_no, line_no, id, patient_id, last_updated, reason, messa
 
 
 STAGING_SCHEMA = "ingest_staging"
+# staging tables live for one batch: autovacuum would only spend a core scanning them while the batch runs
+TRANSIENT = "WITH (autovacuum_enabled = false)"
 
 
 def staging_table(batch_id: str, resource_type: str) -> str:
@@ -31,7 +33,7 @@ def create_staging_table(cur, batch_id: str, resource_type: str) -> str:
             reason        text,
             message       text,
             resource      jsonb
-        )
+        ) {TRANSIENT}
         """
     )
     return table
