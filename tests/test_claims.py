@@ -376,3 +376,19 @@ def test_the_row_digest_taken_while_reading_is_the_one_postgresql_takes(db, cell
         values = ", ".join(["%s::text"] * len(cells)) or "NULL"
         cur.execute(f"SELECT md5(ROW({values})::text)", [cell or None for cell in cells])
         assert row_digest(cells) == cur.fetchone()[0]
+
+
+def test_a_detail_table_is_checked_against_its_header_loaded_in_the_same_batch(db):
+    """ER_PHA_F's suite checks that each row has its ER_PRS_F header: delivered together, the header table is
+    merged first and every detail row finds its header."""
+    from health_ingest.config import project_root
+
+    result = run_claims_batch(project_root() / "samples" / "snds-dcir", get_source("snds_extract"))
+    assert set(result.counts) == {"ER_PHA_F", "ER_PRS_F"}
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT success, observed_value FROM ingest.dq_results "
+            "WHERE table_name = 'claims.snds_er_pha_f' AND expectation LIKE '%has_er_prs_f%'"
+        )
+        (success, observed), *others = cur.fetchall()
+    assert success is True and others == [], observed

@@ -31,7 +31,7 @@ from health_ingest.pipeline import (
 from health_ingest.privacy.claims import RowTransform, plan_columns, row_digest
 from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.tokens import Tokeniser
-from health_ingest.quality.suites import evaluate_tables, quality_gate
+from health_ingest.quality.suites import evaluate_tables, load_table_suites, quality_gate
 from health_ingest.sources.landing import SAFE_NAME, LandedFile, land_files
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import claims_tables
@@ -69,6 +69,7 @@ class _ClaimsLoader:
         self.position = "while landing the delivery"
         self.stage_positions = {"read": "while reading the delivery", "copy": "while staging", "type": "while typing"}
         self.times = StepTimes()
+        self.suites_run: set[str] = set()
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         started = clock = time.perf_counter()
@@ -81,7 +82,7 @@ class _ClaimsLoader:
         conn.autocommit = False
         file_counts = {f.file_no: FileCounts() for f in landed.loadable}
         self.file_names = {f.file_no: f.name for f in landed.loadable}
-        tables = sorted({f.resource_type for f in landed.loadable})
+        tables = self._in_dependency_order(sorted({f.resource_type for f in landed.loadable}))
         files_of = {table: [f for f in landed.loadable if f.resource_type == table] for table in tables}
         for table in tables:
             claims_tables.check_columns(table, plans[files_of[table][0].file_no][0])
@@ -100,13 +101,17 @@ class _ClaimsLoader:
                 stage.start()
             with conn.cursor() as cur:
                 merges: dict[str, _TableMerge] = {}
+                finished: list[str] = []
                 while (item := self._next_typed(typed, stop)) is not None:
-                    table, chunk = item
+                    table, chunk, staged_counts = item
                     if chunk is not None:
-                        self._merge_chunk(cur, table, chunk, merges, plans[files_of[table][0].file_no][0])
+                        plan = plans[files_of[table][0].file_no][0]
+                        self._merge_chunk(cur, table, chunk, staged_counts, merges, plan)
                         continue
                     self._finish_table(cur, table, merges.pop(table), files_of[table], file_counts)
-                    outcomes += self._suite(cur, table)
+                    finished.append(table)
+                    for ready in self._suites_ready(tables, finished):
+                        outcomes += self._suite(cur, ready)
                 clock = time.perf_counter()
                 self.position = "while running the quality suites"
                 quality_gate(cur, self.batch_id, self.source, outcomes, self.times.suites)
@@ -165,7 +170,8 @@ class _ClaimsLoader:
             _put(staged, _failure(error, self.stage_positions["copy"]), stop)
 
     def _type_chunks(self, typing_conn, files_of, plans, staged: queue.Queue, typed: queue.Queue, stop) -> None:
-        """Each staged chunk cast into a typed chunk (autocommit), then dropped; the table's end passed on."""
+        """Each staged chunk cast into a typed chunk (autocommit), then dropped, and its good and bad rows counted
+        per file; the table's end passed on."""
         try:
             with typing_conn.cursor() as cur:
                 while (item := _next(staged, stop)) is not None:
@@ -178,9 +184,11 @@ class _ClaimsLoader:
                             cur, name, f"{name}_typed", self.profile.tables[table], plan, first=True
                         )
                         cur.execute(f"DROP TABLE {name}")
-                        self.times.check += time.perf_counter() - clock
                         name = f"{name}_typed"
-                    typed.put((table, name))
+                        typed.put((table, name, claims_tables.staged_counts(cur, name)))
+                        self.times.check += time.perf_counter() - clock
+                    else:
+                        typed.put((table, None, None))
             typed.put(None)
         except BaseException as error:
             typed.put(_failure(error, self.stage_positions["type"]))
@@ -194,8 +202,9 @@ class _ClaimsLoader:
             self.position = failed.position
             raise failed.error from None
 
-    def _merge_chunk(self, cur, table: str, chunk: str, merges: dict, plan) -> None:
-        """A typed chunk into the warehouse table as soon as it is typed, its bad rows into the quarantine."""
+    def _merge_chunk(self, cur, table: str, chunk: str, staged_counts, merges: dict, plan) -> None:
+        """A typed chunk into the warehouse table as soon as it is typed, its bad rows (if any) into the
+        quarantine."""
         clock = time.perf_counter()
         self.position = f"while merging {table}"
         schema = self.profile.tables[table]
@@ -205,11 +214,15 @@ class _ClaimsLoader:
             merge = merges[table] = _TableMerge(plan)
             claims_tables.ensure_table(cur, warehouse_table, schema, plan)
             cur.execute("SAVEPOINT merge_table")
-        written, merge.plain = claims_tables.merge_rows(
+        merged = claims_tables.merge_rows(
             cur, chunk, warehouse_table, schema, plan, self.batch_id, self.source.name, plain=merge.plain
         )
-        merge.add(chunk, written, claims_tables.staged_counts(cur, chunk))
-        claims_tables.quarantine_rows(cur, chunk, self.batch_id, self.file_names)
+        merge.plain = merged.plain
+        if merged.duplicates:
+            staged_counts = claims_tables.staged_counts(cur, chunk)
+        merge.add(chunk, merged.written, staged_counts)
+        if any(bad for _, bad in staged_counts.values()):
+            claims_tables.quarantine_rows(cur, chunk, self.batch_id, self.file_names)
         self.times.commit += time.perf_counter() - clock
 
     def _finish_table(self, cur, table: str, merge: _TableMerge, files: list[LandedFile], file_counts) -> None:
@@ -226,7 +239,7 @@ class _ClaimsLoader:
                 cur, merge.chunks, f"{claims_tables.staging_name(self.batch_id, table)}_typed"
             )
             merge = _TableMerge(merge.plan)
-            written, _ = claims_tables.merge_rows(
+            merged = claims_tables.merge_rows(
                 cur,
                 whole,
                 self.profile.warehouse_table(table),
@@ -236,7 +249,7 @@ class _ClaimsLoader:
                 self.source.name,
                 plain=False,
             )
-            merge.add(whole, written, claims_tables.staged_counts(cur, whole))
+            merge.add(whole, merged.written, claims_tables.staged_counts(cur, whole))
             claims_tables.quarantine_rows(cur, whole, self.batch_id, self.file_names)
         cur.execute("RELEASE SAVEPOINT merge_table")
         for landed_file in files:
@@ -252,6 +265,25 @@ class _ClaimsLoader:
         if merge.written != merge.good:
             raise LoadError(f"{table}: {merge.good} good rows but {merge.written} written; the counts must reconcile")
         self.times.commit += time.perf_counter() - clock
+
+    def _in_dependency_order(self, tables: list[str]) -> list[str]:
+        """Tables that other tables' suites require (DCIR's ER_PRS_F for its detail tables) come first, so that
+        each suite can run as soon as its own table is merged."""
+        required = {r for t in tables for r in self._required_by_suite(t)}
+        return sorted(tables, key=lambda t: (f"claims.{self.profile.warehouse_table(t)}" not in required, t))
+
+    def _required_by_suite(self, table: str) -> set[str]:
+        suite = load_table_suites().get(f"claims.{self.profile.warehouse_table(table)}")
+        columns = suite.columns.values() if suite else ()
+        return {c["requires"] for c in columns if isinstance(c, dict) and c.get("requires")}
+
+    def _suites_ready(self, tables: list[str], finished: list[str]):
+        """Finished tables whose suite requires no table of this batch that is still to be merged; once each."""
+        pending = {f"claims.{self.profile.warehouse_table(t)}" for t in tables if t not in finished}
+        for table in finished:
+            if table not in self.suites_run and not (self._required_by_suite(table) & pending):
+                self.suites_run.add(table)
+                yield table
 
     def _suite(self, cur, table: str) -> list:
         """The table's suite on this batch's rows, while the next table is still being typed."""

@@ -5,6 +5,8 @@ duplicates). Besides the format's columns each row has `patient_id` (the person 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from health_ingest.errors import ConfigurationError
 from health_ingest.formats.claims import TableSchema
 from health_ingest.privacy.claims import ColumnPlan
@@ -103,6 +105,12 @@ def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[Co
     cur.execute(f"CREATE UNLOGGED TABLE {typed} {TRANSIENT} AS {query}" if first else f"INSERT INTO {typed} {query}")
 
 
+class Merged(NamedTuple):
+    written: int  # rows inserted or updated
+    plain: bool  # a plain INSERT is still worth trying for the table's next rows
+    duplicates: int  # rows of the batch quarantined as a key seen again later
+
+
 def merge_rows(
     cur,
     typed: str,
@@ -113,13 +121,13 @@ def merge_rows(
     source: str,
     *,
     plain: bool,
-) -> tuple[int, bool]:
+) -> Merged:
     """Write the good rows of a typed table (a chunk, or a whole table) into the warehouse table, keyed as the
     format says (else by row content). With `plain`, a plain INSERT is tried first: rows that are all new need no
     conflict arbitration, and a key already there (or twice in the rows) sends them down the upsert path, whose
     answer is then kept for the rest of the table (the third value returned). Rows written earlier by this same
     batch are never overwritten: they are counted out, and the caller settles them. Duplicates of a key within
-    the rows are quarantined, the last kept. Returns (rows written, plain still worth trying).
+    the rows are quarantined, the last kept.
     """
     names = [f'"{c.name.lower()}"' for c in plan]
     key = [k.lower() for k in schema.primary_key if k in {c.name for c in plan}]
@@ -139,11 +147,12 @@ def merge_rows(
             cur.execute(insert, params)
             written = cur.rowcount
             cur.execute("RELEASE SAVEPOINT merge_claims")
-            return written, True
+            return Merged(written, plain=True, duplicates=0)
         except Exception as error:
             if getattr(error, "pgcode", None) != "23505":  # unique_violation
                 raise
             cur.execute("ROLLBACK TO SAVEPOINT merge_claims")
+    duplicates = 0
     try:
         cur.execute(upsert, params)
     except Exception as error:
@@ -165,10 +174,11 @@ def merge_rows(
                 else "the same row appears again in this delivery; it was loaded once"
             },
         )
+        duplicates = cur.rowcount
         cur.execute(upsert, params)
     written = cur.rowcount
     cur.execute("RELEASE SAVEPOINT merge_claims")
-    return written, False
+    return Merged(written, plain=False, duplicates=duplicates)
 
 
 def gather_chunks(cur, chunks: list[str], name: str) -> str:
