@@ -392,3 +392,30 @@ def test_a_detail_table_is_checked_against_its_header_loaded_in_the_same_batch(d
         )
         (success, observed), *others = cur.fetchall()
     assert success is True and others == [], observed
+
+
+def test_a_key_twice_in_a_redelivery_keeps_its_last_row(tmp_path, db):
+    """Both rows of the repeated key update a row of the earlier batch: the last one wins, the other is
+    quarantined, and the batch still reconciles."""
+    first = run_claims_batch(SNDS / "DCIR", get_source("snds_extract")).counts["ER_PRS_F"]
+    delivery = tmp_path / "dcir"
+    shutil.copytree(SNDS / "DCIR", delivery)
+    rows = _rows(delivery / "ER_PRS_F.csv")
+    repeated = dict(rows[2], PRS_ACT_QTE="77")
+    with (delivery / "ER_PRS_F.csv").open("a", newline="") as out:
+        csv.DictWriter(out, fieldnames=list(rows[0])).writerow(repeated)
+
+    second = run_claims_batch(delivery, get_source("snds_extract"))
+    counts = second.counts["ER_PRS_F"]
+    assert (counts.rows_read, counts.rows_loaded) == (first.rows_read + 1, first.rows_loaded)
+    key = " AND ".join(f"{k.lower()}::text = %s" for k in DCIR_KEY)
+    with db.cursor() as cur:
+        cur.execute(f"SELECT prs_act_qte::text FROM claims.snds_er_prs_f WHERE {key}", [repeated[k] for k in DCIR_KEY])
+        assert [row[0] for row in cur.fetchall()] == ["77"]
+        cur.execute("SELECT count(*), count(DISTINCT batch_id) FROM claims.snds_er_prs_f")
+        assert cur.fetchone() == (first.rows_loaded, 1)
+        cur.execute(
+            "SELECT line_number FROM ingest.quarantine WHERE reason = 'duplicate_in_batch' AND batch_id = %s",
+            (second.batch_id,),
+        )
+        assert cur.fetchall() == [(4,)]

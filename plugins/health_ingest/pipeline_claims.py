@@ -214,42 +214,33 @@ class _ClaimsLoader:
             merge = merges[table] = _TableMerge(plan)
             claims_tables.ensure_table(cur, warehouse_table, schema, plan)
             cur.execute("SAVEPOINT merge_table")
-        merged = claims_tables.merge_rows(
-            cur, chunk, warehouse_table, schema, plan, self.batch_id, self.source.name, plain=merge.plain
+        offered = sum(good for good, _ in staged_counts.values())
+        written = claims_tables.merge_chunk(
+            cur, chunk, offered, warehouse_table, schema, plan, self.batch_id, self.source.name
         )
-        merge.plain = merged.plain
-        if merged.duplicates:
-            staged_counts = claims_tables.staged_counts(cur, chunk)
-        merge.add(chunk, merged.written, staged_counts)
+        merge.add(chunk, written, staged_counts)
         if any(bad for _, bad in staged_counts.values()):
             claims_tables.quarantine_rows(cur, chunk, self.batch_id, self.file_names)
         self.times.commit += time.perf_counter() - clock
 
     def _finish_table(self, cur, table: str, merge: _TableMerge, files: list[LandedFile], file_counts) -> None:
-        """Reconcile the table's counts. When a key written by an earlier chunk came again in a later one, the
+        """Reconcile the table's counts. When a key came twice in the batch (in one chunk or chunks apart), the
         chunks' writes are undone and the table merged again as one, so that the last row is kept and the earlier
-        quarantined, as within a chunk."""
+        quarantined."""
         clock = time.perf_counter()
         self.position = f"while merging {table}"
         if merge.written != merge.good:
-            log.info("%s: a key comes again chunks apart; merging the table as one", table)
+            log.info("%s: a key comes twice in the delivery; merging the table as one", table)
             cur.execute("ROLLBACK TO SAVEPOINT merge_table")
             schema = self.profile.tables[table]
             whole = claims_tables.gather_chunks(
                 cur, merge.chunks, f"{claims_tables.staging_name(self.batch_id, table)}_typed"
             )
             merge = _TableMerge(merge.plan)
-            merged = claims_tables.merge_rows(
-                cur,
-                whole,
-                self.profile.warehouse_table(table),
-                schema,
-                merge.plan,
-                self.batch_id,
-                self.source.name,
-                plain=False,
+            written = claims_tables.merge_table(
+                cur, whole, self.profile.warehouse_table(table), schema, merge.plan, self.batch_id, self.source.name
             )
-            merge.add(whole, merged.written, claims_tables.staged_counts(cur, whole))
+            merge.add(whole, written, claims_tables.staged_counts(cur, whole))
             claims_tables.quarantine_rows(cur, whole, self.batch_id, self.file_names)
         cur.execute("RELEASE SAVEPOINT merge_table")
         for landed_file in files:
@@ -382,7 +373,6 @@ class _TableMerge:
     chunks: list[str] = field(default_factory=list)
     written: int = 0
     good: int = 0
-    plain: bool = True
     staged: dict[int, tuple[int, int]] = field(default_factory=dict)  # file number: (good, bad)
 
     def add(self, chunk: str, written: int, staged: dict[int, tuple[int, int]]) -> None:

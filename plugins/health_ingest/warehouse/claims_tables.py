@@ -105,80 +105,69 @@ def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[Co
     cur.execute(f"CREATE UNLOGGED TABLE {typed} {TRANSIENT} AS {query}" if first else f"INSERT INTO {typed} {query}")
 
 
-class Merged(NamedTuple):
-    written: int  # rows inserted or updated
-    plain: bool  # a plain INSERT is still worth trying for the table's next rows
-    duplicates: int  # rows of the batch quarantined as a key seen again later
-
-
-def merge_rows(
+def merge_chunk(
     cur,
     typed: str,
+    offered: int,
     warehouse_table: str,
     schema: TableSchema,
     plan: list[ColumnPlan],
     batch_id: str,
     source: str,
-    *,
-    plain: bool,
-) -> Merged:
-    """Write the good rows of a typed table (a chunk, or a whole table) into the warehouse table, keyed as the
-    format says (else by row content). With `plain`, a plain INSERT is tried first: rows that are all new need no
-    conflict arbitration, and a key already there (or twice in the rows) sends them down the upsert path, whose
-    answer is then kept for the rest of the table (the third value returned). Rows written earlier by this same
-    batch are never overwritten: they are counted out, and the caller settles them. Duplicates of a key within
-    the rows are quarantined, the last kept.
-    """
-    names = [f'"{c.name.lower()}"' for c in plan]
-    key = [k.lower() for k in schema.primary_key if k in {c.name for c in plan}]
-    conflict = f"({', '.join(key)})" if key else "(ingest_source, ingest_row_sha)"
-    updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in [*names, "patient_id", "batch_id", "ingest_row_sha"])
-    targets = ", ".join([*names, "patient_id", "batch_id", "ingest_source", "ingest_row_sha"])
-    insert = (
-        f"INSERT INTO claims.{warehouse_table} AS t ({targets}) "
-        f"SELECT {', '.join([*names, 'patient_id', '%(batch)s', '%(source)s', 'ingest_row_sha'])} FROM {typed} "
-        f"WHERE reason IS NULL"
-    )
-    upsert = f"{insert} ON CONFLICT {conflict} DO UPDATE SET {updates} WHERE t.batch_id <> %(batch)s"
+) -> int:
+    """Write a typed chunk's good rows (`offered` of them) into the warehouse table, keyed as the format says (else
+    by row content), without a savepoint: a long load must not pile up subtransactions. New keys are inserted;
+    a key loaded by an earlier batch is updated, the last of its rows in the chunk winning. A key this batch has
+    already written (earlier in the chunk or in an earlier chunk) is left alone, so fewer rows are written than
+    offered: the caller then merges the whole table at once (`merge_table`), which quarantines all but the last.
+    Returns the rows written."""
+    columns = _merge_columns(warehouse_table, schema, plan)
+    cur.execute(f"{columns.insert(typed)} ON CONFLICT DO NOTHING", {"batch": batch_id, "source": source})
+    written = cur.rowcount
+    if written < offered:  # some keys were there already: those of earlier batches are updated
+        last_first = f"DISTINCT ON ({columns.partition})"
+        order = f"ORDER BY {columns.partition}, file_no DESC, line_no DESC"
+        cur.execute(
+            f"{columns.insert(typed, last_first, order)} {columns.on_conflict_update}",
+            {"batch": batch_id, "source": source},
+        )
+        written += cur.rowcount
+    return written
+
+
+def merge_table(
+    cur, typed: str, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan], batch_id: str, source: str
+) -> int:
+    """Upsert all the typed rows of a table by key (or by row content); duplicates of a key within them are
+    quarantined, the last kept. Returns the rows written."""
+    columns = _merge_columns(warehouse_table, schema, plan)
     params = {"batch": batch_id, "source": source}
+    upsert = f"{columns.insert(typed)} {columns.on_conflict_update}"
     cur.execute("SAVEPOINT merge_claims")
-    if plain:
-        try:
-            cur.execute(insert, params)
-            written = cur.rowcount
-            cur.execute("RELEASE SAVEPOINT merge_claims")
-            return Merged(written, plain=True, duplicates=0)
-        except Exception as error:
-            if getattr(error, "pgcode", None) != "23505":  # unique_violation
-                raise
-            cur.execute("ROLLBACK TO SAVEPOINT merge_claims")
-    duplicates = 0
     try:
         cur.execute(upsert, params)
     except Exception as error:
         if getattr(error, "pgcode", None) != "21000":  # the same key twice in one statement
             raise
         cur.execute("ROLLBACK TO SAVEPOINT merge_claims")
-        partition = ", ".join(f'"{k}"' for k in key) or "ingest_row_sha"
         cur.execute(
             f"""
             UPDATE {typed} s SET reason = 'duplicate_in_batch', message = %(message)s
-              FROM (SELECT file_no, line_no, row_number() OVER (PARTITION BY {partition}
+              FROM (SELECT file_no, line_no, row_number() OVER (PARTITION BY {columns.partition}
                                                              ORDER BY file_no DESC, line_no DESC) AS rank
                       FROM {typed} WHERE reason IS NULL) ranked
              WHERE ranked.rank > 1 AND s.file_no = ranked.file_no AND s.line_no = ranked.line_no
             """,
             {
                 "message": "the same key appears again later in this delivery; the last row was loaded"
-                if key
+                if columns.keyed
                 else "the same row appears again in this delivery; it was loaded once"
             },
         )
-        duplicates = cur.rowcount
         cur.execute(upsert, params)
     written = cur.rowcount
     cur.execute("RELEASE SAVEPOINT merge_claims")
-    return Merged(written, plain=False, duplicates=duplicates)
+    return written
 
 
 def gather_chunks(cur, chunks: list[str], name: str) -> str:
@@ -211,6 +200,43 @@ def staged_counts(cur, staged: str) -> dict[int, tuple[int, int]]:
 
 
 # --- implementation details -------------------------------------------------------------------
+
+
+class _MergeColumns(NamedTuple):
+    warehouse_table: str
+    names: list[str]
+    key: list[str]
+
+    @property
+    def keyed(self) -> bool:
+        return bool(self.key)
+
+    @property
+    def partition(self) -> str:
+        return ", ".join(f'"{k}"' for k in self.key) or "ingest_row_sha"
+
+    def insert(self, typed: str, distinct: str = "", order: str = "") -> str:
+        targets = ", ".join([*self.names, "patient_id", "batch_id", "ingest_source", "ingest_row_sha"])
+        values = ", ".join([*self.names, "patient_id", "%(batch)s", "%(source)s", "ingest_row_sha"])
+        return (
+            f"INSERT INTO claims.{self.warehouse_table} AS t ({targets}) "
+            f"SELECT {distinct} {values} FROM {typed} WHERE reason IS NULL {order}"
+        )
+
+    @property
+    def on_conflict_update(self) -> str:
+        """Rows of earlier batches are replaced; rows this batch wrote are left alone."""
+        conflict = f"({', '.join(self.key)})" if self.key else "(ingest_source, ingest_row_sha)"
+        updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in [*self.names, "patient_id", "batch_id", "ingest_row_sha"])
+        return f"ON CONFLICT {conflict} DO UPDATE SET {updates} WHERE t.batch_id <> %(batch)s"
+
+
+def _merge_columns(warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan]) -> _MergeColumns:
+    return _MergeColumns(
+        warehouse_table,
+        [f'"{c.name.lower()}"' for c in plan],
+        [k.lower() for k in schema.primary_key if k in {c.name for c in plan}],
+    )
 
 
 def _pg_type(column: ColumnPlan, kind: str) -> str:
