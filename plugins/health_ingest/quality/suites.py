@@ -150,7 +150,7 @@ def evaluate_tables(cur, batch_id: str | None, source: str, tables: list[str], p
             columns[name] = column
         selected = ",\n".join(f'({expression}) AS "{name}"' for name, expression in columns.items())
         where = "WHERE s.batch_id = %(batch_id)s" if batch_id else ""
-        with_q = f"WITH q AS (SELECT {selected} FROM {suite.table} s {where})"
+        with_q = f"WITH q AS (SELECT {selected} FROM {suite.table} s {where} OFFSET 0)"  # each column computed once
         found = _run(
             cur,
             with_q,
@@ -274,7 +274,8 @@ def suite_ctes(cur, suite: Suite, batch_id: str, resource_type: str, types_in_ba
             "LEFT JOIN patients p ON p.id = "
             f"split_part(s.resource #>> '{{{suite.patient_reference},reference}}', '/', 2)"
         )
-    ctes.append(f"q AS (SELECT {columns}\n FROM {staged} s {join} WHERE s.reason IS NULL)")
+    # OFFSET 0 keeps q a subquery of its own: each column is computed once per row, not once per aggregate using it
+    ctes.append(f"q AS (SELECT {columns}\n FROM {staged} s {join} WHERE s.reason IS NULL OFFSET 0)")
     return "WITH " + ", ".join(ctes)
 
 
