@@ -92,3 +92,20 @@ def test_a_batch_left_loading_by_a_dead_process_is_marked_failed_by_the_next_run
         (old_status, old_error), (new_status, _) = cur.fetchall()
     assert (old_status, new_status) == ("failed", "committed")
     assert old_error.startswith("abandoned")
+
+
+def test_a_file_staged_in_many_parts_loads_the_same(db, smart_source, monkeypatch):
+    """Byte ranges of about 16 KiB, each its own spool part and COPY: the sample loads exactly as in one piece."""
+    import health_ingest.encoding as encoding
+    import health_ingest.pipeline as pipeline
+
+    monkeypatch.setattr(encoding, "CHUNK_BYTES", 1 << 14)
+    monkeypatch.setattr(pipeline, "SPOOL_BYTES", 1)
+    result = run_fhir_batch(SAMPLE, smart_source)
+    assert result.rows_quarantined == 0
+    assert _table_counts(db) == {t.lower(): n for t, n in sample_line_counts().items()}
+    with db.cursor() as cur:
+        cur.execute("SELECT resource_type, rows_read, rows_loaded FROM ingest.batch_files ORDER BY resource_type")
+        assert {(t, read) for t, read, loaded in cur.fetchall() if read == loaded} == {
+            (t, n) for t, n in sample_line_counts().items()
+        }

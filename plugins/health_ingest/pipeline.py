@@ -6,6 +6,7 @@ DAG tasks, the CLI and the tests all call `run_fhir_batch`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import re
@@ -13,7 +14,7 @@ import shutil
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[str, int, bool], None]  # file name, records so far, file done
 BeforeCommit = Callable[[object, str], None]  # (cursor, batch id): last writes of the load transaction
 ESCROW_SPOOL = "escrow.copy"
+SPOOL_BYTES = 16 << 20  # a file's spool is staged in parts of about this size, while the workers encode the next
 QUOTED = re.compile(r'"[^"]*"')
 
 
@@ -350,12 +352,14 @@ class _BatchLoader:
                 if isinstance(item, _ProducerFailure):
                     staged.put(item)
                     return
-                landed_file, spool = item
+                landed_file, spool, last_part = item
                 clock = time.perf_counter()
                 position = f"while staging {landed_file.name}"
                 staging.copy_spool(copy_cur, staging.staging_table(self.batch_id, landed_file.resource_type), spool)
                 spool.unlink()
                 self.times.stage += time.perf_counter() - clock
+                if not last_part:
+                    continue
                 counts = file_counts[landed_file.file_no]
                 log.info("%s: %d read, %d quarantined", landed_file.name, counts.rows_read, counts.rows_quarantined)
                 if last_file_of_type[landed_file.resource_type] == landed_file.file_no:
@@ -410,9 +414,11 @@ class _BatchLoader:
                 for landed_file in landed.loadable:
                     if stop.is_set():
                         return
-                    spool = spool_folder / f"{landed_file.file_no}.copy"
-                    self._encode_file(encoder, landed_file, file_counts[landed_file.file_no], spool, escrow, stop)
-                    handoff.put((landed_file, spool))
+                    spools = self._encode_file(
+                        encoder, landed_file, file_counts[landed_file.file_no], spool_folder, escrow, stop
+                    )
+                    for spool, last in spools:
+                        handoff.put((landed_file, spool, last))
                 self.times.read += encoder.read_seconds
             handoff.put(None)
         except BaseException as error:
@@ -423,32 +429,46 @@ class _BatchLoader:
         encoder: FileEncoder,
         landed_file: LandedFile,
         counts: FileCounts,
-        spool: Path,
+        spool_folder: Path,
         escrow: BinaryIO,
         stop: threading.Event,
-    ) -> None:
-        """Every line read becomes one COPY row, good or rejected, so nothing read goes unaccounted."""
+    ) -> Iterator[tuple[Path, bool]]:
+        """Every line read becomes one COPY row, good or rejected, so nothing read goes unaccounted. Yields spools
+        of about SPOOL_BYTES (and whether it is the file's last), so that staging copies a part while the workers
+        encode the next."""
         self._producer_position = f"while reading {landed_file.name}"
-        with spool.open("wb", buffering=1 << 20) as handle:
-            for number, chunk in enumerate(
-                encoder.encode(landed_file.path, landed_file.file_no, landed_file.resource_type), start=1
-            ):
-                if stop.is_set():
-                    return
-                handle.write(chunk.data)
-                escrow.write(chunk.escrow)
-                if number % 32 == 0:
-                    release_free_memory()
-                counts.rows_read += chunk.rows_read
-                counts.rows_quarantined += chunk.rows_quarantined
-                self.times.check += chunk.check_seconds
-                self.times.pseudonymise += chunk.pseudonymise_seconds
-                self._producer_position = f"after {landed_file.name} line {chunk.first_line}"
-                if self.progress:
-                    self.progress(landed_file.name, counts.rows_read, False)
-        if self.progress:
-            self.progress(landed_file.name, counts.rows_read, True)
-        release_free_memory()
+        chunks = enumerate(encoder.encode(landed_file.path, landed_file.file_no, landed_file.resource_type), start=1)
+        for part in itertools.count():
+            spool = spool_folder / f"{landed_file.file_no}.{part}.copy"
+            written = 0
+            with spool.open("wb", buffering=1 << 20) as handle:
+                for number, chunk in chunks:
+                    if stop.is_set():
+                        return
+                    handle.write(chunk.data)
+                    written += len(chunk.data)
+                    escrow.write(chunk.escrow)
+                    if number % 32 == 0:
+                        release_free_memory()
+                    counts.rows_read += chunk.rows_read
+                    counts.rows_quarantined += chunk.rows_quarantined
+                    self.times.check += chunk.check_seconds
+                    self.times.pseudonymise += chunk.pseudonymise_seconds
+                    self._producer_position = f"after {landed_file.name} line {chunk.first_line}"
+                    if self.progress:
+                        self.progress(landed_file.name, counts.rows_read, False)
+                    if written >= SPOOL_BYTES:
+                        break
+                else:
+                    written = -1  # the file's end
+            if written >= 0:
+                yield spool, False
+                continue
+            if self.progress:
+                self.progress(landed_file.name, counts.rows_read, True)
+            release_free_memory()
+            yield spool, True
+            return
 
 
 class _SuiteRunner:

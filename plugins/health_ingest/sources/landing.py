@@ -67,9 +67,13 @@ class LandedDelivery:
 
     @property
     def loadable(self) -> list[LandedFile]:
-        """Patients first: the checks of the other types look up their patients' birth dates."""
+        """Patients first: the checks of the other types look up their patients' birth dates. Then the largest
+        types: each type is merged once all its files are staged, so the batch ends on small ones."""
         files = [f for f in self.files if f.resource_type is not None]
-        return sorted(files, key=lambda f: (f.resource_type != "Patient", f.file_no))
+        type_sizes: dict[str | None, int] = {}
+        for landed in files:
+            type_sizes[landed.resource_type] = type_sizes.get(landed.resource_type, 0) + landed.bytes
+        return sorted(files, key=lambda f: (f.resource_type != "Patient", -type_sizes[f.resource_type], f.file_no))
 
 
 def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
