@@ -105,7 +105,7 @@ def test_a_file_staged_in_many_parts_loads_the_same(db, smart_source, monkeypatc
     assert result.rows_quarantined == 0
     assert _table_counts(db) == {t.lower(): n for t, n in sample_line_counts().items()}
     with db.cursor() as cur:
-        cur.execute("SELECT resource_type, rows_read, rows_loaded FROM ingest.batch_files ORDER BY resource_type")
-        assert {(t, read) for t, read, loaded in cur.fetchall() if read == loaded} == {
-            (t, n) for t, n in sample_line_counts().items()
-        }
+        cur.execute(
+            "SELECT resource_type, rows_read, rows_loaded FROM ingest.batch_files WHERE resource_type IS NOT NULL"
+        )
+        assert {(t, read) for t, read, loaded in cur.fetchall() if read == loaded} == set(sample_line_counts().items())
