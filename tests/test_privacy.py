@@ -111,3 +111,17 @@ def test_patient_resources_lose_names_contacts_and_unknown_extensions():
         "us-core-birthsex",
     }
     assert {"code": "PSEUDED"}.items() <= patient["meta"]["security"][-1].items()
+
+
+@pytest.mark.parametrize("key_length", [0, 32, 64, 65, 200])
+def test_the_token_mac_is_hmac_sha256(key_length):
+    """Tokens must stay what they were: the precomputed-pad MAC is exactly HMAC-SHA256."""
+    import hmac
+    import os
+
+    from health_ingest.privacy.tokens import keyed_sha256
+
+    key = os.urandom(key_length)
+    mac = keyed_sha256(key)
+    for message in (b"", b"identifier|urn:oid:2.16.840.1.113883.4.1\x1f999-12-3456", os.urandom(300)):
+        assert mac(message) == hmac.digest(key, message, "sha256")
