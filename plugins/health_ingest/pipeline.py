@@ -317,9 +317,14 @@ class _BatchLoader:
                 resource_type, duplicates = item
                 clock = time.perf_counter()
                 self.position = f"while merging {resource_type}"
-                merge.merge_resource_type(cur, self.batch_id, resource_type, self.source.id_space)
                 for file_no, count in duplicates.items():
                     file_counts[file_no].rows_quarantined += count
+                offered = sum(
+                    file_counts[f.file_no].rows_read - file_counts[f.file_no].rows_quarantined
+                    for f in landed.loadable
+                    if f.resource_type == resource_type
+                )
+                merge.merge_resource_type(cur, self.batch_id, resource_type, self.source.id_space, offered)
                 self.times.commit += time.perf_counter() - clock
             self._after_merges(cur, landed)
             clock = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from health_ingest.errors import LoadError
 from health_ingest.warehouse.staging import staging_table
 
 if TYPE_CHECKING:
@@ -15,12 +16,19 @@ if TYPE_CHECKING:
 DUPLICATE_MESSAGE = "the same resource id appears again in this delivery; its newest version was loaded"
 
 
-def merge_resource_type(cur, batch_id: str, resource_type: str, id_space: str) -> None:
+def merge_resource_type(cur, batch_id: str, resource_type: str, id_space: str, offered: int) -> None:
     """Upsert by pseudonymised id; a re-delivered resource replaces the stored one unless that one is newer.
-    The staged rows hold each id once (see `quarantine_duplicates`)."""
+    The staged rows hold each id once (see `quarantine_duplicates`); `offered` of them are good. New ids are
+    inserted first without conflict arbitration; only when some were stored already does the upsert run."""
     cur.execute("SELECT ingest.ensure_fhir_table(%s)", (resource_type,))
     (table,) = cur.fetchone()
-    _upsert(cur, table, staging_table(batch_id, resource_type), batch_id, id_space)
+    staged = staging_table(batch_id, resource_type)
+    cur.execute(f"{_insert(table, staged)} ON CONFLICT (id) DO NOTHING", (batch_id, id_space))
+    inserted = cur.rowcount
+    if inserted > offered:
+        raise LoadError(f"{resource_type}: {inserted} rows merged but {offered} staged; the counts must reconcile")
+    if inserted < offered:
+        _upsert(cur, table, staged, batch_id, id_space)
 
 
 def quarantine_duplicates(cur, staged: str) -> dict[int, int]:
@@ -131,18 +139,26 @@ def record_files(cur, batch_id: str, landed: LandedDelivery, file_counts: dict[i
 # --- implementation details -------------------------------------------------------------------
 
 
-def _upsert(cur, table: str, staged: str, batch_id: str, id_space: str) -> None:
-    cur.execute(
-        f"""
+def _insert(table: str, staged: str) -> str:
+    return f"""
         INSERT INTO fhir.{table} AS t (id, patient_id, last_updated, batch_id, resource)
         SELECT s.id, coalesce(link.person_id, s.patient_id), s.last_updated, %s, s.resource
           FROM {staged} s
           LEFT JOIN ingest.person_links link ON link.id_space = %s AND link.patient_token = s.patient_id
          WHERE s.reason IS NULL
+        """
+
+
+def _upsert(cur, table: str, staged: str, batch_id: str, id_space: str) -> None:
+    """The rows this batch has just inserted are left as they are; stored ones are replaced unless newer."""
+    cur.execute(
+        f"""
+        {_insert(table, staged)}
         ON CONFLICT (id) DO UPDATE
            SET patient_id = EXCLUDED.patient_id, last_updated = EXCLUDED.last_updated,
                batch_id = EXCLUDED.batch_id, resource = EXCLUDED.resource
-         WHERE t.last_updated IS NULL OR EXCLUDED.last_updated IS NULL OR EXCLUDED.last_updated >= t.last_updated
+         WHERE t.batch_id <> EXCLUDED.batch_id
+           AND (t.last_updated IS NULL OR EXCLUDED.last_updated IS NULL OR EXCLUDED.last_updated >= t.last_updated)
         """,
         (batch_id, id_space),
     )
