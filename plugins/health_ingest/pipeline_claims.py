@@ -131,7 +131,7 @@ class _ClaimsLoader:
     # --- the stages, each in its own thread; an error travels down the queues to the load transaction ---------
 
     def _read_files(self, tables, files_of, plans, file_counts, spools: queue.Queue, stop) -> None:
-        """Each file into CSV spools of about CHUNK_BYTES; then the table's end."""
+        """Each file into spools of about CHUNK_BYTES; then the table's end."""
         try:
             for table in tables:
                 chunk_no = 0
@@ -180,9 +180,7 @@ class _ClaimsLoader:
                         clock = time.perf_counter()
                         self.stage_positions["type"] = f"while typing {table}"
                         plan = plans[files_of[table][0].file_no][0]
-                        claims_tables.type_staged(
-                            cur, name, f"{name}_typed", self.profile.tables[table], plan, first=True
-                        )
+                        claims_tables.type_staged(cur, name, f"{name}_typed", self.profile.tables[table], plan)
                         cur.execute(f"DROP TABLE {name}")
                         name = f"{name}_typed"
                         typed.put((table, name, claims_tables.staged_counts(cur, name)))

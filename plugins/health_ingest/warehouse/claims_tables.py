@@ -68,11 +68,11 @@ def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[Colu
     cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON claims.{warehouse_table} TO health_ingest_loader")
 
 
-def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[ColumnPlan], *, first: bool) -> None:
-    """One pass over a chunk of staged text into the typed table (unlogged, committed; created by the first
-    chunk) that the merge and the quarantine read: each value cast once to its column's type, and the rows with a
-    missing key or a value that does not cast given their reason (naming the first such column). Each row's
-    digest comes staged (`privacy.claims.row_digest`)."""
+def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[ColumnPlan]) -> None:
+    """One pass over a staged chunk into its typed table (unlogged, committed), which the merge and the
+    quarantine read: each value cast once to its column's type, and the rows with a missing key or a value that
+    does not cast given their reason (naming the first such column). Each row's digest comes staged
+    (`privacy.claims.row_digest`)."""
     kinds = {c.name: c.type for c in schema.columns}
     tests = [
         (f"r{index} IS NULL", f"{column.name}: missing, and part of the key")
@@ -102,7 +102,7 @@ def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[Co
         f"{message} AS message, ingest_row_sha{''.join(', ' + o for o in outer)} "
         f"FROM (SELECT {', '.join(inner)} FROM {staged} OFFSET 0) raw"
     )
-    cur.execute(f"CREATE UNLOGGED TABLE {typed} {TRANSIENT} AS {query}" if first else f"INSERT INTO {typed} {query}")
+    cur.execute(f"CREATE UNLOGGED TABLE {typed} {TRANSIENT} AS {query}")
 
 
 def merge_chunk(
