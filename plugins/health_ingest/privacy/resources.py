@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import date
+from functools import lru_cache
 from typing import Any
 
 from health_ingest.privacy.compat import MicrosoftCompatTokeniser
@@ -85,6 +86,8 @@ class ResourcePseudonymiser:
         self.date_shifter = date_shifter
         self.reference_year = reference_year or date.today().year
         self._linking = self.policy.linking_identifiers
+        # a reference is rewritten the same way each time, and the same ones come back (a patient, a practitioner)
+        self.rewrite_reference = lru_cache(maxsize=1 << 14)(self.rewrite_reference)
 
     def pseudonymise(self, resource: dict[str, Any]) -> Pseudonymised:
         resource_type = resource["resourceType"]
