@@ -27,7 +27,7 @@ from health_ingest.sources.registry import Source
 from health_ingest.warehouse.staging import encode_loaded, encode_rejected
 
 CHUNK_LINES = 2000
-CHUNK_BYTES = 1 << 20  # about 1 MiB of raw lines
+CHUNK_BYTES = 1 << 19  # about 512 KiB of raw lines
 ENV_WORKERS = "HEALTH_INGEST_WORKERS"
 
 
