@@ -311,7 +311,7 @@ class _BatchLoader:
         stager.start()
         try:
             while (item := staged.get()) is not None:
-                if isinstance(item, _ProducerFailure):
+                if isinstance(item, StageFailure):
                     self.position = item.position
                     raise item.error
                 resource_type, duplicates = item
@@ -354,7 +354,7 @@ class _BatchLoader:
         position = "while staging"
         try:
             while (item := handoff.get()) is not None:
-                if isinstance(item, _ProducerFailure):
+                if isinstance(item, StageFailure):
                     staged.put(item)
                     return
                 landed_file, spool, last_part = item
@@ -376,7 +376,7 @@ class _BatchLoader:
                     staged.put((landed_file.resource_type, duplicates))
             staged.put(None)
         except BaseException as error:
-            staged.put(_ProducerFailure(error, position))
+            staged.put(StageFailure(error, position))
 
     def _quality_gate(self, cur, landed: LandedDelivery) -> None:
         quality_gate(cur, self.batch_id, self.source, self.outcomes, self.times.suites)
@@ -427,7 +427,7 @@ class _BatchLoader:
                 self.times.read += encoder.read_seconds
             handoff.put(None)
         except BaseException as error:
-            handoff.put(_ProducerFailure(error, self._producer_position))
+            handoff.put(StageFailure(error, self._producer_position))
 
     def _encode_file(
         self,
@@ -445,7 +445,7 @@ class _BatchLoader:
         chunks = enumerate(encoder.encode(landed_file.path, landed_file.file_no, landed_file.resource_type), start=1)
         for part in itertools.count():
             spool = spool_folder / f"{landed_file.file_no}.{part}.copy"
-            written = 0
+            written, last = 0, True
             with spool.open("wb", buffering=1 << 20) as handle:
                 for number, chunk in chunks:
                     if stop.is_set():
@@ -463,17 +463,15 @@ class _BatchLoader:
                     if self.progress:
                         self.progress(landed_file.name, counts.rows_read, False)
                     if written >= SPOOL_BYTES:
+                        last = False
                         break
-                else:
-                    written = -1  # the file's end
-            if written >= 0:
-                yield spool, False
-                continue
-            if self.progress:
-                self.progress(landed_file.name, counts.rows_read, True)
-            release_free_memory()
-            yield spool, True
-            return
+            if last:
+                if self.progress:
+                    self.progress(landed_file.name, counts.rows_read, True)
+                release_free_memory()
+            yield spool, last
+            if last:
+                return
 
 
 class _SuiteRunner:
@@ -540,7 +538,9 @@ class _SuiteRunner:
 
 
 @dataclass(frozen=True)
-class _ProducerFailure:
+class StageFailure:
+    """An error of a stage thread, handed down its queue to the load transaction with where the stage was."""
+
     error: BaseException
     position: str
 

@@ -23,6 +23,7 @@ from health_ingest.pipeline import (
     BatchResult,
     FileCounts,
     ProgressCallback,
+    StageFailure,
     StepTimes,
     committed_result,
     mark_batch_committed,
@@ -70,6 +71,7 @@ class _ClaimsLoader:
         self.stage_positions = {"read": "while reading the delivery", "copy": "while staging", "type": "while typing"}
         self.times = StepTimes()
         self.suites_run: set[str] = set()
+        self.file_names: dict[int, str] = {}  # by file number, for the quarantine
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         started = clock = time.perf_counter()
@@ -102,7 +104,10 @@ class _ClaimsLoader:
             with conn.cursor() as cur:
                 merges: dict[str, _TableMerge] = {}
                 finished: list[str] = []
-                while (item := self._next_typed(typed, stop)) is not None:
+                while (item := _next(typed, stop)) is not None:
+                    if isinstance(item, StageFailure):
+                        self.position = item.position
+                        raise item.error
                     table, chunk, staged_counts = item
                     if chunk is not None:
                         plan = plans[files_of[table][0].file_no][0]
@@ -145,13 +150,16 @@ class _ClaimsLoader:
                 _put(spools, (table, None, None, None), stop)
             _put(spools, None, stop)
         except BaseException as error:
-            _put(spools, _StageFailed(error, self.stage_positions["read"]), stop)
+            _put(spools, StageFailure(error, self.stage_positions["read"]), stop)
 
     def _copy_chunks(self, copy_conn, plans, spools: queue.Queue, staged: queue.Queue, stop) -> None:
         """Each spool into its own staging table (autocommit), then removed."""
         try:
             with copy_conn.cursor() as cur:
                 while (item := _next(spools, stop)) is not None:
+                    if isinstance(item, StageFailure):
+                        _put(staged, item, stop)
+                        return
                     table, chunk_no, landed_file, spool = item
                     name = None  # the table's end
                     if chunk_no is not None:
@@ -167,7 +175,7 @@ class _ClaimsLoader:
                         return
             _put(staged, None, stop)
         except BaseException as error:
-            _put(staged, _failure(error, self.stage_positions["copy"]), stop)
+            _put(staged, StageFailure(error, self.stage_positions["copy"]), stop)
 
     def _type_chunks(self, typing_conn, files_of, plans, staged: queue.Queue, typed: queue.Queue, stop) -> None:
         """Each staged chunk cast into a typed chunk (autocommit), then dropped, and its good and bad rows counted
@@ -175,6 +183,9 @@ class _ClaimsLoader:
         try:
             with typing_conn.cursor() as cur:
                 while (item := _next(staged, stop)) is not None:
+                    if isinstance(item, StageFailure):
+                        typed.put(item)
+                        return
                     table, name = item
                     if name is not None:
                         clock = time.perf_counter()
@@ -189,16 +200,9 @@ class _ClaimsLoader:
                         typed.put((table, None, None))
             typed.put(None)
         except BaseException as error:
-            typed.put(_failure(error, self.stage_positions["type"]))
+            typed.put(StageFailure(error, self.stage_positions["type"]))
 
     # --- in the load transaction -------------------------------------------------------------------------------
-
-    def _next_typed(self, typed: queue.Queue, stop):
-        try:
-            return _next(typed, stop)
-        except _StageFailed as failed:
-            self.position = failed.position
-            raise failed.error from None
 
     def _merge_chunk(self, cur, table: str, chunk: str, staged_counts, merges: dict, plan) -> None:
         """A typed chunk into the warehouse table as soon as it is typed, its bad rows (if any) into the
@@ -394,26 +398,10 @@ def _put(channel: queue.Queue, item, stop: threading.Event) -> bool:
 
 
 def _next(channel: queue.Queue, stop: threading.Event):
-    """The next item from the stage before (an error it met is raised here); None at the end or once stopped."""
+    """The next item from the stage before (a `StageFailure` included); None at the end or once stopped."""
     while not stop.is_set():
         try:
-            item = channel.get(timeout=0.2)
+            return channel.get(timeout=0.2)
         except queue.Empty:
             continue
-        if isinstance(item, _StageFailed):
-            raise item
-        return item
     return None
-
-
-def _failure(error: BaseException, position: str) -> _StageFailed:
-    """A stage's own error with its position; an upstream stage's failure passes on as it is."""
-    return error if isinstance(error, _StageFailed) else _StageFailed(error, position)
-
-
-class _StageFailed(Exception):
-    """An error of a stage, on its way down to the load transaction, with where the stage was."""
-
-    def __init__(self, error: BaseException, position: str):
-        super().__init__(position)
-        self.error, self.position = error, position

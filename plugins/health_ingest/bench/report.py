@@ -167,10 +167,10 @@ def _fresh_database(admin_url: str, name: str) -> str:
     from health_ingest.warehouse.connection import connect
     from health_ingest.warehouse.migrations import migrate
 
+    _drop_database(admin_url, name)
     admin = connect(admin_url)
     admin.autocommit = True
     with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         cur.execute(f"CREATE DATABASE {name}")
     admin.close()
     url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
