@@ -52,16 +52,16 @@ def test_an_older_version_does_not_overwrite_a_newer_one(tmp_path, db, smart_sou
 
 
 def test_a_failure_during_commit_leaves_nothing_of_the_batch(db, smart_source, monkeypatch):
-    real_merge = merge.merge_resource_type
+    real_insert = merge.insert_new
     merged = []
 
-    def merge_then_crash(cur, batch_id, resource_type, *args):
+    def merge_then_crash(cur, batch_id, table, *args):
         if len(merged) == 3:
             raise RuntimeError("disk full")
-        merged.append(resource_type)
-        return real_merge(cur, batch_id, resource_type, *args)
+        merged.append(table)
+        return real_insert(cur, batch_id, table, *args)
 
-    monkeypatch.setattr(merge, "merge_resource_type", merge_then_crash)
+    monkeypatch.setattr(merge, "insert_new", merge_then_crash)
     with pytest.raises(LoadError, match="RuntimeError while merging"):
         run_fhir_batch(SAMPLE, smart_source)
 
@@ -75,7 +75,7 @@ def test_a_failure_during_commit_leaves_nothing_of_the_batch(db, smart_source, m
         cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'ingest_staging'")
         assert cur.fetchone()[0] == 0, "the failed batch's staging tables are gone"
 
-    monkeypatch.setattr(merge, "merge_resource_type", real_merge)
+    monkeypatch.setattr(merge, "insert_new", real_insert)
     assert run_fhir_batch(SAMPLE, smart_source).rows_loaded == 7160
 
 
@@ -109,3 +109,46 @@ def test_a_file_staged_in_many_parts_loads_the_same(db, smart_source, monkeypatc
             "SELECT resource_type, rows_read, rows_loaded FROM ingest.batch_files WHERE resource_type IS NOT NULL"
         )
         assert {(t, read) for t, read, loaded in cur.fetchall() if read == loaded} == set(sample_line_counts().items())
+
+
+def test_parts_merge_as_they_come_and_a_duplicate_parts_apart_merges_its_type_again(
+    tmp_path, db, smart_source, monkeypatch
+):
+    """Each line its own part: new ids go in part by part; an id met again three parts later makes its type merge
+    again as a whole, so that the newest version is kept and the other quarantined, as in a one-part load."""
+    import health_ingest.encoding as encoding
+    import health_ingest.pipeline as pipeline
+
+    def patient(n: int, updated: str, gender: str = "female") -> dict:
+        return {"resourceType": "Patient", "id": f"p{n}", "gender": gender, "meta": {"lastUpdated": updated}}
+
+    patients = [patient(n, "2024-01-01T00:00:00Z") for n in range(6)]
+    patients.insert(5, patient(2, "2024-03-01T00:00:00Z", gender="male"))  # line 6: a newer p2
+    encounters = [
+        {"resourceType": "Encounter", "id": f"e{n}", "status": "finished", "subject": {"reference": f"Patient/p{n}"}}
+        for n in range(4)
+    ]
+    (tmp_path / "Patient.ndjson").write_text("".join(json.dumps(p) + "\n" for p in patients))
+    (tmp_path / "Encounter.ndjson").write_text("".join(json.dumps(e) + "\n" for e in encounters))
+    monkeypatch.setattr(encoding, "CHUNK_BYTES", 8)
+    monkeypatch.setattr(pipeline, "SPOOL_BYTES", 1)
+    merged_whole = []
+    real_merge = merge.merge_resource_type
+
+    def merge_whole(cur, batch_id, resource_type, *args):
+        merged_whole.append(resource_type)
+        return real_merge(cur, batch_id, resource_type, *args)
+
+    monkeypatch.setattr(merge, "merge_resource_type", merge_whole)
+    result = run_fhir_batch(tmp_path, smart_source)
+
+    assert (result.rows_read, result.rows_loaded, result.rows_quarantined) == (11, 10, 1)
+    assert merged_whole == ["Patient"], "Encounter, all new, went in part by part"
+    assert _table_counts(db) == {"patient": 6, "encounter": 4}
+    with db.cursor() as cur:
+        cur.execute("SELECT resource->>'gender', count(*) FROM fhir.patient GROUP BY 1 ORDER BY 1")
+        assert cur.fetchall() == [("female", 5), ("male", 1)]
+        cur.execute("SELECT line_number, reason FROM ingest.quarantine")
+        assert cur.fetchall() == [(3, "duplicate_in_batch")]
+        cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'ingest_staging'")
+        assert cur.fetchone()[0] == 0

@@ -287,9 +287,9 @@ class _BatchLoader:
         self.times.commit += time.perf_counter() - clock
 
     def _stage_and_merge(self, cur, copy_cur, landed: LandedDelivery) -> dict[int, FileCounts]:
-        """Four stages at once, each a file (or a type) apart: the workers encode the next file into a spool, a
-        thread copies the previous spool into staging (`copy_cur`, autocommit), the suites check each staged type
-        on their own connection, and this thread merges each staged type inside the load transaction (`cur`),
+        """Four stages at once, a spool part (or a type) apart: the workers encode the next part into a spool, a
+        thread copies the previous one into staging (`copy_cur`, autocommit), the suites check each staged type
+        on their own connection, and this thread merges each staged part inside the load transaction (`cur`),
         which commits or not as a whole. Both cores work and memory stays flat (spools are files)."""
         for resource_type in sorted({f.resource_type for f in landed.loadable}):
             staging.create_staging_table(copy_cur, self.batch_id, resource_type)
@@ -309,22 +309,25 @@ class _BatchLoader:
         )
         producer.start()
         stager.start()
+        merger = _TypeMerge(cur, self.batch_id, self.source.id_space)
         try:
             while (item := staged.get()) is not None:
                 if isinstance(item, StageFailure):
                     self.position = item.position
                     raise item.error
-                resource_type, duplicates = item
                 clock = time.perf_counter()
-                self.position = f"while merging {resource_type}"
-                for file_no, count in duplicates.items():
-                    file_counts[file_no].rows_quarantined += count
-                offered = sum(
-                    file_counts[f.file_no].rows_read - file_counts[f.file_no].rows_quarantined
-                    for f in landed.loadable
-                    if f.resource_type == resource_type
-                )
-                merge.merge_resource_type(cur, self.batch_id, resource_type, self.source.id_space, offered)
+                self.position = f"while merging {item.resource_type}"
+                if isinstance(item, _StagedPart):
+                    merger.part(item)
+                else:
+                    for file_no, count in item.duplicates.items():
+                        file_counts[file_no].rows_quarantined += count
+                    offered = sum(
+                        file_counts[f.file_no].rows_loaded
+                        for f in landed.loadable
+                        if f.resource_type == item.resource_type
+                    )
+                    merger.finish(item.resource_type, offered, bool(item.duplicates))
                 self.times.commit += time.perf_counter() - clock
             self._after_merges(cur, landed)
             clock = time.perf_counter()
@@ -349,20 +352,26 @@ class _BatchLoader:
         return file_counts
 
     def _stage_spools(self, copy_cur, landed: LandedDelivery, file_counts, handoff, staged, suites) -> None:
-        """COPY each spool as it comes; a type whose last file is staged goes to its suite and to the merge."""
+        """COPY each spool into a part of its type's staging table and hand the part to the merge; a type whose
+        last part is staged goes to its suite and to the end of its merge."""
         last_file_of_type = {f.resource_type: f.file_no for f in landed.loadable}
         position = "while staging"
         try:
-            while (item := handoff.get()) is not None:
+            for part_no in itertools.count():
+                item = handoff.get()
+                if item is None:
+                    break
                 if isinstance(item, StageFailure):
                     staged.put(item)
                     return
-                landed_file, spool, last_part = item
+                landed_file, spool, last_part, good_rows = item
                 clock = time.perf_counter()
                 position = f"while staging {landed_file.name}"
-                staging.copy_spool(copy_cur, staging.staging_table(self.batch_id, landed_file.resource_type), spool)
+                part = staging.create_staging_part(copy_cur, self.batch_id, landed_file.resource_type, part_no)
+                staging.copy_spool(copy_cur, part, spool)
                 spool.unlink()
                 self.times.stage += time.perf_counter() - clock
+                staged.put(_StagedPart(landed_file.resource_type, part, good_rows))
                 if not last_part:
                     continue
                 counts = file_counts[landed_file.file_no]
@@ -373,7 +382,7 @@ class _BatchLoader:
                     table = staging.staging_table(self.batch_id, landed_file.resource_type)
                     duplicates = merge.quarantine_duplicates(copy_cur, table)
                     suites.submit(landed_file.resource_type)
-                    staged.put((landed_file.resource_type, duplicates))
+                    staged.put(_TypeStaged(landed_file.resource_type, duplicates))
             staged.put(None)
         except BaseException as error:
             staged.put(StageFailure(error, position))
@@ -422,8 +431,8 @@ class _BatchLoader:
                     spools = self._encode_file(
                         encoder, landed_file, file_counts[landed_file.file_no], spool_folder, escrow, stop
                     )
-                    for spool, last in spools:
-                        handoff.put((landed_file, spool, last))
+                    for spool, last, good_rows in spools:
+                        handoff.put((landed_file, spool, last, good_rows))
                 self.times.read += encoder.read_seconds
             handoff.put(None)
         except BaseException as error:
@@ -437,15 +446,15 @@ class _BatchLoader:
         spool_folder: Path,
         escrow: BinaryIO,
         stop: threading.Event,
-    ) -> Iterator[tuple[Path, bool]]:
+    ) -> Iterator[tuple[Path, bool, int]]:
         """Every line read becomes one COPY row, good or rejected, so nothing read goes unaccounted. Yields spools
-        of about SPOOL_BYTES (and whether it is the file's last), so that staging copies a part while the workers
-        encode the next."""
+        of about SPOOL_BYTES (whether it is the file's last, and its good rows), so that staging copies a part
+        while the workers encode the next."""
         self._producer_position = f"while reading {landed_file.name}"
         chunks = enumerate(encoder.encode(landed_file.path, landed_file.file_no, landed_file.resource_type), start=1)
         for part in itertools.count():
             spool = spool_folder / f"{landed_file.file_no}.{part}.copy"
-            written, last = 0, True
+            written, last, good_rows = 0, True, 0
             with spool.open("wb", buffering=1 << 20) as handle:
                 for number, chunk in chunks:
                     if stop.is_set():
@@ -457,6 +466,7 @@ class _BatchLoader:
                         release_free_memory()
                     counts.rows_read += chunk.rows_read
                     counts.rows_quarantined += chunk.rows_quarantined
+                    good_rows += chunk.rows_read - chunk.rows_quarantined
                     self.times.check += chunk.check_seconds
                     self.times.pseudonymise += chunk.pseudonymise_seconds
                     self._producer_position = f"after {landed_file.name} line {chunk.first_line}"
@@ -469,9 +479,59 @@ class _BatchLoader:
                 if self.progress:
                     self.progress(landed_file.name, counts.rows_read, True)
                 release_free_memory()
-            yield spool, last
+            yield spool, last, good_rows
             if last:
                 return
+
+
+@dataclass(frozen=True)
+class _StagedPart:
+    resource_type: str
+    table: str
+    good_rows: int
+
+
+@dataclass(frozen=True)
+class _TypeStaged:
+    """All of a type is staged, its duplicates quarantined (records per file number)."""
+
+    resource_type: str
+    duplicates: dict[int, int]
+
+
+class _TypeMerge:
+    """A type's merge, part by part as its parts are staged, under a savepoint: new ids go in as they come. When a
+    part meets ids that are there already (stored by an earlier batch, or twice in this delivery), what the parts
+    did is rolled back and the type is merged again at its end, as a whole, by the upsert rules. Types come one
+    after the other (`LandedDelivery.loadable` keeps a type's files together)."""
+
+    def __init__(self, cur, batch_id: str, id_space: str) -> None:
+        self.cur, self.batch_id, self.id_space = cur, batch_id, id_space
+        self.open_type: str | None = None
+        self.table = ""
+        self.only_new_ids = True
+
+    def part(self, staged: _StagedPart) -> None:
+        if staged.resource_type != self.open_type:
+            if self.open_type is not None:
+                raise LoadError(f"{staged.resource_type} staged before the end of {self.open_type}")
+            self.cur.execute("SAVEPOINT type_merge")
+            self.open_type, self.only_new_ids = staged.resource_type, True
+            self.table = merge.fhir_table(self.cur, staged.resource_type)
+        if self.only_new_ids:
+            inserted = merge.insert_new(self.cur, self.batch_id, self.table, staged.table, self.id_space)
+            self.only_new_ids = inserted == staged.good_rows
+
+    def finish(self, resource_type: str, offered: int, had_duplicates: bool) -> None:
+        if self.open_type != resource_type:
+            raise LoadError(f"{resource_type} ended before its parts were merged")
+        if self.only_new_ids and not had_duplicates:
+            self.cur.execute("RELEASE SAVEPOINT type_merge")
+        else:
+            self.cur.execute("ROLLBACK TO SAVEPOINT type_merge")
+            self.cur.execute("RELEASE SAVEPOINT type_merge")
+            merge.merge_resource_type(self.cur, self.batch_id, resource_type, self.id_space, offered)
+        self.open_type = None
 
 
 class _SuiteRunner:

@@ -20,15 +20,26 @@ def merge_resource_type(cur, batch_id: str, resource_type: str, id_space: str, o
     """Upsert by pseudonymised id; a re-delivered resource replaces the stored one unless that one is newer.
     The staged rows hold each id once (see `quarantine_duplicates`); `offered` of them are good. New ids are
     inserted first without conflict arbitration; only when some were stored already does the upsert run."""
-    cur.execute("SELECT ingest.ensure_fhir_table(%s)", (resource_type,))
-    (table,) = cur.fetchone()
+    table = fhir_table(cur, resource_type)
     staged = staging_table(batch_id, resource_type)
-    cur.execute(f"{_insert(table, staged)} ON CONFLICT (id) DO NOTHING", (batch_id, id_space))
-    inserted = cur.rowcount
+    inserted = insert_new(cur, batch_id, table, staged, id_space)
     if inserted > offered:
         raise LoadError(f"{resource_type}: {inserted} rows merged but {offered} staged; the counts must reconcile")
     if inserted < offered:
         _upsert(cur, table, staged, batch_id, id_space)
+
+
+def fhir_table(cur, resource_type: str) -> str:
+    """The warehouse table of a resource type (made on first use), without its schema."""
+    cur.execute("SELECT ingest.ensure_fhir_table(%s)", (resource_type,))
+    return cur.fetchone()[0]
+
+
+def insert_new(cur, batch_id: str, table: str, staged: str, id_space: str) -> int:
+    """Insert the good staged rows whose ids are not stored yet; returns how many went in, so that the caller
+    knows whether any id was there already (stored before, or twice in what it offered)."""
+    cur.execute(f"{_insert(table, staged)} ON CONFLICT (id) DO NOTHING", (batch_id, id_space))
+    return cur.rowcount
 
 
 def quarantine_duplicates(cur, staged: str) -> dict[int, int]:

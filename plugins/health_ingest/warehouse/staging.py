@@ -39,6 +39,15 @@ def create_staging_table(cur, batch_id: str, resource_type: str) -> str:
     return table
 
 
+def create_staging_part(cur, batch_id: str, resource_type: str, part_no: int) -> str:
+    """A part of a type's staging table, for one spool: reading the type's table reads all its parts, and the
+    load transaction can merge one part while the next is copied."""
+    parent = staging_table(batch_id, resource_type)
+    part = f"{parent}_p{part_no}"
+    cur.execute(f"CREATE UNLOGGED TABLE {part} () INHERITS ({parent}) {TRANSIENT}")
+    return part
+
+
 def drop_staging_tables(cur, batch_id: str) -> None:
     prefix = staging_table(batch_id, "x")[len(STAGING_SCHEMA) + 1 : -1]
     cur.execute(
@@ -46,7 +55,7 @@ def drop_staging_tables(cur, batch_id: str) -> None:
         (STAGING_SCHEMA, prefix),
     )
     for (table,) in cur.fetchall():
-        cur.execute(f"DROP TABLE IF EXISTS {STAGING_SCHEMA}.{table}")
+        cur.execute(f"DROP TABLE IF EXISTS {STAGING_SCHEMA}.{table} CASCADE")  # a type's table with its parts
 
 
 def copy_spool(cur, table: str, spool: Path, columns: str | None = STAGING_COLUMNS, *, options: str = "") -> None:
