@@ -29,6 +29,10 @@ from health_ingest.warehouse.staging import encode_loaded, encode_rejected
 CHUNK_LINES = 2000
 CHUNK_BYTES = 1 << 19  # about 512 KiB of raw lines
 ENV_WORKERS = "HEALTH_INGEST_WORKERS"
+# Workers run at the lowest priority: on a shared machine, the database (staging, merging, checking the previous
+# parts) comes first and the workers take what it leaves, so that the batch does not end on a backlog of merges.
+ENV_NICENESS = "HEALTH_INGEST_WORKER_NICENESS"
+DEFAULT_NICENESS = "19"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,7 @@ def chunk_encoder(keyring: Keyring, source: Source) -> ChunkEncoder:
 
 def _start_worker(keyring: Keyring, source: Source) -> None:
     global _worker
+    os.nice(int(os.environ.get(ENV_NICENESS, DEFAULT_NICENESS)))
     _worker = chunk_encoder(keyring, source)
 
 

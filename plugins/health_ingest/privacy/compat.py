@@ -33,6 +33,8 @@ class MicrosoftCompatTokeniser:
     def resource_id(self, resource_type: str, resource_id: str) -> str:
         return self.crypto_hash(resource_id)
 
+    own_id = resource_id
+
     def identifier(self, system: str, value: str) -> str:
         return self.crypto_hash(value)
 

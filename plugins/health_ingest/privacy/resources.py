@@ -91,7 +91,7 @@ class ResourcePseudonymiser:
 
     def pseudonymise(self, resource: dict[str, Any]) -> Pseudonymised:
         resource_type = resource["resourceType"]
-        resource_id = self.tokens.resource_id(resource_type, resource["id"])
+        resource_id = self.tokens.own_id(resource_type, resource["id"])
         if resource_type == "Patient":
             patient_token = resource_id
             person_id = self._linking_token(resource) or resource_id
@@ -159,18 +159,19 @@ class ResourcePseudonymiser:
             return f"identifier={system}|{self.tokens.identifier(system, identifier)}"
         return f"{name}=" + self.tokens.token("search-parameter", parameter)
 
-    def _scrub(self, node: dict[str, Any]) -> None:
-        """Walk one element. Keys are looked up once in `_ACTIONS`; most keys need no action but descent."""
+    def _scrub(self, node: dict[str, Any], _action_of=_ACTIONS.get, _dict=dict, _list=list) -> None:
+        """Walk one element. Keys are looked up once in `_ACTIONS`; most keys need no action but descent (the
+        lookups are bound as defaults: this runs for every element of every resource)."""
         removed = []
         for key, value in node.items():
-            action = _ACTIONS.get(key)
+            action = _action_of(key)
             if action is None:
                 kind = type(value)
-                if kind is dict:
+                if kind is _dict:
                     self._scrub(value)
-                elif kind is list:
+                elif kind is _list:
                     for item in value:
-                        if type(item) is dict:
+                        if type(item) is _dict:
                             self._scrub(item)
             elif action is _DROP:
                 removed.append(key)

@@ -43,8 +43,7 @@ class Tokeniser:
 
         mac_of = keyed_sha256(key)
 
-        @lru_cache(maxsize=1 << 14)
-        def token(domain: str, value: str) -> str:
+        def compute(domain: str, value: str) -> str:
             mac = mac_of(f"{domain}\x1f{value}".encode())
             # URL-safe base64 with "_" spelled "." stays inside the FHIR id alphabet [A-Za-z0-9-.]
             result = prefix + base64.urlsafe_b64encode(mac).rstrip(b"=").replace(b"_", b".").decode("ascii")
@@ -57,12 +56,18 @@ class Tokeniser:
             mac = mac_of(f"{domain}\x1f{value}".encode())
             return str(uuid.UUID(bytes=mac[:16], version=4))
 
-        self.token = token
+        self.token = lru_cache(maxsize=1 << 14)(compute)
+        self._uncached = compute
         self.uuid = token_uuid
 
     def resource_id(self, resource_type: str, resource_id: str) -> str:
         """Resource ids are tokenised within the source's id space, per resource type."""
         return self.token(f"resource|{self.id_space}|{resource_type}", resource_id)
+
+    def own_id(self, resource_type: str, resource_id: str) -> str:
+        """A resource's own id, as `resource_id` gives it. Met once per delivery, it is computed without the cache,
+        where it would only push out the references that do come back."""
+        return self._uncached(f"resource|{self.id_space}|{resource_type}", resource_id)
 
     def drain_new_tokens(self) -> list[tuple[str, str, str]]:
         if self.new_tokens is None:

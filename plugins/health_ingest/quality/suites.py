@@ -275,8 +275,18 @@ def suite_ctes(cur, suite: Suite, batch_id: str, resource_type: str, types_in_ba
             f"split_part(s.resource #>> '{{{suite.patient_reference},reference}}', '/', 2)"
         )
     # OFFSET 0 keeps q a subquery of its own: each column is computed once per row, not once per aggregate using it
-    ctes.append(f"q AS (SELECT {columns}\n FROM {staged} s {join} WHERE s.reason IS NULL OFFSET 0)")
+    ctes.append(f"q AS (SELECT {columns}\n FROM {_read_once(staged)} s {join} OFFSET 0)")
     return "WITH " + ", ".join(ctes)
+
+
+def _read_once(staged: str) -> str:
+    """The good staged rows, each resource decompressed once for all the suite's expressions (a large resource is
+    stored compressed, and every jsonb operator would decompress it again). Concatenating an empty object hands
+    back the left operand as read; OFFSET 0 keeps the subquery from being folded into the expressions."""
+    return (
+        "(SELECT file_no, line_no, id, patient_id, last_updated, resource || '{}'::jsonb AS resource "
+        f"FROM {staged} WHERE reason IS NULL OFFSET 0)"
+    )
 
 
 def _evaluate(cur, suite, batch_id, resource_type, types_in_batch, parameters, tolerance) -> list[Outcome]:
