@@ -152,3 +152,23 @@ def test_parts_merge_as_they_come_and_a_duplicate_parts_apart_merges_its_type_ag
         assert cur.fetchall() == [(3, "duplicate_in_batch")]
         cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'ingest_staging'")
         assert cur.fetchone()[0] == 0
+
+
+def test_a_row_lost_on_its_way_to_staging_fails_the_batch(db, smart_source, monkeypatch):
+    """What PostgreSQL staged is counted per file and compared with what the reader read before anything commits."""
+    from health_ingest.warehouse import staging
+
+    real_copy = staging.copy_spool
+    dropped = []
+
+    def copy_all_but_one_line(cur, table, spool, *args, **kwargs):
+        lines = spool.read_bytes().splitlines(keepends=True)
+        if not dropped and table.split(".")[1].split("_")[1] == "encounter" and len(lines) > 1:
+            spool.write_bytes(b"".join(lines[:-1]))
+            dropped.append(table)
+        return real_copy(cur, table, spool, *args, **kwargs)
+
+    monkeypatch.setattr(staging, "copy_spool", copy_all_but_one_line)
+    with pytest.raises(LoadError, match=r"Encounter\.000\.ndjson: read \d+ good .* but staged \d+ and 0"):
+        run_fhir_batch(SAMPLE, smart_source)
+    assert dropped and all(count == 0 for count in _table_counts(db).values())

@@ -337,3 +337,29 @@ def test_the_gate_agrees_with_great_expectations_on_every_expectation(tmp_path, 
     ours_compared = [o.success for o in ours if o.expectation["type"] != "expect_table_row_count_to_be_between"]
     assert ours_compared == theirs
     assert False in ours_compared, "the planted rows make some expectations fail, in both engines"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2024-01-02T03:04:05Z", "2024-01-02 03:04:05+00"),
+        ("2024-01-02T03:04:05.123+02:00", "2024-01-02 01:04:05.123+00"),
+        ("2024-01-02", "2024-01-02 00:00:00+00"),
+        ("2024-02-30T00:00:00Z", None),
+        ("2024-13-01", None),
+        ("12024-01-01", None),
+        ("today", None),
+        ("01/02/2024", None),
+        ("epoch", None),
+        ("2024-01-02 garbage", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_suite_timestamps_read_iso_dates_only(db, value, expected):
+    """What the suites compare (an end after its start, an event after birth): NULL for what is not an ISO date
+    and time, whichever route the server takes."""
+    with db.cursor() as cur:
+        cur.execute("SET TIME ZONE 'UTC'")
+        cur.execute("SELECT ingest.try_timestamptz(%s)::text", (value,))
+        assert cur.fetchone()[0] == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import multiprocessing
 import os
 import time
@@ -231,8 +232,16 @@ def release_free_memory() -> None:
     """Give the heap's free pages back to the system. Megabyte-sized chunks come and go all the batch long and
     leave the heap fragmented: without this, resident memory would creep with the size of the delivery. A no-op
     where the C library is not glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - both exist, or this is not glibc
     except (OSError, AttributeError):
-        return
-    trim(0)
+        return None
+    return libc

@@ -25,7 +25,7 @@ from health_ingest.errors import BatchRejected, HealthIngestError, LoadError
 from health_ingest.privacy.gate import KAnonymityReport, check_k_anonymity, record_k_anonymity
 from health_ingest.privacy.keyring import Keyring, load_keyring
 from health_ingest.privacy.tokens import Tokeniser
-from health_ingest.quality.reconcile import reconcile_staging
+from health_ingest.quality.reconcile import reconcile_staging, staged_counts
 from health_ingest.quality.suites import evaluate_batch, quality_gate, record_outcomes
 from health_ingest.sources.landing import LandedDelivery, LandedFile, land_fhir_delivery
 from health_ingest.sources.registry import Source
@@ -241,6 +241,7 @@ class _BatchLoader:
         self._producer_position = "while reading the delivery"
         self.times = StepTimes()
         self.outcomes: list = []  # the quality suites' results, gathered type by type
+        self.staged_counts: dict[int, tuple[int, int]] = {}  # good and rejected rows staged, per file number
         self.before_commit: BeforeCommit | None = None
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
@@ -259,13 +260,14 @@ class _BatchLoader:
             self._apply_export_files(cur, landed)
             clock = time.perf_counter()
             self.position = "while verifying the staged batch"
-            reconcile_staging(cur, self.batch_id, landed, file_counts)
+            reconcile_staging(landed, file_counts, self.staged_counts)
             self.times.verify += time.perf_counter() - clock
             self._quality_gate(cur, landed)
 
             clock = time.perf_counter()
             self.position = "while committing"
-            merge.quarantine_rejected(cur, self.batch_id, landed)
+            with_rejects = {f.resource_type for f in landed.loadable if file_counts[f.file_no].rows_quarantined}
+            merge.quarantine_rejected(cur, self.batch_id, landed, with_rejects)
             counts, commit_seq = mark_batch_committed(cur, self.batch_id, landed, file_counts, self.times, started)
             if self.before_commit is not None:
                 self.before_commit(cur, self.batch_id)
@@ -381,6 +383,7 @@ class _BatchLoader:
                     position = f"while looking for duplicates in {landed_file.resource_type}"
                     table = staging.staging_table(self.batch_id, landed_file.resource_type)
                     duplicates = merge.quarantine_duplicates(copy_cur, table)
+                    self.staged_counts.update(staged_counts(copy_cur, table))
                     suites.submit(landed_file.resource_type)
                     staged.put(_TypeStaged(landed_file.resource_type, duplicates))
             staged.put(None)

@@ -5,24 +5,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from health_ingest.errors import LoadError
-from health_ingest.warehouse.staging import staging_table
 
 if TYPE_CHECKING:
     from health_ingest.pipeline import FileCounts
     from health_ingest.sources.landing import LandedDelivery
 
 
-def reconcile_staging(cur, batch_id: str, landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> None:
-    """Raise if any file's staged good or rejected rows differ from the reader's counts."""
-    staged: dict[int, tuple[int, int]] = {}
-    for resource_type in sorted({f.resource_type for f in landed.loadable}):
-        cur.execute(
-            f"""
-            SELECT file_no, count(*) FILTER (WHERE reason IS NULL), count(*) FILTER (WHERE reason IS NOT NULL)
-              FROM {staging_table(batch_id, resource_type)} GROUP BY file_no
-            """
-        )
-        staged.update({file_no: (good, bad) for file_no, good, bad in cur.fetchall()})
+def staged_counts(cur, staged: str) -> dict[int, tuple[int, int]]:
+    """Good and rejected rows per file number in a type's staging table, once it is final."""
+    cur.execute(
+        f"""
+        SELECT file_no, count(*) FILTER (WHERE reason IS NULL), count(*) FILTER (WHERE reason IS NOT NULL)
+          FROM {staged} GROUP BY file_no
+        """
+    )
+    return {file_no: (good, bad) for file_no, good, bad in cur.fetchall()}
+
+
+def reconcile_staging(landed: LandedDelivery, file_counts: dict[int, FileCounts], staged: dict[int, tuple]) -> None:
+    """Raise if any file's staged good or rejected rows (`staged_counts` of every type) differ from the reader's."""
     for landed_file in landed.loadable:
         counts = file_counts[landed_file.file_no]
         good, bad = staged.get(landed_file.file_no, (0, 0))

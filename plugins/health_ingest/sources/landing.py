@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +30,16 @@ class LandedFile:
     name: str
     path: Path
     bytes: int
-    sha256: str
+    digest: Future[str]  # the landed copy's SHA-256, computed while the batch reads it (see `sha256`)
     resource_type: str | None
     unpacked: bool = False  # a Bundle, whose entries were written to files derived from it
     derived_from: str | None = None
     role: str = "resources"  # or an export's "deleted" (Bundles of DELETE entries) or "error" (OperationOutcomes)
+
+    @property
+    def sha256(self) -> str:
+        """Waits for the digest, which only the batch's last writes need."""
+        return self.digest.result()
 
     @property
     def status(self) -> str:
@@ -90,14 +96,17 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
         raise DeliveryError(f"{delivery}: holds no NDJSON file (*.ndjson, *.ndjson.gz) and no Bundle (*.json)")
     landing_folder.mkdir(parents=True, exist_ok=False)
     files: list[LandedFile] = []
+    digests = _Digests()
     for source_file in candidates:
         target = landing_folder / source_file.name
-        size, sha256 = _copy_with_checksum(source_file, target)
+        size = _private_copy(source_file, target)
         bundle = _is_bundle(source_file)
         resource_type = None if bundle else resource_type_of(source_file)
         file_no = len(files) + 1
         label = safe_label(source_file.name, file_no)
-        files.append(LandedFile(file_no, label, target, size, sha256, resource_type, bundle, role=_role(source_file)))
+        files.append(
+            LandedFile(file_no, label, target, size, digests.of(target), resource_type, bundle, role=_role(source_file))
+        )
     bundles = [f for f in files if f.unpacked]
     if bundles:
         entries = landing_folder / "entries"
@@ -105,18 +114,18 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
         index = index_bundles([(f.path, f.name) for f in bundles])
         for bundle in bundles:
             for derived in explode_bundle(bundle.path, bundle.name, index, entries):
-                size, sha256 = derived.stat().st_size, file_sha256(derived)
                 files.append(
                     LandedFile(
                         len(files) + 1,
                         derived.name,
                         derived,
-                        size,
-                        sha256,
+                        derived.stat().st_size,
+                        digests.of(derived),
                         resource_type_of(derived),
                         derived_from=bundle.name,
                     )
                 )
+    digests.close()
     return LandedDelivery(delivery, landing_folder, files)
 
 
@@ -139,13 +148,15 @@ def land_files(
     kinds = {path: holds(path) for path in candidates}  # refuses an unknown table before anything is copied
     landing_folder.mkdir(parents=True, exist_ok=False)
     files = []
+    digests = _Digests()
     for file_no, source_file in enumerate(candidates, start=1):
         target = landing_folder / source_file.name
-        size, sha256 = _copy_with_checksum(source_file, target)
+        size = _private_copy(source_file, target)
         # a file named after a known table is an export's name, not a person's
         plain = SAFE_NAME.match(source_file.name) and len(source_file.name) <= 80
         name = source_file.name if plain else safe_label(source_file.name, file_no)
-        files.append(LandedFile(file_no, name, target, size, sha256, kinds[source_file]))
+        files.append(LandedFile(file_no, name, target, size, digests.of(target), kinds[source_file]))
+    digests.close()
     return LandedDelivery(delivery, landing_folder, files)
 
 
@@ -178,15 +189,27 @@ def _is_bundle(path: Path) -> bool:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()  # through one reused buffer
 
 
-def _copy_with_checksum(source: Path, target: Path) -> tuple[int, str]:
-    """A private copy (0600) made by the kernel, and the digest of that copy: what is loaded is what was hashed."""
+class _Digests:
+    """SHA-256 of landed copies, one after the other on a thread of their own: the batch starts reading at once,
+    and the digests are awaited by its last writes. Hashing releases the interpreter's lock."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="landing-digest")
+
+    def of(self, path: Path) -> Future[str]:
+        return self._executor.submit(file_sha256, path)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)  # what was submitted still runs
+
+
+def _private_copy(source: Path, target: Path) -> int:
+    """A private copy (0600) made by the kernel; its digest is taken from the copy: what is loaded is what was
+    hashed."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with open(source, "rb") as reader, os.fdopen(fd, "wb") as writer:
         try:
@@ -200,4 +223,4 @@ def _copy_with_checksum(source: Path, target: Path) -> tuple[int, str]:
             shutil.copyfileobj(reader, writer, CHUNK)
     shutil.copystat(source, target, follow_symlinks=True)
     os.chmod(target, 0o600)
-    return target.stat().st_size, file_sha256(target)
+    return target.stat().st_size

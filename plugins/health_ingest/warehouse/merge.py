@@ -51,9 +51,10 @@ def quarantine_duplicates(cur, staged: str) -> dict[int, int]:
     return _quarantine_duplicates(cur, staged)
 
 
-def quarantine_rejected(cur, batch_id: str, landed: LandedDelivery) -> None:
+def quarantine_rejected(cur, batch_id: str, landed: LandedDelivery, resource_types: set[str]) -> None:
+    """The rejected rows of the types that have some, where each was (a type without any is not read)."""
     names = {f.file_no: f.name for f in landed.files}
-    for resource_type in sorted({f.resource_type for f in landed.loadable}):
+    for resource_type in sorted(resource_types):
         cur.execute(
             f"""
             INSERT INTO ingest.quarantine (batch_id, file_name, line_number, reason, message)

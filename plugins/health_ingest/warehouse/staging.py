@@ -54,8 +54,9 @@ def drop_staging_tables(cur, batch_id: str) -> None:
         "SELECT tablename FROM pg_tables WHERE schemaname = %s AND starts_with(tablename, %s)",
         (STAGING_SCHEMA, prefix),
     )
-    for (table,) in cur.fetchall():
-        cur.execute(f"DROP TABLE IF EXISTS {STAGING_SCHEMA}.{table} CASCADE")  # a type's table with its parts
+    tables = [f"{STAGING_SCHEMA}.{table}" for (table,) in cur.fetchall()]
+    if tables:  # in one statement: one commit, however many parts the batch staged
+        cur.execute(f"DROP TABLE IF EXISTS {', '.join(tables)} CASCADE")
 
 
 def copy_spool(cur, table: str, spool: Path, columns: str | None = STAGING_COLUMNS, *, options: str = "") -> None:
