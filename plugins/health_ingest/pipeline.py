@@ -25,7 +25,7 @@ from health_ingest.errors import BatchRejected, HealthIngestError, LoadError
 from health_ingest.privacy.gate import KAnonymityReport, check_k_anonymity, record_k_anonymity
 from health_ingest.privacy.keyring import Keyring, load_keyring
 from health_ingest.privacy.tokens import Tokeniser
-from health_ingest.quality.reconcile import reconcile_staging, staged_counts
+from health_ingest.quality.reconcile import reconcile_part
 from health_ingest.quality.suites import evaluate_batch, quality_gate, record_outcomes
 from health_ingest.sources.landing import LandedDelivery, LandedFile, land_fhir_delivery
 from health_ingest.sources.registry import Source
@@ -45,7 +45,7 @@ QUOTED = re.compile(r'"[^"]*"')
 
 @dataclass
 class FileCounts:
-    """What the reader saw in one file; reconciled against the staging tables before commit."""
+    """What the reader saw in one file; each part of it is reconciled with what PostgreSQL staged."""
 
     rows_read: int = 0
     rows_quarantined: int = 0
@@ -241,7 +241,6 @@ class _BatchLoader:
         self._producer_position = "while reading the delivery"
         self.times = StepTimes()
         self.outcomes: list = []  # the quality suites' results, gathered type by type
-        self.staged_counts: dict[int, tuple[int, int]] = {}  # good and rejected rows staged, per file number
         self.before_commit: BeforeCommit | None = None
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
@@ -258,10 +257,6 @@ class _BatchLoader:
         with conn.cursor() as cur, copy_conn.cursor() as copy_cur:
             file_counts = self._stage_and_merge(cur, copy_cur, landed)
             self._apply_export_files(cur, landed)
-            clock = time.perf_counter()
-            self.position = "while verifying the staged batch"
-            reconcile_staging(landed, file_counts, self.staged_counts)
-            self.times.verify += time.perf_counter() - clock
             self._quality_gate(cur, landed)
 
             clock = time.perf_counter()
@@ -366,15 +361,16 @@ class _BatchLoader:
                 if isinstance(item, StageFailure):
                     staged.put(item)
                     return
-                landed_file, spool, last_part, good_rows = item
+                landed_file, spool = item
                 clock = time.perf_counter()
                 position = f"while staging {landed_file.name}"
                 part = staging.create_staging_part(copy_cur, self.batch_id, landed_file.resource_type, part_no)
-                staging.copy_spool(copy_cur, part, spool)
-                spool.unlink()
+                staging.copy_spool(copy_cur, part, spool.path)
+                reconcile_part(landed_file.name, spool.rows, copy_cur.rowcount)
+                spool.path.unlink()
                 self.times.stage += time.perf_counter() - clock
-                staged.put(_StagedPart(landed_file.resource_type, part, good_rows))
-                if not last_part:
+                staged.put(_StagedPart(landed_file.resource_type, part, spool.good_rows))
+                if not spool.last:
                     continue
                 counts = file_counts[landed_file.file_no]
                 log.info("%s: %d read, %d quarantined", landed_file.name, counts.rows_read, counts.rows_quarantined)
@@ -383,7 +379,6 @@ class _BatchLoader:
                     position = f"while looking for duplicates in {landed_file.resource_type}"
                     table = staging.staging_table(self.batch_id, landed_file.resource_type)
                     duplicates = merge.quarantine_duplicates(copy_cur, table)
-                    self.staged_counts.update(staged_counts(copy_cur, table))
                     suites.submit(landed_file.resource_type)
                     staged.put(_TypeStaged(landed_file.resource_type, duplicates))
             staged.put(None)
@@ -434,8 +429,8 @@ class _BatchLoader:
                     spools = self._encode_file(
                         encoder, landed_file, file_counts[landed_file.file_no], spool_folder, escrow, stop
                     )
-                    for spool, last, good_rows in spools:
-                        handoff.put((landed_file, spool, last, good_rows))
+                    for spool in spools:
+                        handoff.put((landed_file, spool))
                 self.times.read += encoder.read_seconds
             handoff.put(None)
         except BaseException as error:
@@ -449,16 +444,15 @@ class _BatchLoader:
         spool_folder: Path,
         escrow: BinaryIO,
         stop: threading.Event,
-    ) -> Iterator[tuple[Path, bool, int]]:
+    ) -> Iterator[_Spool]:
         """Every line read becomes one COPY row, good or rejected, so nothing read goes unaccounted. Yields spools
-        of about SPOOL_BYTES (whether it is the file's last, and its good rows), so that staging copies a part
-        while the workers encode the next."""
+        of about SPOOL_BYTES, so that staging copies a part while the workers encode the next."""
         self._producer_position = f"while reading {landed_file.name}"
         chunks = enumerate(encoder.encode(landed_file.path, landed_file.file_no, landed_file.resource_type), start=1)
         for part in itertools.count():
-            spool = spool_folder / f"{landed_file.file_no}.{part}.copy"
-            written, last, good_rows = 0, True, 0
-            with spool.open("wb", buffering=1 << 20) as handle:
+            spool = _Spool(spool_folder / f"{landed_file.file_no}.{part}.copy")
+            written = 0
+            with spool.path.open("wb", buffering=1 << 20) as handle:
                 for number, chunk in chunks:
                     if stop.is_set():
                         return
@@ -469,22 +463,33 @@ class _BatchLoader:
                         release_free_memory()
                     counts.rows_read += chunk.rows_read
                     counts.rows_quarantined += chunk.rows_quarantined
-                    good_rows += chunk.rows_read - chunk.rows_quarantined
+                    spool.rows += chunk.rows_read
+                    spool.good_rows += chunk.rows_read - chunk.rows_quarantined
                     self.times.check += chunk.check_seconds
                     self.times.pseudonymise += chunk.pseudonymise_seconds
                     self._producer_position = f"after {landed_file.name} line {chunk.first_line}"
                     if self.progress:
                         self.progress(landed_file.name, counts.rows_read, False)
                     if written >= SPOOL_BYTES:
-                        last = False
+                        spool.last = False
                         break
-            if last:
+            if spool.last:
                 if self.progress:
                     self.progress(landed_file.name, counts.rows_read, True)
                 release_free_memory()
-            yield spool, last, good_rows
-            if last:
+            yield spool
+            if spool.last:
                 return
+
+
+@dataclass
+class _Spool:
+    """A part of a file, encoded as COPY rows: its rows, the good ones among them, and whether it ends the file."""
+
+    path: Path
+    rows: int = 0
+    good_rows: int = 0
+    last: bool = True
 
 
 @dataclass(frozen=True)
