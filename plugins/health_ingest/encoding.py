@@ -241,7 +241,7 @@ def release_free_memory() -> None:
 def _glibc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim, libc.mallopt  # noqa: B018 - both exist, or this is not glibc
+        libc.malloc_trim  # noqa: B018 - it exists, or this is not glibc
     except (OSError, AttributeError):
         return None
     return libc
