@@ -148,6 +148,18 @@ def test_observation_before_birth_is_rejected_with_its_reason_and_data_docs(tmp_
     assert "years_after_birth" in html and "Failed" in html, "the page shows the failed expectation"
 
 
+def test_a_patient_stored_by_an_earlier_batch_is_the_one_checked_against(tmp_path, db, smart_source):
+    """The suites read the stored patients a batch refers to (by id), and a staged Patient wins over a stored one."""
+    observation = PLANTED["fhir.observation"][1]  # 1970, before the patient's birth in 1980
+    run_fhir_batch(_deliver(tmp_path / "patient", {"Patient": [PATIENT]}), smart_source)
+    with pytest.raises(BatchRejected, match=r"expect_column_values_to_be_between\(years_after_birth\)"):
+        run_fhir_batch(_deliver(tmp_path / "later", {"Observation": [observation]}), smart_source)
+
+    born_earlier = {**PATIENT, "birthDate": "1960-04-02"}
+    both = _deliver(tmp_path / "both", {"Patient": [born_earlier], "Observation": [observation]})
+    assert run_fhir_batch(both, smart_source).rows_loaded == 2
+
+
 def test_warnings_commit_and_are_recorded(tmp_path, db, smart_source):
     encounter = {
         "resourceType": "Encounter",
