@@ -29,3 +29,28 @@ def test_byte_ranges_give_every_line_once_with_its_number(tmp_path, monkeypatch,
     expected = [(n, raw.rstrip(b"\n")) for n, raw in read_lines(path)]
     assert found == expected
     assert len(ranges) > 1 or chunk_bytes > len(body)
+
+
+def test_workers_run_at_the_configured_priority_and_bad_settings_are_refused(monkeypatch):
+    """The encoding workers yield to the database by default; a setting out of range is named, not half-applied."""
+    import os
+
+    from health_ingest.bench.measure import BENCH_SOURCE
+    from health_ingest.encoding import FileEncoder
+    from health_ingest.errors import ConfigurationError
+    from health_ingest.privacy.keyring import Keyring, MasterKey
+
+    keyring = Keyring(keys={"k1": MasterKey("k1", b"0" * 32)}, active_id="k1")
+    own = os.nice(0)
+    for setting, expected in ((None, min(own + 19, 19)), ("5", min(own + 5, 19))):
+        if setting is None:
+            monkeypatch.delenv("HEALTH_INGEST_WORKER_NICENESS", raising=False)
+        else:
+            monkeypatch.setenv("HEALTH_INGEST_WORKER_NICENESS", setting)
+        with FileEncoder(keyring, BENCH_SOURCE, workers=2) as encoder:
+            assert {encoder._pool.submit(os.nice, 0).result() for _ in range(4)} == {expected}
+    for name, value in (("HEALTH_INGEST_WORKER_NICENESS", "-5"), ("HEALTH_INGEST_WORKERS", "two")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigurationError, match=f"{name} must be a whole number"):
+            FileEncoder(keyring, BENCH_SOURCE)
+        monkeypatch.delenv(name)

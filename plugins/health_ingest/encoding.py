@@ -16,6 +16,7 @@ from pathlib import Path
 
 import orjson
 
+from health_ingest.errors import ConfigurationError
 from health_ingest.formats.ndjson import read_lines
 from health_ingest.privacy.dates import DateShifter
 from health_ingest.privacy.escrow import EscrowCipher, encode_escrow_rows
@@ -33,7 +34,7 @@ ENV_WORKERS = "HEALTH_INGEST_WORKERS"
 # Workers run at the lowest priority: on a shared machine, the database (staging, merging, checking the previous
 # parts) comes first and the workers take what it leaves, so that the batch does not end on a backlog of merges.
 ENV_NICENESS = "HEALTH_INGEST_WORKER_NICENESS"
-DEFAULT_NICENESS = "19"
+DEFAULT_NICENESS = 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,8 @@ class FileEncoder:
     """
 
     def __init__(self, keyring: Keyring, source: Source, workers: int | None = None) -> None:
-        self.workers = workers if workers is not None else int(os.environ.get(ENV_WORKERS, os.cpu_count() or 1))
+        self.workers = workers if workers is not None else _setting(ENV_WORKERS, os.cpu_count() or 1, 1, 256)
+        self.niceness = _setting(ENV_NICENESS, DEFAULT_NICENESS, 0, 19)
         self.read_seconds = 0.0
         self._keyring, self._source = keyring, source
         self._pool: ProcessPoolExecutor | None = None
@@ -116,7 +118,7 @@ class FileEncoder:
                 self.workers,
                 mp_context=multiprocessing.get_context("fork"),
                 initializer=_start_worker,
-                initargs=(self._keyring, self._source),
+                initargs=(self._keyring, self._source, self.niceness),
             )
         else:
             self._local = chunk_encoder(self._keyring, self._source)
@@ -188,6 +190,20 @@ class FileEncoder:
             yield chunk
 
 
+def _setting(name: str, default: int, low: int, high: int) -> int:
+    """An integer setting from the environment, refused with a message that names it when out of range."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ConfigurationError(f"{name} must be a whole number from {low} to {high}, not {raw!r}")
+    return value
+
+
 # --- implementation details: the worker side ----------------------------------------------------
 
 _worker: ChunkEncoder | None = None
@@ -203,9 +219,9 @@ def chunk_encoder(keyring: Keyring, source: Source) -> ChunkEncoder:
     return ChunkEncoder(pseudonymiser, escrow, strict=source.quality.strict, rules=source.quality.strict_rules)
 
 
-def _start_worker(keyring: Keyring, source: Source) -> None:
+def _start_worker(keyring: Keyring, source: Source, niceness: int) -> None:
     global _worker
-    os.nice(int(os.environ.get(ENV_NICENESS, DEFAULT_NICENESS)))
+    os.nice(niceness)
     _worker = chunk_encoder(keyring, source)
 
 
