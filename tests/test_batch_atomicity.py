@@ -158,17 +158,38 @@ def test_a_row_lost_on_its_way_to_staging_fails_the_batch(db, smart_source, monk
     """PostgreSQL's count of each part's COPY is compared with what the reader put in it, before anything commits."""
     from health_ingest.warehouse import staging
 
-    real_copy = staging.copy_spool
+    real_copy = staging.copy_files
     dropped = []
 
-    def copy_all_but_one_line(cur, table, spool, *args, **kwargs):
-        lines = spool.read_bytes().splitlines(keepends=True)
+    def copy_all_but_one_line(cur, table, files, *args, **kwargs):
+        lines = files[-1].read_bytes().splitlines(keepends=True) if files else []
         if not dropped and table.split(".")[1].split("_")[1] == "encounter" and len(lines) > 1:
-            spool.write_bytes(b"".join(lines[:-1]))
+            files[-1].write_bytes(b"".join(lines[:-1]))
             dropped.append(table)
-        return real_copy(cur, table, spool, *args, **kwargs)
+        return real_copy(cur, table, files, *args, **kwargs)
 
-    monkeypatch.setattr(staging, "copy_spool", copy_all_but_one_line)
+    monkeypatch.setattr(staging, "copy_files", copy_all_but_one_line)
     with pytest.raises(LoadError, match=r"Encounter\.000\.ndjson: (\d+) records read into a part but \d+ staged"):
         run_fhir_batch(SAMPLE, smart_source)
     assert dropped and all(count == 0 for count in _table_counts(db).values())
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_rows_kept_by_the_batch_process_load_like_the_workers_rows(tmp_path, db, smart_source, monkeypatch, workers):
+    """A gzip file (its lines go to the workers, its rows come back) and an encoder in the batch's own process
+    write their rows here rather than in the workers: staged in many parts, the sample loads exactly the same."""
+    import gzip
+    import shutil
+
+    import health_ingest.pipeline as pipeline
+
+    for source_file in SAMPLE.glob("*.ndjson"):
+        shutil.copy(source_file, tmp_path / source_file.name)
+    encounters = tmp_path / "Encounter.000.ndjson"
+    (tmp_path / "Encounter.000.ndjson.gz").write_bytes(gzip.compress(encounters.read_bytes()))
+    encounters.unlink()
+    monkeypatch.setenv("HEALTH_INGEST_WORKERS", workers)
+    monkeypatch.setattr(pipeline, "SPOOL_BYTES", 1 << 16)
+    result = run_fhir_batch(tmp_path, smart_source)
+    assert result.rows_quarantined == 0
+    assert _table_counts(db) == {t.lower(): n for t, n in sample_line_counts().items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import multiprocessing
 import os
@@ -41,13 +42,16 @@ DEFAULT_NICENESS = 19
 class EncodedChunk:
     """COPY rows for a run of lines, good and rejected alike, with what the worker counted and spent."""
 
-    data: bytes
+    data: bytes  # the rows, unless a worker wrote them to `rows_file`
     escrow: bytes  # COPY rows for the escrow, when the source keeps one
     rows_read: int
     rows_quarantined: int
     first_line: int
     check_seconds: float
     pseudonymise_seconds: float
+    size: int = 0  # bytes of rows
+    rows_file: str | None = None  # where a worker appended the rows, with the other chunks of its `part`
+    part: int = 0
 
 
 class ChunkEncoder:
@@ -86,14 +90,16 @@ class ChunkEncoder:
             rows.append(encode_loaded(file_no, line_no, ids.resource_id, ids.patient_id, updated, dumps(checked)))
             pseudonymise_seconds += clock() - t1
         escrow = encode_escrow_rows(self._escrow, self._tokens.drain_new_tokens()) if self._escrow else b""
+        data = b"".join(rows)
         return EncodedChunk(
-            b"".join(rows),
+            data,
             escrow,
             len(lines),
             rejected,
             lines[0][0] if lines else 0,
             check_seconds,
             pseudonymise_seconds,
+            len(data),
         )
 
 
@@ -128,10 +134,13 @@ class FileEncoder:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def encode(self, path: Path, file_no: int, expected_type: str) -> Iterator[EncodedChunk]:
-        """Chunks of the file, encoded, in file order. Workers read the byte ranges of a plain file themselves:
-        the raw lines never pass through this process (a gzip file, which cannot be read at an offset, is sent
-        to them line by line)."""
+    def encode(
+        self, path: Path, file_no: int, expected_type: str, rows_folder: Path | None = None, part_bytes: int = 1 << 24
+    ) -> Iterator[EncodedChunk]:
+        """Chunks of the file, encoded, in file order. Workers read the byte ranges of a plain file themselves;
+        when `rows_folder` is given, each appends its chunks' rows to a file of its own per part (`part_bytes`
+        of the input): neither the raw lines nor the rows pass through this process (a gzip file, which cannot
+        be read at an offset, is sent to them line by line and its rows come back)."""
         if self._pool is None:
             for lines in self._chunks(path):
                 yield self._local.encode(file_no, expected_type, lines)
@@ -139,7 +148,17 @@ class FileEncoder:
         in_flight: deque[Future] = deque()
         if not path.name.lower().endswith(".gz"):
             tasks = (
-                (_encode_range_in_worker, str(path), start, end, first_line, file_no, expected_type)
+                (
+                    _encode_range_in_worker,
+                    str(path),
+                    start,
+                    end,
+                    first_line,
+                    file_no,
+                    expected_type,
+                    str(rows_folder) if rows_folder else None,
+                    start // part_bytes,
+                )
                 for start, end, first_line in self._ranges(path)
             )
         else:
@@ -230,10 +249,24 @@ def _encode_in_worker(file_no: int, expected_type: str, lines: list[tuple[int, b
 
 
 def _encode_range_in_worker(
-    path: str, start: int, end: int, first_line: int, file_no: int, expected_type: str
+    path: str,
+    start: int,
+    end: int,
+    first_line: int,
+    file_no: int,
+    expected_type: str,
+    rows_folder: str | None,
+    part: int,
 ) -> EncodedChunk:
-    """Read a run of whole lines of the file and encode them."""
-    return _worker.encode(file_no, expected_type, lines_of_range(path, start, end, first_line))
+    """Read a run of whole lines of the file and encode them; the rows are appended to this worker's file of the
+    part when there is a folder for them."""
+    chunk = _worker.encode(file_no, expected_type, lines_of_range(path, start, end, first_line))
+    if rows_folder is None:
+        return chunk
+    rows_file = f"{rows_folder}/{file_no}.{part}.{os.getpid()}.rows"
+    with open(rows_file, "ab") as handle:
+        handle.write(chunk.data)
+    return dataclasses.replace(chunk, data=b"", rows_file=rows_file, part=part)
 
 
 def lines_of_range(path: str | Path, start: int, end: int, first_line: int) -> list[tuple[int, bytes]]:

@@ -365,9 +365,10 @@ class _BatchLoader:
                 clock = time.perf_counter()
                 position = f"while staging {landed_file.name}"
                 part = staging.create_staging_part(copy_cur, self.batch_id, landed_file.resource_type, part_no)
-                staging.copy_spool(copy_cur, part, spool.path)
+                staging.copy_files(copy_cur, part, spool.files)
                 reconcile_part(landed_file.name, spool.rows, copy_cur.rowcount)
-                spool.path.unlink()
+                for rows_file in spool.files:
+                    rows_file.unlink()
                 self.times.stage += time.perf_counter() - clock
                 staged.put(_StagedPart(landed_file.resource_type, part, spool.good_rows))
                 if not spool.last:
@@ -446,47 +447,55 @@ class _BatchLoader:
         stop: threading.Event,
     ) -> Iterator[_Spool]:
         """Every line read becomes one COPY row, good or rejected, so nothing read goes unaccounted. Yields spools
-        of about SPOOL_BYTES, so that staging copies a part while the workers encode the next."""
+        of about SPOOL_BYTES of input (the files of their rows, one per worker), so that staging copies a part
+        while the workers encode the next."""
         self._producer_position = f"while reading {landed_file.name}"
-        chunks = enumerate(encoder.encode(landed_file.path, landed_file.file_no, landed_file.resource_type), start=1)
-        for part in itertools.count():
-            spool = _Spool(spool_folder / f"{landed_file.file_no}.{part}.copy")
-            written = 0
-            with spool.path.open("wb", buffering=1 << 20) as handle:
-                for number, chunk in chunks:
-                    if stop.is_set():
-                        return
-                    handle.write(chunk.data)
-                    written += len(chunk.data)
-                    escrow.write(chunk.escrow)
-                    if number % 32 == 0:
-                        release_free_memory()
-                    counts.rows_read += chunk.rows_read
-                    counts.rows_quarantined += chunk.rows_quarantined
-                    spool.rows += chunk.rows_read
-                    spool.good_rows += chunk.rows_read - chunk.rows_quarantined
-                    self.times.check += chunk.check_seconds
-                    self.times.pseudonymise += chunk.pseudonymise_seconds
-                    self._producer_position = f"after {landed_file.name} line {chunk.first_line}"
-                    if self.progress:
-                        self.progress(landed_file.name, counts.rows_read, False)
-                    if written >= SPOOL_BYTES:
-                        spool.last = False
-                        break
-            if spool.last:
-                if self.progress:
-                    self.progress(landed_file.name, counts.rows_read, True)
-                release_free_memory()
-            yield spool
-            if spool.last:
+        chunks = encoder.encode(
+            landed_file.path, landed_file.file_no, landed_file.resource_type, spool_folder, SPOOL_BYTES
+        )
+        spool, part, written = _Spool(), None, 0
+        for number, chunk in enumerate(chunks, start=1):
+            if stop.is_set():
                 return
+            if chunk.rows_file is None:  # encoded here, or a gzip file's lines: this process keeps the rows
+                chunk_part = written // SPOOL_BYTES
+                rows_file = spool_folder / f"{landed_file.file_no}.{chunk_part}.here.rows"
+                with rows_file.open("ab") as handle:
+                    handle.write(chunk.data)
+            else:
+                chunk_part, rows_file = chunk.part, Path(chunk.rows_file)
+            written += chunk.size
+            if part is not None and chunk_part != part:  # chunks come in file order: the previous part is whole
+                spool.last = False
+                yield spool
+                spool = _Spool()
+            part = chunk_part
+            if rows_file not in spool.files:
+                spool.files.append(rows_file)
+            escrow.write(chunk.escrow)
+            if number % 32 == 0:
+                release_free_memory()
+            counts.rows_read += chunk.rows_read
+            counts.rows_quarantined += chunk.rows_quarantined
+            spool.rows += chunk.rows_read
+            spool.good_rows += chunk.rows_read - chunk.rows_quarantined
+            self.times.check += chunk.check_seconds
+            self.times.pseudonymise += chunk.pseudonymise_seconds
+            self._producer_position = f"after {landed_file.name} line {chunk.first_line}"
+            if self.progress:
+                self.progress(landed_file.name, counts.rows_read, False)
+        if self.progress:
+            self.progress(landed_file.name, counts.rows_read, True)
+        release_free_memory()
+        yield spool
 
 
 @dataclass
 class _Spool:
-    """A part of a file, encoded as COPY rows: its rows, the good ones among them, and whether it ends the file."""
+    """A part of a file, encoded as COPY rows in files: its rows, the good ones among them, and whether it ends
+    the file."""
 
-    path: Path
+    files: list[Path] = field(default_factory=list)
     rows: int = 0
     good_rows: int = 0
     last: bool = True

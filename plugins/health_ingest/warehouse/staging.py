@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 COPY_CHUNK = 1 << 18
 STAGING_COLUMNS = "file_no, line_no, id, patient_id, last_updated, reason, message, resource"
@@ -67,6 +68,12 @@ def copy_spool(cur, table: str, spool: Path, columns: str | None = STAGING_COLUM
         cur.copy_expert(f"COPY {target} FROM STDIN{f' WITH ({options})' if options else ''}", handle, size=COPY_CHUNK)
 
 
+def copy_files(cur, table: str, files: list[Path], columns: str = STAGING_COLUMNS) -> None:
+    """COPY files of already-encoded rows (text format), one after the other, as one statement."""
+    with _Concatenated(files) as handle:
+        cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN", handle, size=COPY_CHUNK)
+
+
 def escape_text(value: str) -> str:
     """A value as a field of COPY's text format."""
     return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
@@ -95,3 +102,31 @@ def encode_rejected(file_no: int, line_no: int, reason: str, message: str) -> by
 
 def _text(value: str) -> bytes:
     return escape_text(value).encode()
+
+
+class _Concatenated:
+    """Files read one after the other, as one stream (what `copy_expert` reads from)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._files = iter(files)
+        self._current: BinaryIO | None = None
+
+    def __enter__(self) -> _Concatenated:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._current is not None:
+            self._current.close()
+
+    def read(self, size: int = -1) -> bytes:
+        while True:
+            if self._current is None:
+                path = next(self._files, None)
+                if path is None:
+                    return b""
+                self._current = path.open("rb")
+            data = self._current.read(size)
+            if data:
+                return data
+            self._current.close()
+            self._current = None
