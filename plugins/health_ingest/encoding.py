@@ -135,12 +135,17 @@ class FileEncoder:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def encode(
-        self, path: Path, file_no: int, expected_type: str, rows_folder: Path | None = None, part_bytes: int = 1 << 24
+        self,
+        path: Path,
+        file_no: int,
+        expected_type: str,
+        rows_folder: Path | None = None,
+        part_bytes: int | None = None,
     ) -> Iterator[EncodedChunk]:
         """Chunks of the file, encoded, in file order. Workers read the byte ranges of a plain file themselves;
         when `rows_folder` is given, each appends its chunks' rows to a file of its own per part (`part_bytes`
-        of the input): neither the raw lines nor the rows pass through this process (a gzip file, which cannot
-        be read at an offset, is sent to them line by line and its rows come back)."""
+        of the input; None: the whole file): neither the raw lines nor the rows pass through this process (a
+        gzip file, which cannot be read at an offset, is sent to them line by line and its rows come back)."""
         if self._pool is None:
             for lines in self._chunks(path):
                 yield self._local.encode(file_no, expected_type, lines)
@@ -157,7 +162,7 @@ class FileEncoder:
                     file_no,
                     expected_type,
                     str(rows_folder) if rows_folder else None,
-                    start // part_bytes,
+                    start // part_bytes if part_bytes else 0,
                 )
                 for start, end, first_line in self._ranges(path)
             )

@@ -159,19 +159,18 @@ class ResourcePseudonymiser:
             return f"identifier={system}|{self.tokens.identifier(system, identifier)}"
         return f"{name}=" + self.tokens.token("search-parameter", parameter)
 
-    def _scrub(self, node: dict[str, Any], _action_of=_ACTIONS.get, _dict=dict, _list=list) -> None:
-        """Walk one element. Keys are looked up once in `_ACTIONS`; most keys need no action but descent (the
-        lookups are bound as defaults: this runs for every element of every resource)."""
+    def _scrub(self, node: dict[str, Any]) -> None:
+        """Walk one element. Keys are looked up once in `_ACTIONS`; most keys need no action but descent."""
         removed = []
         for key, value in node.items():
-            action = _action_of(key)
+            action = _ACTIONS.get(key)
             if action is None:
                 kind = type(value)
-                if kind is _dict:
+                if kind is dict:
                     self._scrub(value)
-                elif kind is _list:
+                elif kind is list:
                     for item in value:
-                        if type(item) is _dict:
+                        if type(item) is dict:
                             self._scrub(item)
             elif action is _DROP:
                 removed.append(key)
