@@ -327,6 +327,43 @@ def test_small_chunks_load_the_same_rows_and_a_key_repeated_chunks_apart_is_quar
         assert cur.fetchone()[0] == 0
 
 
+def test_a_stored_key_met_chunks_in_merges_the_chunks_before_it_again_by_key(tmp_path, db, monkeypatch):
+    """Chunks are plainly inserted while their keys are new. A key stored by an earlier batch, met in the last
+    chunk, rolls the table back and merges every chunk again by key: the rows before it are kept, the stored row
+    updated, and a bad row quarantined once."""
+    import health_ingest.pipeline_claims as pipeline_claims
+
+    rows = _rows(SNDS / "DCIR" / "ER_PRS_F.csv")
+    fields = list(rows[0])
+
+    def delivery(name: str, chosen: list[dict[str, str]]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        with (folder / "ER_PRS_F.csv").open("w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(chosen)
+        return folder
+
+    stored = run_claims_batch(delivery("first", rows[-1:]), get_source("snds_extract"))
+    assert stored.rows_loaded == 1
+    monkeypatch.setattr(pipeline_claims, "CHUNK_BYTES", 1)  # each row its own chunk
+    monkeypatch.setattr(pipeline_claims, "CHUNK_CHECK_ROWS", 1)
+    bad = dict(rows[1], PRS_ACT_QTE="douze")
+    updated = dict(rows[-1], PRS_ACT_QTE="77")
+    second = run_claims_batch(delivery("second", [rows[0], bad, *rows[2:-1], updated]), get_source("snds_extract"))
+
+    assert (second.rows_read, second.rows_loaded, second.rows_quarantined) == (len(rows), len(rows) - 1, 1)
+    key = " AND ".join(f"{k.lower()}::text = %s" for k in DCIR_KEY)
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT batch_id) FROM claims.snds_er_prs_f")
+        assert cur.fetchone() == (len(rows) - 1, 1)
+        cur.execute(f"SELECT prs_act_qte::text FROM claims.snds_er_prs_f WHERE {key}", [updated[k] for k in DCIR_KEY])
+        assert [row[0] for row in cur.fetchall()] == ["77"]
+        cur.execute("SELECT line_number, message FROM ingest.quarantine WHERE batch_id = %s", (second.batch_id,))
+        assert cur.fetchall() == [(3, "PRS_ACT_QTE: not a number")]
+
+
 def test_a_reader_failure_after_chunks_were_typed_and_merged_leaves_nothing(tmp_path, db, monkeypatch):
     """ER_PHA_F is merged and ER_PRS_F partly staged and typed when its gzip stream ends too soon: the batch
     fails naming the file, nothing reaches the warehouse, and no staging table is left."""

@@ -206,24 +206,51 @@ class _ClaimsLoader:
 
     def _merge_chunk(self, cur, table: str, chunk: str, staged_counts, merges: dict, plan) -> None:
         """A typed chunk into the warehouse table as soon as it is typed, its bad rows (if any) into the
-        quarantine."""
+        quarantine. While every key is new, chunks are plainly inserted; the first key met again rolls the table
+        back to its savepoint, and its chunks, this one and the next, are merged by key."""
         clock = time.perf_counter()
         self.position = f"while merging {table}"
-        schema = self.profile.tables[table]
         warehouse_table = self.profile.warehouse_table(table)
         merge = merges.get(table)
         if merge is None:
             merge = merges[table] = _TableMerge(plan)
-            claims_tables.ensure_table(cur, warehouse_table, schema, plan)
+            claims_tables.ensure_table(cur, warehouse_table, self.profile.tables[table], plan)
             cur.execute("SAVEPOINT merge_table")
+        written = None
+        if merge.new_keys_only:
+            written = claims_tables.insert_chunk(
+                cur, chunk, warehouse_table, self.profile.tables[table], plan, self.batch_id, self.source.name
+            )
+            if written is None:
+                cur.execute("ROLLBACK TO SAVEPOINT merge_table")
+                earlier = merge.restart_by_key()
+                for earlier_chunk, earlier_counts in earlier:
+                    self._merge_by_key(cur, table, earlier_chunk, earlier_counts, merge)
+        if written is None:
+            self._merge_by_key(cur, table, chunk, staged_counts, merge)
+        else:
+            merge.add(chunk, written, staged_counts)
+            self._quarantine_bad(cur, chunk, staged_counts)
+        self.times.commit += time.perf_counter() - clock
+
+    def _merge_by_key(self, cur, table: str, chunk: str, staged_counts, merge: _TableMerge) -> None:
         offered = sum(good for good, _ in staged_counts.values())
         written = claims_tables.merge_chunk(
-            cur, chunk, offered, warehouse_table, schema, plan, self.batch_id, self.source.name
+            cur,
+            chunk,
+            offered,
+            self.profile.warehouse_table(table),
+            self.profile.tables[table],
+            merge.plan,
+            self.batch_id,
+            self.source.name,
         )
         merge.add(chunk, written, staged_counts)
+        self._quarantine_bad(cur, chunk, staged_counts)
+
+    def _quarantine_bad(self, cur, chunk: str, staged_counts) -> None:
         if any(bad for _, bad in staged_counts.values()):
             claims_tables.quarantine_rows(cur, chunk, self.batch_id, self.file_names)
-        self.times.commit += time.perf_counter() - clock
 
     def _finish_table(self, cur, table: str, merge: _TableMerge, files: list[LandedFile], file_counts) -> None:
         """Reconcile the table's counts. When a key came twice in the batch (in one chunk or chunks apart), the
@@ -372,18 +399,28 @@ class _TableMerge:
     """What the chunks of one table have written so far."""
 
     plan: list
+    new_keys_only: bool = True  # every chunk so far plainly inserted
     chunks: list[str] = field(default_factory=list)
+    counts: list[dict[int, tuple[int, int]]] = field(default_factory=list)  # each chunk's staged counts
     written: int = 0
     good: int = 0
     staged: dict[int, tuple[int, int]] = field(default_factory=dict)  # file number: (good, bad)
 
     def add(self, chunk: str, written: int, staged: dict[int, tuple[int, int]]) -> None:
         self.chunks.append(chunk)
+        self.counts.append(staged)
         self.written += written
         for file_no, (good, bad) in staged.items():
             before = self.staged.get(file_no, (0, 0))
             self.staged[file_no] = (before[0] + good, before[1] + bad)
             self.good += good
+
+    def restart_by_key(self) -> list[tuple[str, dict[int, tuple[int, int]]]]:
+        """Forget what was written (rolled back) and merge by key from now on; returns the chunks to merge again."""
+        earlier = list(zip(self.chunks, self.counts, strict=True))
+        self.new_keys_only = False
+        self.chunks, self.counts, self.written, self.good, self.staged = [], [], 0, 0, {}
+        return earlier
 
 
 def _put(channel: queue.Queue, item, stop: threading.Event) -> bool:

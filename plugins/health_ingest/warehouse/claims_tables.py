@@ -23,6 +23,7 @@ TYPES = {
     "datetime": ("timestamptz", "ingest.try_timestamptz_claims({})", "not a date-time"),
     "year": ("integer", "ingest.try_integer({}, plain)", "not a year"),
 }
+UNIQUE_VIOLATION = "23505"
 MAX_ARGUMENTS = 100  # PostgreSQL's limit for one function call
 PLAIN_NUMBERS = {"integer", "number", "year"}  # the types whose casts take the row's `plain` test
 
@@ -121,6 +122,23 @@ def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[Co
         f"FROM (SELECT {', '.join(inner)} FROM (SELECT *, {plain} AS plain FROM {staged} OFFSET 0) s OFFSET 0) raw"
     )
     cur.execute(f"CREATE UNLOGGED TABLE {typed} {TRANSIENT} AS {query}")
+
+
+def insert_chunk(
+    cur, typed: str, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan], batch_id: str, source: str
+) -> int | None:
+    """Write a typed chunk's good rows into the warehouse table with a plain `INSERT`, which costs a third less than
+    an upsert but takes new keys only. Returns the rows written, or None when a key was there already (stored by an
+    earlier batch, or met twice in this one): the statement then failed and the caller rolls back to its savepoint
+    and merges by key instead (`merge_chunk`)."""
+    columns = _merge_columns(warehouse_table, schema, plan)
+    try:
+        cur.execute(columns.insert(typed), {"batch": batch_id, "source": source})
+    except Exception as error:
+        if getattr(error, "pgcode", None) != UNIQUE_VIOLATION:
+            raise
+        return None
+    return cur.rowcount
 
 
 def merge_chunk(
