@@ -13,7 +13,7 @@ import io
 import json
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -67,7 +67,7 @@ class ClaimsProfile:
     table_suffix: str | None
     trailing_delimiter: bool
     privacy: PrivacyRoles
-    tables: dict[str, TableSchema]
+    tables: Mapping[str, TableSchema]
 
     def table_for(self, path: Path) -> str:
         """The table a file belongs to, from its name (`ER_PRS_F.csv`, `carrier_2019.csv.gz`)."""
@@ -86,26 +86,19 @@ class ClaimsProfile:
 
 @cache
 def load_profile(name: str) -> ClaimsProfile:
-    """The profile and every table schema of its folder, validated as Table Schema by `frictionless`."""
-    from frictionless import Schema
-
+    """The profile and every table schema of its folder, each validated as Table Schema by `frictionless` when it is
+    first used."""
     if name not in PROFILES:
         raise DeliveryError(f"unknown claims profile '{name}' (known: {', '.join(PROFILES)})")
     folder = resources.files("health_ingest.formats") / "claims_profiles" / name
     settings = json.loads((folder / "profile.json").read_text(encoding="utf-8"))
-    tables = {}
+    descriptors = {}
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if not entry.name.endswith(".json") or entry.name == "profile.json":
             continue
         descriptor = json.loads(entry.read_text(encoding="utf-8"))
-        schema = Schema.from_descriptor(_table_schema_part(descriptor))
-        table = descriptor.get("name") or entry.name.removesuffix(".json")
-        tables[table] = TableSchema(
-            table,
-            tuple(Column(f.name, f.type) for f in schema.fields),
-            tuple(schema.primary_key or ()),
-            (descriptor.get("dialect") or {}).get("delimiter"),
-        )
+        descriptors[descriptor.get("name") or entry.name.removesuffix(".json")] = descriptor
+    tables = _TableSchemas(descriptors)
     roles = settings.get("privacy", {})
     return ClaimsProfile(
         name=settings["name"],
@@ -160,6 +153,39 @@ def open_claims_file(path: Path, label: str, profile: ClaimsProfile, schema: Tab
 
 
 # --- implementation details -------------------------------------------------------------------
+
+
+class _TableSchemas(Mapping):
+    """A profile's table schemas by name, each validated when first asked for: a batch uses two or three of SNDS's
+    sixty tables, and validating all of them cost about a second per batch."""
+
+    def __init__(self, descriptors: dict[str, dict]):
+        self._descriptors = descriptors
+        self._schemas: dict[str, TableSchema] = {}
+
+    def __getitem__(self, table: str) -> TableSchema:
+        schema = self._schemas.get(table)
+        if schema is None:
+            schema = self._schemas[table] = _table_schema(table, self._descriptors[table])
+        return schema
+
+    def __iter__(self):
+        return iter(self._descriptors)
+
+    def __len__(self) -> int:
+        return len(self._descriptors)
+
+
+def _table_schema(table: str, descriptor: dict) -> TableSchema:
+    from frictionless import Schema
+
+    schema = Schema.from_descriptor(_table_schema_part(descriptor))
+    return TableSchema(
+        table,
+        tuple(Column(f.name, f.type) for f in schema.fields),
+        tuple(schema.primary_key or ()),
+        (descriptor.get("dialect") or {}).get("delimiter"),
+    )
 
 
 def _table_schema_part(descriptor: dict) -> dict:
