@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         run = _measure(url, dataset, "--claims")
         _drop_database(admin_url, f"bench_snds_{size}")
         run["rows_per_second"] = round(run["rows"] / run["end_to_end_seconds"])
+        floor = run["floor"]
+        run["floor_rows_per_second"] = round(floor["bare_copy_rows"] / floor["bare_copy_seconds"])
+        run["ratio_to_floor"] = run["rows_per_second"] / run["floor_rows_per_second"]
         claims_runs.append({"target": size, **run})
 
     results = {
@@ -112,6 +115,8 @@ def render(results: dict) -> str:
                 for step, label in CLAIMS_STAGES
             ),
             ["SNDS end to end (rows/s)", *(run["rows_per_second"] for run in claims)],
+            ["floor: bare COPY of the CSV into text (rows/s)", *(run.get("floor_rows_per_second") for run in claims)],
+            ["end to end / bare COPY", *(_ratio(run) for run in claims)],
             ["end to end (s)", *(f"{run['end_to_end_seconds']:.1f}" for run in claims)],
             [
                 "quality suites, share of the batch",
@@ -135,6 +140,11 @@ def _step_rate(run: dict, step: str) -> int | str | None:
     """A step's rate; a step that took under 10 ms is said so (its rate would be a meaningless large number)."""
     seconds = run["steps_seconds"][step]
     return "under 10 ms" if 0 <= seconds < 0.01 else run["rates"][step]
+
+
+def _ratio(run: dict) -> str | None:
+    ratio = run.get("ratio_to_floor")  # results written before the claims floor was measured have none
+    return f"{ratio:.2f}" if ratio is not None else None
 
 
 def _rate(rows: int, seconds: float) -> int | None:
