@@ -293,6 +293,32 @@ def test_values_are_typed_by_their_shape_and_text_is_kept_verbatim(tmp_path, db)
             assert cur.fetchone()[0] == str(expected), (column, value)
 
 
+def test_the_encoding_is_chosen_on_the_whole_file_and_a_file_in_none_fails_at_its_line(tmp_path, db):
+    """A Latin-1 export has an ASCII header: an accented value far down the file still reads as Latin-1, the
+    profile's second encoding. A file in none of its profile's encodings fails before anything is written, naming
+    the line."""
+    cases = [("PHA_CPA_PCP", "x")] * 30 + [("PHA_CPA_PCP", "pharmacie générale")]
+    delivery, _ = _pha_delivery(tmp_path, cases)
+    latin = delivery / "ER_PHA_F.csv"
+    latin.write_bytes(latin.read_text(encoding="utf-8").encode("latin-1"))
+    result = run_claims_batch(delivery, get_source("snds_extract"))
+    assert (result.rows_read, result.rows_loaded) == (31, 31)
+    with db.cursor() as cur:
+        cur.execute("SELECT pha_cpa_pcp FROM claims.snds_er_pha_f WHERE dct_ord_num = 900030")
+        assert cur.fetchone()[0] == "pharmacie générale"
+
+    synthea = tmp_path / "synthea"
+    shutil.copytree(TEST_DATA / "synthea-ma11" / "csv", synthea)
+    lines = (synthea / "payers.csv").read_bytes().split(b"\n")
+    lines[6] = lines[6].replace(b",", b"\xe9,", 1)  # line 7: a byte UTF-8 cannot read, in the profile's only encoding
+    (synthea / "payers.csv").write_bytes(b"\n".join(lines))
+    with pytest.raises(LoadError, match=r"payers\.csv: not utf-8-sig at line 7; nothing of the delivery was loaded"):
+        run_claims_batch(synthea, get_source("synthea_claims"))
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'synthea%'")
+        assert cur.fetchone()[0] == 0
+
+
 def test_small_chunks_load_the_same_rows_and_a_key_repeated_chunks_apart_is_quarantined(tmp_path, db, monkeypatch):
     """Each row its own chunk (so its own COPY and typing step): the batch still reconciles, and a DCIR key that
     comes again in a later chunk is quarantined with the last row kept, as within one chunk."""
@@ -369,6 +395,7 @@ def test_a_reader_failure_after_chunks_were_typed_and_merged_leaves_nothing(tmp_
     fails naming the file, nothing reaches the warehouse, and no staging table is left."""
     import gzip
 
+    import health_ingest.formats.claims as claims_format
     import health_ingest.pipeline_claims as pipeline_claims
 
     monkeypatch.setattr(pipeline_claims, "CHUNK_BYTES", 1 << 16)
@@ -385,6 +412,10 @@ def test_a_reader_failure_after_chunks_were_typed_and_merged_leaves_nothing(tmp_
     packed = (delivery / "ER_PRS_F.csv.gz").read_bytes()
     (delivery / "ER_PRS_F.csv.gz").write_bytes(packed[: len(packed) * 3 // 4])
 
+    with pytest.raises(LoadError, match=r"ER_PRS_F\.csv\.gz: the compressed file ends too soon; nothing"):
+        run_claims_batch(delivery, get_source("snds_extract"))  # found by the encoding check, before any write
+    # a file that turns unreadable after its check (a failing disk) fails while it is read, chunks already merged
+    monkeypatch.setattr(claims_format, "first_undecodable_line", lambda path, encoding: None)
     with pytest.raises(LoadError, match=r"while reading ER_PRS_F\.csv\.gz"):
         run_claims_batch(delivery, get_source("snds_extract"))
     with db.cursor() as cur:
@@ -393,7 +424,7 @@ def test_a_reader_failure_after_chunks_were_typed_and_merged_leaves_nothing(tmp_
         cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'ingest_staging'")
         assert cur.fetchone()[0] == 0
         cur.execute("SELECT status FROM ingest.batches")
-        assert cur.fetchall() == [("failed",)]
+        assert cur.fetchall() == [("failed",), ("failed",)]
 
 
 @pytest.mark.parametrize(

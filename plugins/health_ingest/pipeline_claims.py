@@ -336,16 +336,16 @@ class _ClaimsLoader:
         opened = open_claims_file(landed_file.path, landed_file.name, self.profile, schema)
         providers = self.source.privacy.providers
         columns, persons = plan_columns(schema, opened.header, self.profile.privacy, providers)
-        return columns, persons, len(opened.header), RowTransform(columns, persons, self.tokens)
+        return columns, persons, len(opened.header), RowTransform(columns, persons, self.tokens), opened.encoding
 
     def _encode_file(self, landed_file: LandedFile, plan, file_counts, stop):
         """Rows as spools in COPY's text format, where an empty field is NULL (the reader has made every empty
         value an absent one); rows of the wrong width are kept with their reason, so that nothing read goes
         unaccounted. Yields each spool once written (at least one)."""
-        _, _, width, transform = plan
+        _, _, width, transform, encoding = plan
         schema = self.profile.tables[landed_file.resource_type]
         counts = file_counts[landed_file.file_no]
-        opened = open_claims_file(landed_file.path, landed_file.name, self.profile, schema)
+        opened = open_claims_file(landed_file.path, landed_file.name, self.profile, schema, encoding)
         blanks = "\t" * len(transform.columns)
         tabs = len(transform.columns) - 1
         file_no = landed_file.file_no

@@ -7,12 +7,14 @@ schema header first: a missing or unknown column fails the delivery before anyth
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import json
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -24,6 +26,10 @@ from health_ingest.errors import DeliveryError
 PROFILES = ("snds", "synthea", "cms-rif")
 STANDARD_CONSTRAINTS = {"required", "unique", "minLength", "maxLength", "minimum", "maximum", "pattern"}
 CSV_SUFFIXES = (".csv", ".csv.gz", ".txt", ".txt.gz", ".zip")
+
+
+# encodings in which every ASCII byte is itself, so that a block of ASCII bytes needs no decoding to be known valid
+ASCII_COMPATIBLE = {"ascii", "utf-8", "utf-8-sig", "iso8859-1", "iso8859-15", "cp1252"}
 
 
 @dataclass(frozen=True)
@@ -134,22 +140,61 @@ class ClaimsFile:
     encoding: str
 
 
-def open_claims_file(path: Path, label: str, profile: ClaimsProfile, schema: TableSchema) -> ClaimsFile:
-    """Decode with the first encoding that reads the whole header and check it against the schema."""
-    for encoding in profile.encodings:
-        text = _text_stream(path, encoding)
-        reader = csv.reader(text, delimiter=schema.delimiter or profile.delimiter)
+def open_claims_file(
+    path: Path, label: str, profile: ClaimsProfile, schema: TableSchema, encoding: str | None = None
+) -> ClaimsFile:
+    """Decode with the first of the profile's encodings that reads the whole file (or with `encoding`, once
+    chosen), and check the header against the schema. An encoding is chosen on the whole file, not on its header:
+    a Latin-1 export has an ASCII header, and its first accented value would otherwise stop the batch midway."""
+    refused = []
+    for candidate in [encoding] if encoding else profile.encodings:
+        if encoding is None and (line := _checked_line(path, label, candidate)) is not None:
+            refused.append(f"not {candidate} at line {line}")
+            continue
+        reader = csv.reader(_text_stream(path, candidate), delimiter=schema.delimiter or profile.delimiter)
         try:
             header = next(reader)
         except StopIteration:
             raise DeliveryError(f"{label}: empty file, no header") from None
-        except UnicodeDecodeError:
-            continue
         if profile.trailing_delimiter and header and header[-1] == "":
             header = header[:-1]
         _check_header(label, header, schema)
-        return ClaimsFile(header, _rows(reader, len(header), profile.trailing_delimiter), encoding)
-    raise DeliveryError(f"{label}: not readable as {' or '.join(profile.encodings)}")
+        return ClaimsFile(header, _rows(reader, len(header), profile.trailing_delimiter), candidate)
+    raise DeliveryError(f"{label}: {'; '.join(refused)}; nothing of the delivery was loaded")
+
+
+def _checked_line(path: Path, label: str, encoding: str) -> int | None:
+    try:
+        return first_undecodable_line(path, encoding)
+    except EOFError:
+        raise DeliveryError(f"{label}: the compressed file ends too soon; nothing of the delivery was loaded") from None
+    except (gzip.BadGzipFile, zipfile.BadZipFile, zlib.error):
+        raise DeliveryError(f"{label}: not a valid compressed file; nothing of the delivery was loaded") from None
+
+
+def first_undecodable_line(path: Path, encoding: str) -> int | None:
+    """The line holding the first bytes that are not valid in `encoding`, or None when the whole file decodes.
+    One pass of about a second per gigabyte; the lines are only counted when a file does not decode."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    ascii_compatible = codecs.lookup(encoding).name in ASCII_COMPATIBLE
+    with _raw_stream(path) as raw:
+        try:
+            while block := raw.read(1 << 20):
+                if not (ascii_compatible and block.isascii() and not decoder.getstate()[0]):
+                    decoder.decode(block)
+            decoder.decode(b"", final=True)
+            return None
+        except UnicodeDecodeError:
+            pass
+    decoder = codecs.getincrementaldecoder(encoding)()
+    number = 0
+    with _raw_stream(path) as raw:
+        for number, line in enumerate(raw, start=1):
+            try:
+                decoder.decode(line)
+            except UnicodeDecodeError:
+                return number
+    return number  # a sequence cut short by the end of the file
 
 
 # --- implementation details -------------------------------------------------------------------
@@ -206,18 +251,20 @@ def _table_schema_part(descriptor: dict) -> dict:
 
 
 def _text_stream(path: Path, encoding: str) -> io.TextIOBase:
+    return io.TextIOWrapper(_raw_stream(path), encoding=encoding, newline="")
+
+
+def _raw_stream(path: Path) -> io.BufferedIOBase:
     name = path.name.lower()
     if name.endswith(".gz"):
-        raw = gzip.open(path, "rb")  # noqa: SIM115 - the returned stream owns it
-    elif name.endswith(".zip"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zip"):
         archive = zipfile.ZipFile(path)
         members = [m for m in archive.namelist() if not m.endswith("/")]
         if len(members) != 1:
             raise DeliveryError(f"{path.name}: a zip archive must hold exactly one file")
-        raw = archive.open(members[0])
-    else:
-        raw = path.open("rb")
-    return io.TextIOWrapper(raw, encoding=encoding, newline="")
+        return archive.open(members[0])
+    return path.open("rb")
 
 
 def _check_header(label: str, header: list[str], schema: TableSchema) -> None:
