@@ -433,6 +433,7 @@ def test_a_reader_failure_after_chunks_were_typed_and_merged_leaves_nothing(tmp_
         ["1", "2", "", "2019-12-31", "cbU"],
         ["", "a b", 'x"y', "back\\slash", "(p)", "comma,inside", "tab\tx", "nl\nx", "cr\rx", "\x0b", "\x0c", "é"],
         ["NULL", "()", '""', " ", "\\", ","],
+        ["x", "y,z", "", "2"],
         [],
     ],
 )
@@ -443,7 +444,10 @@ def test_the_row_digest_taken_while_reading_is_the_one_postgresql_takes(db, cell
     with db.cursor() as cur:
         values = ", ".join(["%s::text"] * len(cells)) or "NULL"
         cur.execute(f"SELECT md5(ROW({values})::text)", [cell or None for cell in cells])
-        assert row_digest(cells) == cur.fetchone()[0]
+        expected = cur.fetchone()[0]
+    assert row_digest(cells) == expected
+    if not any("\t" in cell for cell in cells):  # the reader's shortcut, with the line it has joined already
+        assert row_digest(cells, "\t".join(cells)) == expected
 
 
 def test_a_detail_table_is_checked_against_its_header_loaded_in_the_same_batch(db):

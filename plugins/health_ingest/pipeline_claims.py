@@ -370,8 +370,10 @@ class _ClaimsLoader:
                     line = "\t".join(cells)
                     # one test on the joined line: only a row holding a special character has its fields escaped
                     if line.count("\t") != tabs or "\\" in line or "\n" in line or "\r" in line:
+                        digest = row_digest(cells)
                         line = "\t".join(map(escape_text, cells))
-                    digest = row_digest(cells)
+                    else:
+                        digest = row_digest(cells, line)
                     write(
                         f"{file_no}\t{row_no}\t{person or ''}\t\t\t{digest}\t{line}\n"
                         if cells

@@ -102,10 +102,11 @@ class RowTransform:
         return cells, None
 
 
-def row_digest(cells: list[str]) -> str:
+def row_digest(cells: list[str], tab_joined: str | None = None) -> str:
     """The MD5 of the row as PostgreSQL writes `ROW(...)::text`, an empty cell being NULL: rows of a table without
-    a key are told apart by it, so it stays what it was when it was taken in SQL."""
-    text = ",".join(cells)
+    a key are told apart by it, so it stays what it was when it was taken in SQL. `tab_joined` is the cells joined
+    by tabs when none holds a tab (the reader has it already): a row without a comma then needs no second join."""
+    text = tab_joined.replace("\t", ",") if tab_joined is not None and "," not in tab_joined else ",".join(cells)
     if text.count(",") != len(cells) - 1 or _record_special(text):
         text = ",".join(map(_record_field, cells))
     return md5(f"({text})".encode()).hexdigest()
