@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -245,9 +246,11 @@ def _pha_delivery(tmp_path: Path, cases: list[tuple[str, str]]) -> tuple[Path, l
     return delivery, header
 
 
-def test_values_are_typed_by_their_shape_and_text_is_kept_verbatim(tmp_path, db):
-    """The fast native casts take only values written the way the type writes them back; every other shape takes
-    the careful route or is quarantined, whatever the server's version."""
+@pytest.mark.parametrize("copy_fails", [True, False], ids=["chunk-typed-again-from-text", "usual-rows-copied"])
+def test_values_are_typed_by_their_shape_and_text_is_kept_verbatim(tmp_path, db, caplog, copy_fails):
+    """Each value is read the same whatever its route and the server's version. Rows of usual shapes are copied
+    straight into typed columns and the others typed from text. A value of usual shape that does not fit (an
+    overflow, an impossible date) fails the copy, and the whole chunk is then typed from text."""
     loaded = [
         ("PHA_ACT_QSN", "-3", -3),
         ("PHA_ACT_QSN", "+5", 5),
@@ -277,10 +280,16 @@ def test_values_are_typed_by_their_shape_and_text_is_kept_verbatim(tmp_path, db)
         ("FLX_TRT_DTD", "2020-02-30", "FLX_TRT_DTD: not a date (or an impossible one)"),
         ("FLX_TRT_DTD", "2020-1-05", "FLX_TRT_DTD: not a date (or an impossible one)"),
     ]
+    if not copy_fails:
+        refused = [case for case in refused if case[1] not in {"99999999999999999999", "2020-02-30"}]
     cases = [(column, value) for column, value, _ in refused + loaded]  # the refused first: one line each
     delivery, _ = _pha_delivery(tmp_path, cases)
-    result = run_claims_batch(delivery, get_source("snds_extract"))
+    with caplog.at_level(logging.INFO, logger="health_ingest.pipeline_claims"):
+        result = run_claims_batch(delivery, get_source("snds_extract"))
     assert (result.rows_read, result.rows_loaded, result.rows_quarantined) == (len(cases), len(loaded), len(refused))
+    # copied as typed: -3, +5, 007, " 12 ", 1.50, .5, 2019-12-31 and the quoted text; the others typed from text
+    routes = "0 copied as typed, 25 typed from text, 1 chunks" if copy_fails else "8 copied as typed, 15 typed from"
+    assert f"ER_PHA_F: {routes}" in caplog.text
     with db.cursor() as cur:
         cur.execute("SELECT line_number, reason, message FROM ingest.quarantine ORDER BY line_number")
         assert cur.fetchall() == [

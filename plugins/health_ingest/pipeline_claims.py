@@ -1,9 +1,9 @@
 """One claims delivery as one batch: land, check every header, read, pseudonymise, stage, type, verify, commit.
 
 The same batch life as FHIR (`pipeline.run_batch`): one source at a time, one transaction, nothing partial.
-Four stages run at once, a chunk apart: a thread reads and pseudonymises into CSV spools, a thread copies each
-spool into staging, a third connection types each staged chunk, and the load transaction merges each typed table
-and runs its suite.
+Four stages run at once, a chunk apart: a thread reads and pseudonymises into spools in COPY's text format, a
+thread copies each chunk's usual rows straight into typed columns and its other rows into text staging, a third
+connection types the staged rows, and the load transaction merges each typed chunk and runs each table's suite.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psycopg2
 
 from health_ingest import config
 from health_ingest.errors import DeliveryError, LoadError
@@ -72,6 +75,7 @@ class _ClaimsLoader:
         self.times = StepTimes()
         self.suites_run: set[str] = set()
         self.file_names: dict[int, str] = {}  # by file number, for the quarantine
+        self.routes: dict[str, Counter] = {}  # by table: rows copied as typed, rows typed from text, chunks retyped
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         started = clock = time.perf_counter()
@@ -136,13 +140,13 @@ class _ClaimsLoader:
     # --- the stages, each in its own thread; an error travels down the queues to the load transaction ---------
 
     def _read_files(self, tables, files_of, plans, file_counts, spools: queue.Queue, stop) -> None:
-        """Each file into spools of about CHUNK_BYTES; then the table's end."""
+        """Each file into chunks of about CHUNK_BYTES; then the table's end."""
         try:
             for table in tables:
                 chunk_no = 0
                 for landed_file in files_of[table]:
-                    for spool in self._encode_file(landed_file, plans[landed_file.file_no], file_counts, stop):
-                        if not _put(spools, (table, chunk_no, landed_file, spool), stop):
+                    for chunk in self._encode_file(landed_file, plans[landed_file.file_no], file_counts, stop):
+                        if not _put(spools, (table, chunk_no, landed_file, chunk), stop):
                             return
                         chunk_no += 1
                     if stop.is_set():
@@ -153,48 +157,70 @@ class _ClaimsLoader:
             _put(spools, StageFailure(error, self.stage_positions["read"]), stop)
 
     def _copy_chunks(self, copy_conn, plans, spools: queue.Queue, staged: queue.Queue, stop) -> None:
-        """Each spool into its own staging table (autocommit), then removed."""
+        """Each chunk's native spool straight into its typed chunk, and its careful spool into a text staging table
+        (autocommit); a native spool that does not fit its types (an overflow, 31 February) is staged as text too,
+        so that the careful casts quarantine what fails. The spools are then removed."""
         try:
             with copy_conn.cursor() as cur:
                 while (item := _next(spools, stop)) is not None:
                     if isinstance(item, StageFailure):
                         _put(staged, item, stop)
                         return
-                    table, chunk_no, landed_file, spool = item
-                    name = None  # the table's end
+                    table, chunk_no, landed_file, chunk = item
+                    typed_name = text_name = None  # None, None: the table's end
                     if chunk_no is not None:
                         clock = time.perf_counter()
                         self.stage_positions["copy"] = f"while staging {landed_file.name}"
-                        plan = plans[landed_file.file_no][0]
-                        name = f"{claims_tables.staging_name(self.batch_id, table)}_{chunk_no}"
-                        claims_tables.create_staging(cur, name, plan)
-                        copy_spool(cur, name, spool, columns=None, options="FORMAT text, NULL ''")
-                        spool.unlink()
+                        typed_name, text_name = self._copy_chunk(
+                            cur, table, chunk_no, plans[landed_file.file_no], chunk
+                        )
                         self.times.stage += time.perf_counter() - clock
-                    if not _put(staged, (table, name), stop):
+                    if not _put(staged, (table, typed_name, text_name), stop):
                         return
             _put(staged, None, stop)
         except BaseException as error:
             _put(staged, StageFailure(error, self.stage_positions["copy"]), stop)
 
+    def _copy_chunk(self, cur, table: str, chunk_no: int, plan, chunk: _Chunk) -> tuple[str, str | None]:
+        """The typed chunk's name, and that of its text staging (None when every row was copied as typed)."""
+        name = f"{claims_tables.staging_name(self.batch_id, table)}_{chunk_no}"
+        typed_name = claims_tables.create_typed(cur, f"{name}_typed", self.profile.tables[table], plan[0])
+        routes = self.routes.setdefault(table, Counter())
+        as_text = [chunk.careful] if chunk.careful_rows else []
+        try:
+            copy_spool(cur, typed_name, chunk.native, columns=None, options="FORMAT text, NULL ''")
+            routes["copied as typed"] += chunk.native_rows
+        except psycopg2.DataError:  # the message would quote the value: only the fact is kept
+            as_text.insert(0, chunk.native)
+            routes["chunks typed again from text"] += 1
+        routes["typed from text"] += chunk.careful_rows + (chunk.native_rows if chunk.native in as_text else 0)
+        text_name = None
+        if as_text:
+            text_name = claims_tables.create_staging(cur, name, plan[0])
+            for spool in as_text:
+                copy_spool(cur, text_name, spool, columns=None, options="FORMAT text, NULL ''")
+        chunk.native.unlink()
+        chunk.careful.unlink()
+        return typed_name, text_name
+
     def _type_chunks(self, typing_conn, files_of, plans, staged: queue.Queue, typed: queue.Queue, stop) -> None:
-        """Each staged chunk cast into a typed chunk (autocommit), then dropped, and its good and bad rows counted
-        per file; the table's end passed on."""
+        """Each chunk's text staging (if any) cast into its typed chunk (autocommit), then dropped, and the typed
+        chunk's good and bad rows counted per file; the table's end passed on."""
         try:
             with typing_conn.cursor() as cur:
                 while (item := _next(staged, stop)) is not None:
                     if isinstance(item, StageFailure):
                         typed.put(item)
                         return
-                    table, name = item
-                    if name is not None:
+                    table, typed_name, text_name = item
+                    if typed_name is not None:
                         clock = time.perf_counter()
                         self.stage_positions["type"] = f"while typing {table}"
-                        plan = plans[files_of[table][0].file_no][0]
-                        claims_tables.type_staged(cur, name, f"{name}_typed", self.profile.tables[table], plan)
-                        cur.execute(f"DROP TABLE {name}")
-                        name = f"{name}_typed"
-                        typed.put((table, name, claims_tables.staged_counts(cur, name)))
+                        if text_name is not None:
+                            plan = plans[files_of[table][0].file_no][0]
+                            claims_tables.type_staged(cur, text_name, typed_name, self.profile.tables[table], plan)
+                            cur.execute(f"DROP TABLE {text_name}")
+                        typed.put((table, typed_name, claims_tables.staged_counts(cur, typed_name)))
                         self.times.check += time.perf_counter() - clock
                     else:
                         typed.put((table, None, None))
@@ -272,6 +298,8 @@ class _ClaimsLoader:
             merge.add(whole, written, claims_tables.staged_counts(cur, whole))
             claims_tables.quarantine_rows(cur, whole, self.batch_id, self.file_names)
         cur.execute("RELEASE SAVEPOINT merge_table")
+        routes = self.routes.get(table, Counter())
+        log.info("%s: %s", table, ", ".join(f"{routes[r]} {r}" for r in _ROUTES))
         for landed_file in files:
             counts = file_counts[landed_file.file_no]
             good, bad = merge.staged.get(landed_file.file_no, (0, 0))
@@ -336,13 +364,17 @@ class _ClaimsLoader:
         opened = open_claims_file(landed_file.path, landed_file.name, self.profile, schema)
         providers = self.source.privacy.providers
         columns, persons = plan_columns(schema, opened.header, self.profile.privacy, providers)
-        return columns, persons, len(opened.header), RowTransform(columns, persons, self.tokens), opened.encoding
+        transform = RowTransform(columns, persons, self.tokens)
+        native = claims_tables.native_row_test(schema, columns)
+        return columns, persons, len(opened.header), transform, opened.encoding, native
 
     def _encode_file(self, landed_file: LandedFile, plan, file_counts, stop):
-        """Rows as spools in COPY's text format, where an empty field is NULL (the reader has made every empty
-        value an absent one); rows of the wrong width are kept with their reason, so that nothing read goes
-        unaccounted. Yields each spool once written (at least one)."""
-        _, _, width, transform, encoding = plan
+        """Rows as chunks of two spools in COPY's text format, where an empty field is NULL (the reader has made
+        every empty value an absent one): the rows whose values PostgreSQL's own input reads as the careful casts
+        would (`claims_tables.native_row_test`, most rows) in one, the others in the other; rows of the wrong width
+        are kept with their reason, so that nothing read goes unaccounted. Yields each chunk once written (at least
+        one)."""
+        _, _, width, transform, encoding, native = plan
         schema = self.profile.tables[landed_file.resource_type]
         counts = file_counts[landed_file.file_no]
         opened = open_claims_file(landed_file.path, landed_file.name, self.profile, schema, encoding)
@@ -350,18 +382,27 @@ class _ClaimsLoader:
         tabs = len(transform.columns) - 1
         file_no = landed_file.file_no
         rows = iter(opened.rows)
-        for spool_no in itertools.count():
+        for chunk_no in itertools.count():
             clock = time.perf_counter()
             self.stage_positions["read"] = f"while reading {landed_file.name}"
-            spool = landed_file.path.with_name(f"{landed_file.path.name}.{spool_no}.copy")
+            chunk = _Chunk(
+                landed_file.path.with_name(f"{landed_file.path.name}.{chunk_no}.copy"),
+                landed_file.path.with_name(f"{landed_file.path.name}.{chunk_no}.careful.copy"),
+            )
             exhausted = True
-            with spool.open("w", encoding="utf-8", newline="", buffering=1 << 20) as out:
-                write = out.write
+            rows_before = counts.rows_read
+            with (
+                chunk.native.open("w", encoding="utf-8", newline="", buffering=1 << 20) as native_out,
+                chunk.careful.open("w", encoding="utf-8", newline="", buffering=1 << 20) as careful_out,
+            ):
+                write_native, write_careful = native_out.write, careful_out.write
+                careful_rows = 0
                 for row_no, values in rows:
                     counts.rows_read += 1
                     if len(values) != width:
+                        careful_rows += 1
                         counts.rows_quarantined += 1
-                        write(
+                        write_careful(
                             f"{file_no}\t{row_no}\t\twrong_column_count\texpected {width} values, found "
                             f"{len(values)}\t{blanks}\n"
                         )
@@ -372,8 +413,12 @@ class _ClaimsLoader:
                     if line.count("\t") != tabs or "\\" in line or "\n" in line or "\r" in line:
                         digest = row_digest(cells)
                         line = "\t".join(map(escape_text, cells))
+                        write = write_careful
                     else:
                         digest = row_digest(cells, line)
+                        write = write_native if native(cells) else write_careful
+                    if write is write_careful:
+                        careful_rows += 1
                     write(
                         f"{file_no}\t{row_no}\t{person or ''}\t\t\t{digest}\t{line}\n"
                         if cells
@@ -384,16 +429,31 @@ class _ClaimsLoader:
                             break
                         if counts.rows_read % (64 * CHUNK_CHECK_ROWS) == 0 and self.progress:
                             self.progress(landed_file.name, counts.rows_read, False)
-                        if out.tell() >= CHUNK_BYTES:
+                        if native_out.tell() + careful_out.tell() >= CHUNK_BYTES:
                             exhausted = False
                             break
+            chunk.native_rows = counts.rows_read - rows_before - careful_rows
+            chunk.careful_rows = careful_rows
             self.times.pseudonymise += time.perf_counter() - clock
-            yield spool
+            yield chunk
             if exhausted or stop.is_set():
                 break
         log.info("%s: %d rows read", landed_file.name, counts.rows_read)
         if self.progress:
             self.progress(landed_file.name, counts.rows_read, True)
+
+
+@dataclass
+class _Chunk:
+    """One chunk of a file as two spools: rows to copy straight into typed columns, and rows to type from text."""
+
+    native: Path
+    careful: Path
+    native_rows: int = 0
+    careful_rows: int = 0
+
+
+_ROUTES = ("copied as typed", "typed from text", "chunks typed again from text")
 
 
 @dataclass

@@ -5,6 +5,9 @@ duplicates). Besides the format's columns each row has `patient_id` (the person 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from operator import itemgetter
 from typing import NamedTuple
 
 from health_ingest.errors import ConfigurationError
@@ -26,6 +29,13 @@ TYPES = {
 UNIQUE_VIOLATION = "23505"
 MAX_ARGUMENTS = 100  # PostgreSQL's limit for one function call
 PLAIN_NUMBERS = {"integer", "number", "year"}  # the types whose casts take the row's `plain` test
+_NOT_INTEGER = re.compile(r"[A-Za-z_.]")
+_NOT_NUMBER = re.compile(r"[A-Za-z_]")
+_ISO_DATE = r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2})?"
+_ISO_DATES = re.compile(rf"{_ISO_DATE}(?:\t{_ISO_DATE})*")
+_NATIVE_BOOLEANS = frozenset(
+    ["", "0", "1", "t", "f", "T", "F", "true", "false", "TRUE", "FALSE", "y", "n", "Y", "N", "yes", "no", "YES", "NO"]
+)
 
 
 def staging_name(batch_id: str, table: str) -> str:
@@ -71,11 +81,57 @@ def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[Colu
     cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON claims.{warehouse_table} TO health_ingest_loader")
 
 
+def create_typed(cur, name: str, schema: TableSchema, plan: list[ColumnPlan]) -> str:
+    """A typed chunk (unlogged, committed at once), which the merge and the quarantine read: the staging columns,
+    then the format's columns with their warehouse types. Rows that PostgreSQL's own input reads as the careful casts
+    would are copied straight into it (`native_row_test`); the others are typed into it from text (`type_staged`)."""
+    kinds = {c.name: c.type for c in schema.columns}
+    columns = "".join(f', "{c.name.lower()}" {_pg_type(c, kinds[c.name])}' for c in plan)
+    cur.execute(
+        f"CREATE UNLOGGED TABLE {name} (file_no integer NOT NULL, line_no bigint NOT NULL, patient_id text, "
+        f"reason text, message text, ingest_row_sha text{columns}) {TRANSIENT}"
+    )
+    return name
+
+
+def native_row_test(schema: TableSchema, plan: list[ColumnPlan]) -> Callable[[list[str]], bool]:
+    """Whether a row's cells (in plan order) may be copied straight into typed columns: its key is complete, and
+    every typed value is empty or written in a shape that PostgreSQL's own input reads exactly as the careful casts
+    do. Integers and years hold no letter, underscore or decimal point (so no hexadecimal, `1_000` or `40.00`);
+    numbers no letter or underscore (so no `Infinity`); dates are ISO; booleans one of the common spellings;
+    date-times are empty. A value of such a shape that still does not fit (an overflow, 31 February) fails the
+    chunk's `COPY`, and the chunk then takes the careful route whole: the test never decides a value, it only keeps
+    the shapes that could be read differently away from PostgreSQL's input."""
+    kinds = {c.name: c.type for c in schema.columns}
+
+    def positions(*types: str) -> list[int]:
+        return [i for i, c in enumerate(plan) if c.action == "keep" and kinds[c.name] in types]
+
+    tests: list[Callable[[list[str]], bool]] = []
+    key = [i for i, c in enumerate(plan) if c.name in schema.primary_key]
+    if key:
+        pick_key = _picker(key)
+        tests.append(lambda cells: all(pick_key(cells)))
+    for kinds_of, refused in ((("integer", "year"), _NOT_INTEGER), (("number",), _NOT_NUMBER)):
+        if found := positions(*kinds_of):
+            pick, search = _picker(found), refused.search
+            tests.append(lambda cells, pick=pick, search=search: search("".join(pick(cells))) is None)
+    if dates := positions("date"):
+        pick_dates = _picker(dates)
+        tests.append(lambda cells: _ISO_DATES.fullmatch("\t".join(pick_dates(cells))) is not None)
+    if booleans := positions("boolean"):
+        pick_booleans = _picker(booleans)
+        tests.append(lambda cells: _NATIVE_BOOLEANS.issuperset(pick_booleans(cells)))
+    if datetimes := positions("datetime"):
+        pick_datetimes = _picker(datetimes)
+        tests.append(lambda cells: not any(pick_datetimes(cells)))
+    return lambda cells: all([test(cells) for test in tests])
+
+
 def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[ColumnPlan]) -> None:
-    """One pass over a staged chunk into its typed table (unlogged, committed), which the merge and the
-    quarantine read: each value cast once to its column's type, and the rows with a missing key or a value that
-    does not cast given their reason (naming the first such column). Each row's digest comes staged
-    (`privacy.claims.row_digest`).
+    """One pass over a staged chunk (rows as text) into its typed chunk (`create_typed`): each value cast once to
+    its column's type, and the rows with a missing key or a value that does not cast given their reason (naming the
+    first such column). Each row's digest comes staged (`privacy.claims.row_digest`).
 
     Two shortcuts keep this at about one test and one cast per value: a row whose number cells hold no letter and
     no underscore is "plain", and its numbers take PostgreSQL's own casts (migration 0013); and a row is valid when
@@ -121,7 +177,7 @@ def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[Co
         f"{message} AS message, ingest_row_sha{''.join(', ' + o for o in outer)} "
         f"FROM (SELECT {', '.join(inner)} FROM (SELECT *, {plain} AS plain FROM {staged} OFFSET 0) s OFFSET 0) raw"
     )
-    cur.execute(f"CREATE UNLOGGED TABLE {typed} {TRANSIENT} AS {query}")
+    cur.execute(f"INSERT INTO {typed} {query}")
 
 
 def insert_chunk(
@@ -273,6 +329,14 @@ def _merge_columns(warehouse_table: str, schema: TableSchema, plan: list[ColumnP
         [f'"{c.name.lower()}"' for c in plan],
         [k.lower() for k in schema.primary_key if k in {c.name for c in plan}],
     )
+
+
+def _picker(positions: list[int]) -> Callable[[list[str]], tuple[str, ...]]:
+    """`itemgetter` that returns a tuple for one position too."""
+    if len(positions) == 1:
+        position = positions[0]
+        return lambda cells: (cells[position],)
+    return itemgetter(*positions)
 
 
 def _concat(values: list[str]) -> str:
