@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from hashlib import md5
 from operator import itemgetter
 
@@ -76,13 +77,13 @@ def plan_columns(
 
 class RowTransform:
     """One file's rows pseudonymised as its plan says, every cell picked in one call and the changed ones then
-    replaced. Every cell is text: an empty one is an absent value (staged as NULL)."""
+    replaced, each by its column's own cached function (claims repeat their identifiers, years and months from row
+    to row). Every cell is text: an empty one is an absent value (staged as NULL)."""
 
     def __init__(self, plan: list[ColumnPlan], persons: list[tuple[int, str]], tokens: Tokeniser):
         self.columns = plan
-        self.changed = [(position, c) for position, c in enumerate(plan) if c.action != "keep"]
-        self.persons = persons
-        self.tokens = tokens
+        self.changes = [(position, _column_change(c, tokens)) for position, c in enumerate(plan) if c.action != "keep"]
+        self.persons = [(index, _token_of(system, tokens)) for index, system in persons]
         indexes = [c.index for c in plan]
         if len(indexes) > 1:
             self._pick = itemgetter(*indexes)
@@ -92,13 +93,11 @@ class RowTransform:
     def __call__(self, values: list[str]) -> tuple[list[str], str | None]:
         """The row's cells in plan order, and the person pseudonym (None when the row names nobody)."""
         cells: list[str] = list(self._pick(values))
-        for position, column in self.changed:
-            value = cells[position]
-            cells[position] = (_changed_value(column, value, self.tokens) or "") if value else ""
-        identifier = self.tokens.identifier
-        for index, system in self.persons:
+        for position, change in self.changes:
+            cells[position] = change(cells[position])
+        for index, token in self.persons:
             if values[index]:
-                return cells, identifier(system, values[index])
+                return cells, token(values[index])
         return cells, None
 
 
@@ -136,6 +135,29 @@ def _record_field(cell: str) -> str:
     if not cell:
         return ""  # NULL
     return '"' + cell.replace("\\", "\\\\").replace('"', '""') + '"'
+
+
+def _column_change(column: ColumnPlan, tokens: Tokeniser):
+    """A column's change as one cached function of the value: an empty value stays empty."""
+    if column.action == "token":
+        return _token_of(column.system, tokens)
+
+    @lru_cache(maxsize=1 << 12)
+    def change(value: str) -> str:
+        return (_changed_value(column, value, tokens) or "") if value else ""
+
+    return change
+
+
+def _token_of(system: str, tokens: Tokeniser):
+    domain = f"identifier|{system}"  # as `Tokeniser.identifier` names it
+    token = tokens.token
+
+    @lru_cache(maxsize=1 << 14)
+    def tokenised(value: str) -> str:
+        return token(domain, value) if value else ""
+
+    return tokenised
 
 
 def _changed_value(column: ColumnPlan, value: str, tokens: Tokeniser) -> str | None:

@@ -29,8 +29,8 @@ TYPES = {
 UNIQUE_VIOLATION = "23505"
 MAX_ARGUMENTS = 100  # PostgreSQL's limit for one function call
 PLAIN_NUMBERS = {"integer", "number", "year"}  # the types whose casts take the row's `plain` test
-_NOT_INTEGER = re.compile(r"[A-Za-z_.]")
-_NOT_NUMBER = re.compile(r"[A-Za-z_]")
+_INTEGER_BYTES = b"0123456789+- "  # all that a value of an integer column may hold to be copied as typed
+_NUMBER_BYTES = _INTEGER_BYTES + b"."
 _ISO_DATE = r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2})?"
 _ISO_DATES = re.compile(rf"{_ISO_DATE}(?:\t{_ISO_DATE})*")
 _NATIVE_BOOLEANS = frozenset(
@@ -97,35 +97,38 @@ def create_typed(cur, name: str, schema: TableSchema, plan: list[ColumnPlan]) ->
 def native_row_test(schema: TableSchema, plan: list[ColumnPlan]) -> Callable[[list[str]], bool]:
     """Whether a row's cells (in plan order) may be copied straight into typed columns: its key is complete, and
     every typed value is empty or written in a shape that PostgreSQL's own input reads exactly as the careful casts
-    do. Integers and years hold no letter, underscore or decimal point (so no hexadecimal, `1_000` or `40.00`);
-    numbers no letter or underscore (so no `Infinity`); dates are ISO; booleans one of the common spellings;
-    date-times are empty. A value of such a shape that still does not fit (an overflow, 31 February) fails the
-    chunk's `COPY`, and the chunk then takes the careful route whole: the test never decides a value, it only keeps
-    the shapes that could be read differently away from PostgreSQL's input."""
+    do. Integers and years hold only digits, signs and spaces (so no hexadecimal, `1_000` or `40.00`); numbers a
+    decimal point too (so no `Infinity`); dates are ISO; booleans one of the common spellings; date-times are empty.
+    A value of such a shape that still does not fit (an overflow, 31 February) fails the chunk's `COPY`, and the
+    chunk then takes the careful route whole: the test never decides a value, it only keeps the shapes that could be
+    read differently away from PostgreSQL's input. One call per row, and each type's values tested at once."""
     kinds = {c.name: c.type for c in schema.columns}
 
-    def positions(*types: str) -> list[int]:
-        return [i for i, c in enumerate(plan) if c.action == "keep" and kinds[c.name] in types]
+    def pick(*types: str) -> Callable[[list[str]], tuple[str, ...]]:
+        return _picker([i for i, c in enumerate(plan) if c.action == "keep" and kinds[c.name] in types])
 
-    tests: list[Callable[[list[str]], bool]] = []
-    key = [i for i, c in enumerate(plan) if c.name in schema.primary_key]
-    if key:
-        pick_key = _picker(key)
-        tests.append(lambda cells: all(pick_key(cells)))
-    for kinds_of, refused in ((("integer", "year"), _NOT_INTEGER), (("number",), _NOT_NUMBER)):
-        if found := positions(*kinds_of):
-            pick, search = _picker(found), refused.search
-            tests.append(lambda cells, pick=pick, search=search: search("".join(pick(cells))) is None)
-    if dates := positions("date"):
-        pick_dates = _picker(dates)
-        tests.append(lambda cells: _ISO_DATES.fullmatch("\t".join(pick_dates(cells))) is not None)
-    if booleans := positions("boolean"):
-        pick_booleans = _picker(booleans)
-        tests.append(lambda cells: _NATIVE_BOOLEANS.issuperset(pick_booleans(cells)))
-    if datetimes := positions("datetime"):
-        pick_datetimes = _picker(datetimes)
-        tests.append(lambda cells: not any(pick_datetimes(cells)))
-    return lambda cells: all([test(cells) for test in tests])
+    key = _picker([i for i, c in enumerate(plan) if c.name in schema.primary_key])
+    integers, numbers, dates, booleans, datetimes = (
+        pick("integer", "year"),
+        pick("number"),
+        pick("date"),
+        pick("boolean"),
+        pick("datetime"),
+    )
+    iso_dates = _ISO_DATES.fullmatch
+    usual_booleans = _NATIVE_BOOLEANS.issuperset
+
+    def native(cells: list[str]) -> bool:
+        return (
+            all(key(cells))
+            and not "".join(integers(cells)).encode().translate(None, _INTEGER_BYTES)
+            and not "".join(numbers(cells)).encode().translate(None, _NUMBER_BYTES)
+            and iso_dates("\t".join(dates(cells))) is not None
+            and usual_booleans(booleans(cells))
+            and not any(datetimes(cells))
+        )
+
+    return native
 
 
 def type_staged(cur, staged: str, typed: str, schema: TableSchema, plan: list[ColumnPlan]) -> None:
@@ -332,7 +335,9 @@ def _merge_columns(warehouse_table: str, schema: TableSchema, plan: list[ColumnP
 
 
 def _picker(positions: list[int]) -> Callable[[list[str]], tuple[str, ...]]:
-    """`itemgetter` that returns a tuple for one position too."""
+    """`itemgetter` that returns a tuple for any number of positions, none and one included."""
+    if not positions:
+        return lambda cells: ()
     if len(positions) == 1:
         position = positions[0]
         return lambda cells: (cells[position],)
