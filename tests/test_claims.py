@@ -362,6 +362,32 @@ def test_small_chunks_load_the_same_rows_and_a_key_repeated_chunks_apart_is_quar
         assert cur.fetchone()[0] == 0
 
 
+def test_a_suite_summed_chunk_by_chunk_reaches_the_counts_read_from_the_table(db, monkeypatch):
+    """ER_PRS_F's suite is counted on each typed chunk beside the load and summed; with each row its own chunk, every
+    expectation's counts are those of the suite read from the warehouse table after the merge."""
+    import health_ingest.pipeline_claims as pipeline_claims
+
+    def results(batch_id: str) -> dict[str, tuple]:
+        with db.cursor() as cur:
+            cur.execute(
+                "SELECT expectation, success, observed_value->>'element_count', observed_value->>'unexpected_count' "
+                "FROM ingest.dq_results WHERE batch_id = %s AND table_name = 'claims.snds_er_prs_f' "
+                "AND expectation NOT LIKE 'expect_table_row_count%%'",
+                (batch_id,),
+            )
+            return {expectation: rest for expectation, *rest in cur.fetchall()}
+
+    summable = pipeline_claims.counts_by_chunk
+    monkeypatch.setattr(pipeline_claims, "counts_by_chunk", lambda table: False)
+    read_from_table = results(run_claims_batch(SNDS / "DCIR", get_source("snds_extract")).batch_id)
+    monkeypatch.setattr(pipeline_claims, "counts_by_chunk", summable)
+    monkeypatch.setattr(pipeline_claims, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(pipeline_claims, "CHUNK_CHECK_ROWS", 1)
+    summed = results(run_claims_batch(SNDS / "DCIR", get_source("snds_extract")).batch_id)  # the same rows again
+    assert len(summed) >= 100 and summed == read_from_table
+    assert any(unexpected not in (None, "0") for _, _, unexpected in summed.values())
+
+
 def test_a_stored_key_met_chunks_in_merges_the_chunks_before_it_again_by_key(tmp_path, db, monkeypatch):
     """Chunks are plainly inserted while their keys are new. A key stored by an earlier batch, met in the last
     chunk, rolls the table back and merges every chunk again by key: the rows before it are kept, the stored row

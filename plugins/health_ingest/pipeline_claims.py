@@ -35,7 +35,13 @@ from health_ingest.pipeline import (
 from health_ingest.privacy.claims import RowTransform, plan_columns, row_digest
 from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.tokens import Tokeniser
-from health_ingest.quality.suites import evaluate_tables, load_table_suites, quality_gate
+from health_ingest.quality.suites import (
+    count_chunk,
+    counts_by_chunk,
+    evaluate_tables,
+    load_table_suites,
+    quality_gate,
+)
 from health_ingest.sources.landing import SAFE_NAME, LandedFile, land_files
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import claims_tables
@@ -76,6 +82,7 @@ class _ClaimsLoader:
         self.suites_run: set[str] = set()
         self.file_names: dict[int, str] = {}  # by file number, for the quarantine
         self.routes: dict[str, Counter] = {}  # by table: rows copied as typed, rows typed from text, chunks retyped
+        self.suite_counts: dict[str, list[int]] = {}  # by warehouse table: its suite's counts, summed chunk by chunk
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         started = clock = time.perf_counter()
@@ -112,10 +119,11 @@ class _ClaimsLoader:
                     if isinstance(item, StageFailure):
                         self.position = item.position
                         raise item.error
-                    table, chunk, staged_counts = item
+                    table, chunk, staged_counts, suite_counts = item
                     if chunk is not None:
                         plan = plans[files_of[table][0].file_no][0]
                         self._merge_chunk(cur, table, chunk, staged_counts, merges, plan)
+                        merges[table].add_suite_counts(suite_counts)
                         continue
                     self._finish_table(cur, table, merges.pop(table), files_of[table], file_counts)
                     finished.append(table)
@@ -220,13 +228,25 @@ class _ClaimsLoader:
                             plan = plans[files_of[table][0].file_no][0]
                             claims_tables.type_staged(cur, text_name, typed_name, self.profile.tables[table], plan)
                             cur.execute(f"DROP TABLE {text_name}")
-                        typed.put((table, typed_name, claims_tables.staged_counts(cur, typed_name)))
+                        counts = claims_tables.staged_counts(cur, typed_name)
                         self.times.check += time.perf_counter() - clock
+                        typed.put((table, typed_name, counts, self._count_suite(cur, table, typed_name)))
                     else:
-                        typed.put((table, None, None))
+                        typed.put((table, None, None, None))
             typed.put(None)
         except BaseException as error:
             typed.put(StageFailure(error, self.stage_positions["type"]))
+
+    def _count_suite(self, cur, table: str, typed_name: str) -> list[int] | None:
+        """The table suite's counts over a typed chunk, beside the load transaction, when they can be summed."""
+        warehouse_table = f"claims.{self.profile.warehouse_table(table)}"
+        if not self.source.quality.suites or not counts_by_chunk(warehouse_table):
+            return None
+        clock = time.perf_counter()
+        self.stage_positions["type"] = f"while running the quality suite of {table}"
+        counts = count_chunk(cur, warehouse_table, typed_name)
+        self.times.suites += time.perf_counter() - clock
+        return counts
 
     # --- in the load transaction -------------------------------------------------------------------------------
 
@@ -298,6 +318,8 @@ class _ClaimsLoader:
             merge.add(whole, written, claims_tables.staged_counts(cur, whole))
             claims_tables.quarantine_rows(cur, whole, self.batch_id, self.file_names)
         cur.execute("RELEASE SAVEPOINT merge_table")
+        if merge.suite_counts:  # else the suite reads the table (a whole-table merge, a suite not summed)
+            self.suite_counts[f"claims.{self.profile.warehouse_table(table)}"] = merge.suite_counts
         routes = self.routes.get(table, Counter())
         log.info("%s: %s", table, ", ".join(f"{routes[r]} {r}" for r in _ROUTES))
         for landed_file in files:
@@ -340,7 +362,9 @@ class _ClaimsLoader:
         clock = time.perf_counter()
         self.position = f"while running the quality suite of {table}"
         warehouse_table = f"claims.{self.profile.warehouse_table(table)}"
-        outcomes = evaluate_tables(cur, self.batch_id, self.source.name, [warehouse_table], self.source.quality)
+        outcomes = evaluate_tables(
+            cur, self.batch_id, self.source.name, [warehouse_table], self.source.quality, self.suite_counts
+        )
         seconds = time.perf_counter() - clock
         self.times.suites += seconds
         self.times.suites_waited += seconds
@@ -467,6 +491,14 @@ class _TableMerge:
     written: int = 0
     good: int = 0
     staged: dict[int, tuple[int, int]] = field(default_factory=dict)  # file number: (good, bad)
+    # the suite's counts summed over the merged chunks; None once a chunk came without them
+    suite_counts: list[int] | None = field(default_factory=list)
+
+    def add_suite_counts(self, counts: list[int] | None) -> None:
+        if counts is None or self.suite_counts is None:
+            self.suite_counts = None
+        else:
+            self.suite_counts = [a + b for a, b in itertools.zip_longest(self.suite_counts, counts, fillvalue=0)]
 
     def add(self, chunk: str, written: int, staged: dict[int, tuple[int, int]]) -> None:
         self.chunks.append(chunk)

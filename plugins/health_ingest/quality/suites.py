@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +31,8 @@ MAP_EXPECTATIONS = {
     "expect_column_values_to_be_unique",
 }
 SUPPORTED = MAP_EXPECTATIONS | {"expect_table_row_count_to_be_between"}
+# what a suite column may not mention to be computed on a typed chunk instead of the warehouse table
+_CHUNK_UNKNOWN = re.compile(r"\bselect\b|\bbatch_id\b|\bingest_source\b|\bingest_row_sha\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -131,9 +134,12 @@ def load_table_suites(root: Path | None = None) -> dict[str, TableSuite]:
     return suites
 
 
-def evaluate_tables(cur, batch_id: str | None, source: str, tables: list[str], policy) -> list[Outcome]:
+def evaluate_tables(
+    cur, batch_id: str | None, source: str, tables: list[str], policy, counted: dict[str, list[int]] | None = None
+) -> list[Outcome]:
     """The suites of warehouse tables on the rows this batch wrote (inside its transaction, before commit), or on
-    every row of the tables when `batch_id` is None (a rebuild)."""
+    every row of the tables when `batch_id` is None (a rebuild). A table in `counted` has its suite's counts summed
+    already, chunk by chunk, over the rows the batch wrote (`count_chunk`)."""
     suites = load_table_suites()
     outcomes = []
     for table in tables:
@@ -142,27 +148,40 @@ def evaluate_tables(cur, batch_id: str | None, source: str, tables: list[str], p
             log.warning("no quality suite for %s: add one to expectations/", table)
             continue
         parameters = {"half_of_previous_batch": _half_of_previous(cur, source, suite.volume_key or table)}
-        columns = {}
-        for name, column in suite.columns.items():
-            if isinstance(column, dict):
-                cur.execute("SELECT to_regclass(%s) IS NOT NULL", (column["requires"],))
-                column = column["sql"] if cur.fetchone()[0] else column["otherwise"]
-            columns[name] = column
-        selected = ",\n".join(f'({expression}) AS "{name}"' for name, expression in columns.items())
-        where = "WHERE s.batch_id = %(batch_id)s" if batch_id else ""
-        with_q = f"WITH q AS (SELECT {selected} FROM {suite.table} s {where} OFFSET 0)"  # each column computed once
-        found = _run(
-            cur,
-            with_q,
-            {"batch_id": batch_id},
-            suite.name,
-            suite.table,
-            suite.expectations,
-            parameters,
-            policy.tolerance,
-        )
+        counts = (counted or {}).get(table)
+        if counts is None:
+            columns = {}
+            for name, column in suite.columns.items():
+                if isinstance(column, dict):
+                    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (column["requires"],))
+                    column = column["sql"] if cur.fetchone()[0] else column["otherwise"]
+                columns[name] = column
+            where = "WHERE s.batch_id = %(batch_id)s" if batch_id else ""
+            with_q = f"WITH q AS (SELECT {_selected(columns)} FROM {suite.table} s {where} OFFSET 0)"
+            counts = _counts(cur, with_q, {"batch_id": batch_id}, suite.expectations)
+        found = _outcomes(counts, suite.name, suite.table, suite.expectations, parameters, policy.tolerance)
         outcomes.extend(policy.apply(found))
     return outcomes
+
+
+def counts_by_chunk(table: str) -> bool:
+    """Whether a table's suite can be counted chunk by chunk and summed (`count_chunk`): every column reads its own
+    row alone (no subquery, no column that only the warehouse table has), and every expectation counts rows one by
+    one (not uniqueness)."""
+    suite = load_table_suites().get(table)
+    return (
+        suite is not None
+        and all(isinstance(c, str) and not _CHUNK_UNKNOWN.search(c) for c in suite.columns.values())
+        and all(e["type"] != "expect_column_values_to_be_unique" for e in suite.expectations)
+    )
+
+
+def count_chunk(cur, table: str, chunk: str) -> list[int]:
+    """A table suite's counts over the good rows of a typed chunk of the table, on any connection: summed over the
+    chunks the batch wrote, they are the suite's counts over the batch's rows (`evaluate_tables`)."""
+    suite = load_table_suites()[table]
+    with_q = f"WITH q AS (SELECT {_selected(suite.columns)} FROM {chunk} s WHERE s.reason IS NULL OFFSET 0)"
+    return _counts(cur, with_q, {}, suite.expectations)
 
 
 def suite_for(resource_type: str) -> Suite:
@@ -292,18 +311,27 @@ def _read_once(staged: str) -> str:
 def _evaluate(cur, suite, batch_id, resource_type, types_in_batch, parameters, tolerance) -> list[Outcome]:
     with_q = suite_ctes(cur, suite, batch_id, resource_type, types_in_batch)
     table = suite.table_for(resource_type)
-    return _run(cur, with_q, {}, suite.name, table, suite.expectations, parameters, tolerance)
+    counts = _counts(cur, with_q, {}, suite.expectations)
+    return _outcomes(counts, suite.name, table, suite.expectations, parameters, tolerance)
 
 
-def _run(cur, with_q, params, suite_name, table, expectations, parameters, tolerance) -> list[Outcome]:
-    """One query for the whole suite: per expectation, its unexpected and element counts."""
+def _selected(columns: dict[str, str]) -> str:
+    """The suite's columns, each computed once per row (q is kept a subquery of its own by OFFSET 0)."""
+    return ",\n".join(f'({expression}) AS "{name}"' for name, expression in columns.items())
+
+
+def _counts(cur, with_q, params, expectations) -> list[int]:
+    """One query for the whole suite: the rows, then per expectation its unexpected and element counts."""
     aggregates = [_aggregate(index, expectation, params) for index, expectation in enumerate(expectations)]
     cur.execute(f"{with_q} SELECT count(*), {', '.join(aggregates)} FROM q", params)
-    row = cur.fetchone()
-    rows = row[0]
+    return [int(value) for value in cur.fetchone()]
+
+
+def _outcomes(counts, suite_name, table, expectations, parameters, tolerance) -> list[Outcome]:
+    rows = counts[0]
     outcomes = []
     for index, expectation in enumerate(expectations):
-        unexpected, elements = int(row[1 + 2 * index]), int(row[2 + 2 * index])
+        unexpected, elements = counts[1 + 2 * index], counts[2 + 2 * index]
         outcomes.append(_outcome(suite_name, table, expectation, rows, unexpected, elements, parameters, tolerance))
     return outcomes
 
