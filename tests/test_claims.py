@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TEST_DATA, pg_dump
+from health_ingest import claims_reader
 from health_ingest.errors import LoadError
 from health_ingest.pipeline import run_fhir_batch
 from health_ingest.pipeline_claims import run_claims_batch
@@ -247,7 +248,7 @@ def _pha_delivery(tmp_path: Path, cases: list[tuple[str, str]]) -> tuple[Path, l
 
 
 @pytest.mark.parametrize("copy_fails", [True, False], ids=["chunk-typed-again-from-text", "usual-rows-copied"])
-def test_values_are_typed_by_their_shape_and_text_is_kept_verbatim(tmp_path, db, caplog, copy_fails):
+def test_values_are_typed_by_their_shape_and_text_is_kept_verbatim(tmp_path, db, caplog, monkeypatch, copy_fails):
     """Each value is read the same whatever its route and the server's version. Rows of usual shapes are copied
     straight into typed columns and the others typed from text. A value of usual shape that does not fit (an
     overflow, an impossible date) fails the copy, and the whole chunk is then typed from text."""
@@ -282,6 +283,8 @@ def test_values_are_typed_by_their_shape_and_text_is_kept_verbatim(tmp_path, db,
     ]
     if not copy_fails:
         refused = [case for case in refused if case[1] not in {"99999999999999999999", "2020-02-30"}]
+        # the workers read the file a line at a time up to its first quote, and the rest is read in order
+        monkeypatch.setattr(claims_reader, "RANGE_BYTES", 1)
     cases = [(column, value) for column, value, _ in refused + loaded]  # the refused first: one line each
     delivery, _ = _pha_delivery(tmp_path, cases)
     with caplog.at_level(logging.INFO, logger="health_ingest.pipeline_claims"):
@@ -331,11 +334,11 @@ def test_the_encoding_is_chosen_on_the_whole_file_and_a_file_in_none_fails_at_it
 def test_small_chunks_load_the_same_rows_and_a_key_repeated_chunks_apart_is_quarantined(tmp_path, db, monkeypatch):
     """Each row its own chunk (so its own COPY and typing step): the batch still reconciles, and a DCIR key that
     comes again in a later chunk is quarantined with the last row kept, as within one chunk."""
-    import health_ingest.pipeline_claims as pipeline_claims
 
     baseline = run_claims_batch(SNDS / "DCIR", get_source("snds_extract")).counts  # one chunk per file
-    monkeypatch.setattr(pipeline_claims, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(pipeline_claims, "CHUNK_CHECK_ROWS", 1)
+    monkeypatch.setattr(claims_reader, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(claims_reader, "RANGE_BYTES", 1)
+    monkeypatch.setattr(claims_reader, "CHECK_ROWS", 1)
     delivery = tmp_path / "dcir"
     shutil.copytree(SNDS / "DCIR", delivery)
     prs = delivery / "ER_PRS_F.csv"
@@ -381,8 +384,9 @@ def test_a_suite_summed_chunk_by_chunk_reaches_the_counts_read_from_the_table(db
     monkeypatch.setattr(pipeline_claims, "counts_by_chunk", lambda table: False)
     read_from_table = results(run_claims_batch(SNDS / "DCIR", get_source("snds_extract")).batch_id)
     monkeypatch.setattr(pipeline_claims, "counts_by_chunk", summable)
-    monkeypatch.setattr(pipeline_claims, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(pipeline_claims, "CHUNK_CHECK_ROWS", 1)
+    monkeypatch.setattr(claims_reader, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(claims_reader, "RANGE_BYTES", 1)
+    monkeypatch.setattr(claims_reader, "CHECK_ROWS", 1)
     summed = results(run_claims_batch(SNDS / "DCIR", get_source("snds_extract")).batch_id)  # the same rows again
     assert len(summed) >= 100 and summed == read_from_table
     assert any(unexpected not in (None, "0") for _, _, unexpected in summed.values())
@@ -392,7 +396,6 @@ def test_a_stored_key_met_chunks_in_merges_the_chunks_before_it_again_by_key(tmp
     """Chunks are plainly inserted while their keys are new. A key stored by an earlier batch, met in the last
     chunk, rolls the table back and merges every chunk again by key: the rows before it are kept, the stored row
     updated, and a bad row quarantined once."""
-    import health_ingest.pipeline_claims as pipeline_claims
 
     rows = _rows(SNDS / "DCIR" / "ER_PRS_F.csv")
     fields = list(rows[0])
@@ -408,8 +411,9 @@ def test_a_stored_key_met_chunks_in_merges_the_chunks_before_it_again_by_key(tmp
 
     stored = run_claims_batch(delivery("first", rows[-1:]), get_source("snds_extract"))
     assert stored.rows_loaded == 1
-    monkeypatch.setattr(pipeline_claims, "CHUNK_BYTES", 1)  # each row its own chunk
-    monkeypatch.setattr(pipeline_claims, "CHUNK_CHECK_ROWS", 1)
+    monkeypatch.setattr(claims_reader, "CHUNK_BYTES", 1)  # each row its own chunk
+    monkeypatch.setattr(claims_reader, "RANGE_BYTES", 1)
+    monkeypatch.setattr(claims_reader, "CHECK_ROWS", 1)
     bad = dict(rows[1], PRS_ACT_QTE="douze")
     updated = dict(rows[-1], PRS_ACT_QTE="77")
     second = run_claims_batch(delivery("second", [rows[0], bad, *rows[2:-1], updated]), get_source("snds_extract"))
@@ -431,10 +435,9 @@ def test_a_reader_failure_after_chunks_were_typed_and_merged_leaves_nothing(tmp_
     import gzip
 
     import health_ingest.formats.claims as claims_format
-    import health_ingest.pipeline_claims as pipeline_claims
 
-    monkeypatch.setattr(pipeline_claims, "CHUNK_BYTES", 1 << 16)
-    monkeypatch.setattr(pipeline_claims, "CHUNK_CHECK_ROWS", 1)
+    monkeypatch.setattr(claims_reader, "CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr(claims_reader, "CHECK_ROWS", 1)
     delivery = tmp_path / "dcir"
     delivery.mkdir()
     shutil.copy(SNDS / "DCIR" / "ER_PHA_F.csv", delivery)

@@ -111,8 +111,8 @@ class FileEncoder:
     """
 
     def __init__(self, keyring: Keyring, source: Source, workers: int | None = None) -> None:
-        self.workers = workers if workers is not None else _setting(ENV_WORKERS, os.cpu_count() or 1, 1, 256)
-        self.niceness = _setting(ENV_NICENESS, DEFAULT_NICENESS, 0, 19)
+        self.workers = workers if workers is not None else setting(ENV_WORKERS, os.cpu_count() or 1, 1, 256)
+        self.niceness = setting(ENV_NICENESS, DEFAULT_NICENESS, 0, 19)
         self.read_seconds = 0.0
         self._keyring, self._source = keyring, source
         self._pool: ProcessPoolExecutor | None = None
@@ -214,7 +214,7 @@ class FileEncoder:
             yield chunk
 
 
-def _setting(name: str, default: int, low: int, high: int) -> int:
+def setting(name: str, default: int, low: int, high: int) -> int:
     """An integer setting from the environment, refused with a message that names it when out of range."""
     raw = os.environ.get(name)
     if raw is None:

@@ -1,9 +1,10 @@
 """One claims delivery as one batch: land, check every header, read, pseudonymise, stage, type, verify, commit.
 
 The same batch life as FHIR (`pipeline.run_batch`): one source at a time, one transaction, nothing partial.
-Four stages run at once, a chunk apart: a thread reads and pseudonymises into spools in COPY's text format, a
-thread copies each chunk's usual rows straight into typed columns and its other rows into text staging, a third
-connection types the staged rows, and the load transaction merges each typed chunk and runs each table's suite.
+Four stages run at once, a chunk apart: worker processes read and pseudonymise the files into spools in COPY's text
+format (`claims_reader`), a thread copies each chunk's usual rows straight into typed columns and its other rows
+into text staging, a third connection types the staged rows and counts the suites on each chunk, and the load
+transaction merges each typed chunk.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import psycopg2
 
 from health_ingest import config
+from health_ingest.claims_reader import Chunk, ClaimsReader, FilePlan
 from health_ingest.errors import DeliveryError, LoadError
 from health_ingest.formats.claims import ClaimsProfile, is_claims_file, load_profile, open_claims_file
 from health_ingest.pipeline import (
@@ -32,9 +34,8 @@ from health_ingest.pipeline import (
     mark_batch_committed,
     run_batch,
 )
-from health_ingest.privacy.claims import RowTransform, plan_columns, row_digest
+from health_ingest.privacy.claims import plan_columns
 from health_ingest.privacy.keyring import Keyring
-from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.suites import (
     count_chunk,
     counts_by_chunk,
@@ -46,12 +47,10 @@ from health_ingest.sources.landing import SAFE_NAME, LandedFile, land_files
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import claims_tables
 from health_ingest.warehouse.connection import connect
-from health_ingest.warehouse.staging import copy_spool, escape_text
+from health_ingest.warehouse.staging import copy_files
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 16 << 20  # a spool this size is copied and typed while the reader writes the next
-CHUNK_CHECK_ROWS = 1024  # how often the reader looks at its spool's size (and at the batch's stop)
 QUEUE_DEPTH = 2  # chunks waiting between two stages (spools on disk, staged chunks in PostgreSQL)
 
 
@@ -74,7 +73,7 @@ class _ClaimsLoader:
     def __init__(self, batch_id: str, source: Source, keyring: Keyring, progress, warehouse: str):
         self.batch_id, self.source, self.progress, self.warehouse = batch_id, source, progress, warehouse
         self.key_id = keyring.active_id
-        self.tokens = Tokeniser(keyring, id_space=source.id_space)
+        self.keyring = keyring
         self.profile: ClaimsProfile = load_profile(source.format)
         self.position = "while landing the delivery"
         self.stage_positions = {"read": "while reading the delivery", "copy": "while staging", "type": "while typing"}
@@ -98,7 +97,7 @@ class _ClaimsLoader:
         tables = self._in_dependency_order(sorted({f.resource_type for f in landed.loadable}))
         files_of = {table: [f for f in landed.loadable if f.resource_type == table] for table in tables}
         for table in tables:
-            claims_tables.check_columns(table, plans[files_of[table][0].file_no][0])
+            claims_tables.check_columns(table, plans[files_of[table][0].file_no].columns)
         typing_conn = connect(self.warehouse)
         typing_conn.autocommit = True
         stop = threading.Event()
@@ -121,7 +120,7 @@ class _ClaimsLoader:
                         raise item.error
                     table, chunk, staged_counts, suite_counts = item
                     if chunk is not None:
-                        plan = plans[files_of[table][0].file_no][0]
+                        plan = plans[files_of[table][0].file_no].columns
                         self._merge_chunk(cur, table, chunk, staged_counts, merges, plan)
                         merges[table].add_suite_counts(suite_counts)
                         continue
@@ -148,18 +147,30 @@ class _ClaimsLoader:
     # --- the stages, each in its own thread; an error travels down the queues to the load transaction ---------
 
     def _read_files(self, tables, files_of, plans, file_counts, spools: queue.Queue, stop) -> None:
-        """Each file into chunks of about CHUNK_BYTES; then the table's end."""
+        """Each file into chunks of about `claims_reader.CHUNK_BYTES` of input; then the table's end."""
         try:
-            for table in tables:
-                chunk_no = 0
-                for landed_file in files_of[table]:
-                    for chunk in self._encode_file(landed_file, plans[landed_file.file_no], file_counts, stop):
-                        if not _put(spools, (table, chunk_no, landed_file, chunk), stop):
+            with ClaimsReader(self.keyring, self.source.id_space) as reader:
+                for table in tables:
+                    chunk_no = 0
+                    for landed_file in files_of[table]:
+                        self.stage_positions["read"] = f"while reading {landed_file.name}"
+                        counts = file_counts[landed_file.file_no]
+                        plan = plans[landed_file.file_no]
+                        for chunk in reader.chunks(landed_file.path, landed_file.name, plan, stop):
+                            counts.rows_read += chunk.rows_read
+                            counts.rows_quarantined += chunk.wrong_width
+                            self.times.pseudonymise += chunk.seconds
+                            if self.progress:
+                                self.progress(landed_file.name, counts.rows_read, False)
+                            if not _put(spools, (table, chunk_no, landed_file, chunk), stop):
+                                return
+                            chunk_no += 1
+                        if stop.is_set():
                             return
-                        chunk_no += 1
-                    if stop.is_set():
-                        return
-                _put(spools, (table, None, None, None), stop)
+                        log.info("%s: %d rows read", landed_file.name, counts.rows_read)
+                        if self.progress:
+                            self.progress(landed_file.name, counts.rows_read, True)
+                    _put(spools, (table, None, None, None), stop)
             _put(spools, None, stop)
         except BaseException as error:
             _put(spools, StageFailure(error, self.stage_positions["read"]), stop)
@@ -189,26 +200,28 @@ class _ClaimsLoader:
         except BaseException as error:
             _put(staged, StageFailure(error, self.stage_positions["copy"]), stop)
 
-    def _copy_chunk(self, cur, table: str, chunk_no: int, plan, chunk: _Chunk) -> tuple[str, str | None]:
+    def _copy_chunk(self, cur, table: str, chunk_no: int, plan: FilePlan, chunk: Chunk) -> tuple[str, str | None]:
         """The typed chunk's name, and that of its text staging (None when every row was copied as typed)."""
         name = f"{claims_tables.staging_name(self.batch_id, table)}_{chunk_no}"
-        typed_name = claims_tables.create_typed(cur, f"{name}_typed", self.profile.tables[table], plan[0])
+        typed_name = claims_tables.create_typed(cur, f"{name}_typed", self.profile.tables[table], plan.columns)
         routes = self.routes.setdefault(table, Counter())
-        as_text = [chunk.careful] if chunk.careful_rows else []
+        as_text = list(chunk.careful) if chunk.careful_rows else []
+        copied = 0
         try:
-            copy_spool(cur, typed_name, chunk.native, columns=None, options="FORMAT text, NULL ''")
-            routes["copied as typed"] += chunk.native_rows
+            if chunk.native_rows:
+                copy_files(cur, typed_name, chunk.native, columns=None, options=COPY_OPTIONS)
+            copied = chunk.native_rows
         except psycopg2.DataError:  # the message would quote the value: only the fact is kept
-            as_text.insert(0, chunk.native)
+            as_text = chunk.native + as_text
             routes["chunks typed again from text"] += 1
-        routes["typed from text"] += chunk.careful_rows + (chunk.native_rows if chunk.native in as_text else 0)
+        routes["copied as typed"] += copied
+        routes["typed from text"] += chunk.rows_read - copied
         text_name = None
         if as_text:
-            text_name = claims_tables.create_staging(cur, name, plan[0])
-            for spool in as_text:
-                copy_spool(cur, text_name, spool, columns=None, options="FORMAT text, NULL ''")
-        chunk.native.unlink()
-        chunk.careful.unlink()
+            text_name = claims_tables.create_staging(cur, name, plan.columns)
+            copy_files(cur, text_name, as_text, columns=None, options=COPY_OPTIONS)
+        for spool in chunk.native + chunk.careful:
+            spool.unlink(missing_ok=True)
         return typed_name, text_name
 
     def _type_chunks(self, typing_conn, files_of, plans, staged: queue.Queue, typed: queue.Queue, stop) -> None:
@@ -225,7 +238,7 @@ class _ClaimsLoader:
                         clock = time.perf_counter()
                         self.stage_positions["type"] = f"while typing {table}"
                         if text_name is not None:
-                            plan = plans[files_of[table][0].file_no][0]
+                            plan = plans[files_of[table][0].file_no].columns
                             claims_tables.type_staged(cur, text_name, typed_name, self.profile.tables[table], plan)
                             cur.execute(f"DROP TABLE {text_name}")
                         counts = claims_tables.staged_counts(cur, typed_name)
@@ -383,101 +396,25 @@ class _ClaimsLoader:
             )
         return table
 
-    def _plan(self, landed_file: LandedFile):
+    def _plan(self, landed_file: LandedFile) -> FilePlan:
+        """How a file is read, from its header (checked here, before anything is written)."""
         schema = self.profile.tables[landed_file.resource_type]
         opened = open_claims_file(landed_file.path, landed_file.name, self.profile, schema)
         providers = self.source.privacy.providers
         columns, persons = plan_columns(schema, opened.header, self.profile.privacy, providers)
-        transform = RowTransform(columns, persons, self.tokens)
-        native = claims_tables.native_row_test(schema, columns)
-        return columns, persons, len(opened.header), transform, opened.encoding, native
-
-    def _encode_file(self, landed_file: LandedFile, plan, file_counts, stop):
-        """Rows as chunks of two spools in COPY's text format, where an empty field is NULL (the reader has made
-        every empty value an absent one): the rows whose values PostgreSQL's own input reads as the careful casts
-        would (`claims_tables.native_row_test`, most rows) in one, the others in the other; rows of the wrong width
-        are kept with their reason, so that nothing read goes unaccounted. Yields each chunk once written (at least
-        one)."""
-        _, _, width, transform, encoding, native = plan
-        schema = self.profile.tables[landed_file.resource_type]
-        counts = file_counts[landed_file.file_no]
-        opened = open_claims_file(landed_file.path, landed_file.name, self.profile, schema, encoding)
-        blanks = "\t" * len(transform.columns)
-        tabs = len(transform.columns) - 1
-        file_no = landed_file.file_no
-        rows = iter(opened.rows)
-        for chunk_no in itertools.count():
-            clock = time.perf_counter()
-            self.stage_positions["read"] = f"while reading {landed_file.name}"
-            chunk = _Chunk(
-                landed_file.path.with_name(f"{landed_file.path.name}.{chunk_no}.copy"),
-                landed_file.path.with_name(f"{landed_file.path.name}.{chunk_no}.careful.copy"),
-            )
-            exhausted = True
-            rows_before = counts.rows_read
-            with (
-                chunk.native.open("w", encoding="utf-8", newline="", buffering=1 << 20) as native_out,
-                chunk.careful.open("w", encoding="utf-8", newline="", buffering=1 << 20) as careful_out,
-            ):
-                write_native, write_careful = native_out.write, careful_out.write
-                careful_rows = 0
-                for row_no, values in rows:
-                    counts.rows_read += 1
-                    if len(values) != width:
-                        careful_rows += 1
-                        counts.rows_quarantined += 1
-                        write_careful(
-                            f"{file_no}\t{row_no}\t\twrong_column_count\texpected {width} values, found "
-                            f"{len(values)}\t{blanks}\n"
-                        )
-                        continue
-                    cells, person = transform(values)
-                    line = "\t".join(cells)
-                    # one test on the joined line: only a row holding a special character has its fields escaped
-                    if line.count("\t") != tabs or "\\" in line or "\n" in line or "\r" in line:
-                        digest = row_digest(cells)
-                        line = "\t".join(map(escape_text, cells))
-                        write = write_careful
-                    else:
-                        digest = row_digest(cells, line)
-                        write = write_native if native(cells) else write_careful
-                    if write is write_careful:
-                        careful_rows += 1
-                    write(
-                        f"{file_no}\t{row_no}\t{person or ''}\t\t\t{digest}\t{line}\n"
-                        if cells
-                        else f"{file_no}\t{row_no}\t{person or ''}\t\t\t{digest}\n"
-                    )
-                    if counts.rows_read % CHUNK_CHECK_ROWS == 0:
-                        if stop.is_set():
-                            break
-                        if counts.rows_read % (64 * CHUNK_CHECK_ROWS) == 0 and self.progress:
-                            self.progress(landed_file.name, counts.rows_read, False)
-                        if native_out.tell() + careful_out.tell() >= CHUNK_BYTES:
-                            exhausted = False
-                            break
-            chunk.native_rows = counts.rows_read - rows_before - careful_rows
-            chunk.careful_rows = careful_rows
-            self.times.pseudonymise += time.perf_counter() - clock
-            yield chunk
-            if exhausted or stop.is_set():
-                break
-        log.info("%s: %d rows read", landed_file.name, counts.rows_read)
-        if self.progress:
-            self.progress(landed_file.name, counts.rows_read, True)
-
-
-@dataclass
-class _Chunk:
-    """One chunk of a file as two spools: rows to copy straight into typed columns, and rows to type from text."""
-
-    native: Path
-    careful: Path
-    native_rows: int = 0
-    careful_rows: int = 0
+        return FilePlan(
+            self.source.format,
+            landed_file.resource_type,
+            landed_file.file_no,
+            columns,
+            persons,
+            len(opened.header),
+            opened.encoding,
+        )
 
 
 _ROUTES = ("copied as typed", "typed from text", "chunks typed again from text")
+COPY_OPTIONS = "FORMAT text, NULL ''"  # an empty field is NULL: the reader has made every empty value an absent one
 
 
 @dataclass

@@ -19,11 +19,11 @@ from health_ingest.report import table
 FULL_SIZES = (100_000, 1_000_000)
 QUICK_SIZES = (20_000,)
 STEPS = ("land", "read", "check", "pseudonymise", "stage", "verify", "commit")
-# the claims path's stages, each timed in its own thread (they run at once, a chunk apart)
+# the claims path's stages, each timed where it runs (they run at once, a chunk apart)
 CLAIMS_STAGES = (
-    ("pseudonymise", "read, pseudonymise, encode (rows/s of its thread)"),
+    ("pseudonymise", "read, pseudonymise, encode (rows/s per worker)"),
     ("stage", "stage, COPY (rows/s of its thread)"),
-    ("check", "type, on its own connection (rows/s)"),
+    ("check", "type the other rows, on its own connection (rows/s)"),
     ("commit", "merge into the warehouse (rows/s)"),
 )
 

@@ -163,6 +163,61 @@ def open_claims_file(
     raise DeliveryError(f"{label}: {'; '.join(refused)}; nothing of the delivery was loaded")
 
 
+def rows_of_range(
+    path: Path,
+    profile: ClaimsProfile,
+    schema: TableSchema,
+    encoding: str,
+    width: int,
+    start: int,
+    end: int | None,
+    line: int,
+) -> Iterator[tuple[int, list[str]]]:
+    """(line number, values) of the rows in a byte range of a plain file of `width` columns that starts at line
+    `line`, past the header, and ends at a line break (None: at the end of the file): what `ClaimsFile.rows` gives
+    for them."""
+    delimiter, trailing = schema.delimiter or profile.delimiter, profile.trailing_delimiter
+    with path.open("rb") as raw:
+        raw.seek(start)
+        if end is None:
+            reader = csv.reader(io.TextIOWrapper(raw, encoding=encoding, newline=""), delimiter=delimiter)
+            yield from _rows(reader, width, trailing, line)
+            return
+        text = raw.read(end - start).decode(encoding)
+    yield from _rows(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), width, trailing, line)
+
+
+class LineRanges:
+    """Byte ranges of whole lines of a plain file, after its header, that can be read apart: each (start, end,
+    first line) of about `range_bytes`. A range is only cut where no field can be open: the ranges stop at the first
+    one holding a quote (a quoted field may hold a line break) or a carriage return alone (a line break that the
+    count of newlines would miss); `rest` is then the (offset, line) from which the file must be read in order."""
+
+    def __init__(self, path: Path, range_bytes: int):
+        self.path, self.range_bytes = path, range_bytes
+        self.rest: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        with self.path.open("rb") as handle:
+            header = handle.readline()
+            if not _cuttable(header):
+                self.rest = (0, 1)
+                return
+            offset, line = len(header), 2
+            while block := handle.read(self.range_bytes):
+                if not block.endswith(b"\n"):
+                    block += handle.readline()
+                if not _cuttable(block):
+                    self.rest = (offset, line)
+                    return
+                yield offset, offset + len(block), line
+                offset, line = offset + len(block), line + block.count(b"\n")
+
+
+def _cuttable(block: bytes) -> bool:
+    return b'"' not in block and block.count(b"\r") == block.count(b"\r\n")
+
+
 def _checked_line(path: Path, label: str, encoding: str) -> int | None:
     try:
         return first_undecodable_line(path, encoding)
@@ -282,10 +337,11 @@ def _check_header(label: str, header: list[str], schema: TableSchema) -> None:
         raise DeliveryError(f"{label}: header does not match the schema of {schema.name}: {'; '.join(parts)}")
 
 
-def _rows(reader, width: int, trailing_delimiter: bool) -> Iterator[tuple[int, list[str]]]:
+def _rows(reader, width: int, trailing_delimiter: bool, first_line: int = 1) -> Iterator[tuple[int, list[str]]]:
+    before = first_line - 1
     for values in reader:
         if not values or values == [""]:
             continue
         if trailing_delimiter and len(values) == width + 1 and values[-1] == "":
             values = values[:-1]
-        yield reader.line_num, values
+        yield before + reader.line_num, values

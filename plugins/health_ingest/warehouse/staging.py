@@ -68,10 +68,12 @@ def copy_spool(cur, table: str, spool: Path, columns: str | None = STAGING_COLUM
         cur.copy_expert(f"COPY {target} FROM STDIN{f' WITH ({options})' if options else ''}", handle, size=COPY_CHUNK)
 
 
-def copy_files(cur, table: str, files: list[Path], columns: str = STAGING_COLUMNS) -> None:
-    """COPY files of already-encoded rows (text format), one after the other, as one statement."""
+def copy_files(cur, table: str, files: list[Path], columns: str | None = STAGING_COLUMNS, *, options: str = "") -> None:
+    """COPY files of already-encoded rows (text format unless `options` say otherwise), one after the other, as one
+    statement (`columns` None: all)."""
+    target = f"{table} ({columns})" if columns else table
     with _Concatenated(files) as handle:
-        cur.copy_expert(f"COPY {table} ({columns}) FROM STDIN", handle, size=COPY_CHUNK)
+        cur.copy_expert(f"COPY {target} FROM STDIN{f' WITH ({options})' if options else ''}", handle, size=COPY_CHUNK)
 
 
 def escape_text(value: str) -> str:
