@@ -365,30 +365,42 @@ def test_small_chunks_load_the_same_rows_and_a_key_repeated_chunks_apart_is_quar
         assert cur.fetchone()[0] == 0
 
 
-def test_a_suite_summed_chunk_by_chunk_reaches_the_counts_read_from_the_table(db, monkeypatch):
-    """ER_PRS_F's suite is counted on each typed chunk beside the load and summed; with each row its own chunk, every
-    expectation's counts are those of the suite read from the warehouse table after the merge."""
+def test_a_suite_summed_chunk_by_chunk_reaches_the_counts_read_from_the_table(tmp_path, db, monkeypatch):
+    """ER_PRS_F's suite is counted on each typed chunk beside the load, and the detail tables' suites, which check
+    each row's header in ER_PRS_F, on each merged chunk in the load transaction; with each row its own chunk, every
+    expectation's counts are those of the suites read from the warehouse tables after the merges."""
     import health_ingest.pipeline_claims as pipeline_claims
+
+    delivery = tmp_path / "dcir"
+    shutil.copytree(SNDS / "DCIR", delivery)
+    pha = _rows(delivery / "ER_PHA_F.csv")
+    with (delivery / "ER_PHA_F.csv").open("a", newline="") as out:  # a detail row without its header
+        csv.DictWriter(out, fieldnames=list(pha[0])).writerow(dict(pha[0], DCT_ORD_NUM="987654321"))
 
     def results(batch_id: str) -> dict[str, tuple]:
         with db.cursor() as cur:
             cur.execute(
-                "SELECT expectation, success, observed_value->>'element_count', observed_value->>'unexpected_count' "
-                "FROM ingest.dq_results WHERE batch_id = %s AND table_name = 'claims.snds_er_prs_f' "
-                "AND expectation NOT LIKE 'expect_table_row_count%%'",
+                "SELECT table_name, expectation, success, observed_value->>'element_count', "
+                "observed_value->>'unexpected_count' FROM ingest.dq_results "
+                "WHERE batch_id = %s AND expectation NOT LIKE 'expect_table_row_count%%'",
                 (batch_id,),
             )
-            return {expectation: rest for expectation, *rest in cur.fetchall()}
+            return {(table, expectation): rest for table, expectation, *rest in cur.fetchall()}
 
     summable = pipeline_claims.counts_by_chunk
-    monkeypatch.setattr(pipeline_claims, "counts_by_chunk", lambda table: False)
-    read_from_table = results(run_claims_batch(SNDS / "DCIR", get_source("snds_extract")).batch_id)
+    monkeypatch.setattr(pipeline_claims, "counts_by_chunk", lambda table, in_load=False: False)
+    read_from_table = results(run_claims_batch(delivery, get_source("snds_extract")).batch_id)
     monkeypatch.setattr(pipeline_claims, "counts_by_chunk", summable)
     monkeypatch.setattr(claims_reader, "CHUNK_BYTES", 1)
     monkeypatch.setattr(claims_reader, "RANGE_BYTES", 1)
     monkeypatch.setattr(claims_reader, "CHECK_ROWS", 1)
-    summed = results(run_claims_batch(SNDS / "DCIR", get_source("snds_extract")).batch_id)  # the same rows again
-    assert len(summed) >= 100 and summed == read_from_table
+    summed = results(run_claims_batch(delivery, get_source("snds_extract")).batch_id)  # the same rows again
+    assert len({table for table, _ in summed}) == 16 and len(summed) >= 300 and summed == read_from_table
+    headers = [key for key in summed if key[1].endswith("(has_er_prs_f)")]
+    assert (
+        len(headers) == 15
+        and summed[("claims.snds_er_pha_f", "expect_column_values_to_be_in_set(has_er_prs_f)")][2] == "1"
+    )
     assert any(unexpected not in (None, "0") for _, _, unexpected in summed.values())
 
 

@@ -122,6 +122,8 @@ class _ClaimsLoader:
                     if chunk is not None:
                         plan = plans[files_of[table][0].file_no].columns
                         self._merge_chunk(cur, table, chunk, staged_counts, merges, plan)
+                        if suite_counts is None:
+                            suite_counts = self._count_suite_in_load(cur, table, chunk, tables, finished)
                         merges[table].add_suite_counts(suite_counts)
                         continue
                     self._finish_table(cur, table, merges.pop(table), files_of[table], file_counts)
@@ -262,6 +264,25 @@ class _ClaimsLoader:
         return counts
 
     # --- in the load transaction -------------------------------------------------------------------------------
+
+    def _count_suite_in_load(self, cur, table: str, chunk: str, tables: list[str], finished: list[str]):
+        """The suite's counts over a merged chunk, when its columns read other tables of the batch (its header
+        table) that are merged already: counted as the chunks come, instead of over the whole table at the end."""
+        warehouse_table = f"claims.{self.profile.warehouse_table(table)}"
+        pending = {f"claims.{self.profile.warehouse_table(t)}" for t in tables if t not in finished}
+        if (
+            not self.source.quality.suites
+            or not counts_by_chunk(warehouse_table, in_load=True)
+            or self._required_by_suite(table) & pending
+        ):
+            return None
+        clock = time.perf_counter()
+        self.position = f"while running the quality suite of {table}"
+        counts = count_chunk(cur, warehouse_table, chunk)
+        seconds = time.perf_counter() - clock
+        self.times.suites += seconds
+        self.times.verify += seconds
+        return counts
 
     def _merge_chunk(self, cur, table: str, chunk: str, staged_counts, merges: dict, plan) -> None:
         """A typed chunk into the warehouse table as soon as it is typed, its bad rows (if any) into the

@@ -150,37 +150,35 @@ def evaluate_tables(
         parameters = {"half_of_previous_batch": _half_of_previous(cur, source, suite.volume_key or table)}
         counts = (counted or {}).get(table)
         if counts is None:
-            columns = {}
-            for name, column in suite.columns.items():
-                if isinstance(column, dict):
-                    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (column["requires"],))
-                    column = column["sql"] if cur.fetchone()[0] else column["otherwise"]
-                columns[name] = column
             where = "WHERE s.batch_id = %(batch_id)s" if batch_id else ""
-            with_q = f"WITH q AS (SELECT {_selected(columns)} FROM {suite.table} s {where} OFFSET 0)"
+            with_q = f"WITH q AS (SELECT {_selected(_resolved(cur, suite))} FROM {suite.table} s {where} OFFSET 0)"
             counts = _counts(cur, with_q, {"batch_id": batch_id}, suite.expectations)
         found = _outcomes(counts, suite.name, suite.table, suite.expectations, parameters, policy.tolerance)
         outcomes.extend(policy.apply(found))
     return outcomes
 
 
-def counts_by_chunk(table: str) -> bool:
+def counts_by_chunk(table: str, *, in_load: bool = False) -> bool:
     """Whether a table's suite can be counted chunk by chunk and summed (`count_chunk`): every column reads its own
     row alone (no subquery, no column that only the warehouse table has), and every expectation counts rows one by
-    one (not uniqueness)."""
+    one (not uniqueness). In the load transaction (`in_load`), a column may also read another table that the batch
+    has finished merging (a header table, given as `requires`)."""
     suite = load_table_suites().get(table)
     return (
         suite is not None
-        and all(isinstance(c, str) and not _CHUNK_UNKNOWN.search(c) for c in suite.columns.values())
+        and all(
+            (isinstance(c, str) and not _CHUNK_UNKNOWN.search(c)) or (in_load and isinstance(c, dict))
+            for c in suite.columns.values()
+        )
         and all(e["type"] != "expect_column_values_to_be_unique" for e in suite.expectations)
     )
 
 
 def count_chunk(cur, table: str, chunk: str) -> list[int]:
-    """A table suite's counts over the good rows of a typed chunk of the table, on any connection: summed over the
-    chunks the batch wrote, they are the suite's counts over the batch's rows (`evaluate_tables`)."""
+    """A table suite's counts over the good rows of a typed chunk of the table: summed over the chunks the batch
+    wrote, they are the suite's counts over the batch's rows (`evaluate_tables`)."""
     suite = load_table_suites()[table]
-    with_q = f"WITH q AS (SELECT {_selected(suite.columns)} FROM {chunk} s WHERE s.reason IS NULL OFFSET 0)"
+    with_q = f"WITH q AS (SELECT {_selected(_resolved(cur, suite))} FROM {chunk} s WHERE s.reason IS NULL OFFSET 0)"
     return _counts(cur, with_q, {}, suite.expectations)
 
 
@@ -313,6 +311,18 @@ def _evaluate(cur, suite, batch_id, resource_type, types_in_batch, parameters, t
     table = suite.table_for(resource_type)
     counts = _counts(cur, with_q, {}, suite.expectations)
     return _outcomes(counts, suite.name, table, suite.expectations, parameters, tolerance)
+
+
+def _resolved(cur, suite: TableSuite) -> dict[str, str]:
+    """The suite's columns, each one that `requires` a table given as its `sql`, or its `otherwise` while the table
+    does not exist."""
+    columns = {}
+    for name, column in suite.columns.items():
+        if isinstance(column, dict):
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (column["requires"],))
+            column = column["sql"] if cur.fetchone()[0] else column["otherwise"]
+        columns[name] = column
+    return columns
 
 
 def _selected(columns: dict[str, str]) -> str:
