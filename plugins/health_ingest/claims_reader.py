@@ -5,6 +5,7 @@ a file, and a compressed one, is read here, in order. Chunks of about CHUNK_BYTE
 
 from __future__ import annotations
 
+import codecs
 import multiprocessing
 import os
 import time
@@ -15,7 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from health_ingest.encoding import DEFAULT_NICENESS, ENV_NICENESS, ENV_WORKERS, setting
-from health_ingest.formats.claims import LineRanges, load_profile, open_claims_file, rows_of_range
+from health_ingest.formats.claims import (
+    ASCII_COMPATIBLE,
+    LineRanges,
+    load_profile,
+    open_claims_file,
+    rows_of_range,
+)
 from health_ingest.privacy.claims import ColumnPlan, RowTransform, row_digest
 from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.tokens import Tokeniser
@@ -157,7 +164,7 @@ class ClaimsReader:
         schema = profile.tables[plan.table]
         encoder = RowEncoder(plan, self.tokens)
         rest: tuple[int, int] | None = (0, 1)
-        if self._pool is not None and not path.name.lower().endswith((".gz", ".zip")):
+        if self._pool is not None and _cut_at_newlines(path, plan.encoding):
             ranges = LineRanges(path, RANGE_BYTES)
             yield from self._chunks_of_ranges(path, plan, ranges, stop)
             rest = ranges.rest
@@ -209,6 +216,12 @@ class ClaimsReader:
             yield chunk
             if exhausted or stop.is_set():
                 return
+
+
+def _cut_at_newlines(path: Path, encoding: str) -> bool:
+    """Whether a file can be read at an offset and cut at its newline bytes: a plain file, in an encoding where a
+    newline byte is always a newline."""
+    return not path.name.lower().endswith((".gz", ".zip")) and codecs.lookup(encoding).name in ASCII_COMPATIBLE
 
 
 def _chunk_full(stop, native, careful) -> Callable[[], bool]:

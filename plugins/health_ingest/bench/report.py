@@ -119,8 +119,15 @@ def render(results: dict) -> str:
             ["end to end / bare COPY", *(_ratio(run) for run in claims)],
             ["end to end (s)", *(f"{run['end_to_end_seconds']:.1f}" for run in claims)],
             [
-                "quality suites, share of the batch",
+                "quality suites, counted chunk by chunk, share",
                 *(f"{100 * run['steps_seconds'].get('suites', 0) / run['end_to_end_seconds']:.1f} %" for run in claims),
+            ],
+            [
+                "batch waiting for the suites once merged, share",
+                *(
+                    f"{100 * run['steps_seconds'].get('suites_waited', 0) / run['end_to_end_seconds']:.1f} %"
+                    for run in claims
+                ),
             ],
             ["peak RSS pipeline (MiB)", *(run["peak_rss_bytes"]["pipeline"] >> 20 for run in claims)],
             [

@@ -1,7 +1,7 @@
-"""Typed claims tables `claims.<profile>_<table>`: created from the Table Schemas, loaded from staging with casts
-that quarantine what does not fit, keyed as the format defines (else by row content, so re-delivery never
-duplicates). Besides the format's columns each row has `patient_id` (the person pseudonym), `batch_id`,
-`ingest_source` and `ingest_row_sha`."""
+"""Typed claims tables `claims.<profile>_<table>`: created from the Table Schemas, loaded from typed chunks (rows of
+usual shapes copied straight into typed columns, the others typed from text with casts that quarantine what does not
+fit), keyed as the format defines (else by row content, so re-delivery never duplicates). Besides the format's
+columns each row has `patient_id` (the person pseudonym), `batch_id`, `ingest_source` and `ingest_row_sha`."""
 
 from __future__ import annotations
 
