@@ -331,11 +331,16 @@ def test_the_encoding_is_chosen_on_the_whole_file_and_a_file_in_none_fails_at_it
         assert cur.fetchone()[0] == 0
 
 
-def test_small_chunks_load_the_same_rows_and_a_key_repeated_chunks_apart_is_quarantined(tmp_path, db, monkeypatch):
-    """Each row its own chunk (so its own COPY and typing step): the batch still reconciles, and a DCIR key that
-    comes again in a later chunk is quarantined with the last row kept, as within one chunk."""
+@pytest.mark.parametrize("workers", ["2", "1"], ids=["read-by-workers", "read-in-order"])
+def test_small_chunks_load_the_same_rows_and_a_key_repeated_chunks_apart_is_quarantined(
+    tmp_path, db, monkeypatch, workers
+):
+    """Each row its own chunk (so its own COPY and typing step), read by the workers a line at a time or in order
+    in the batch's process: the batch still reconciles, and a DCIR key that comes again in a later chunk is
+    quarantined with the last row kept, as within one chunk."""
 
     baseline = run_claims_batch(SNDS / "DCIR", get_source("snds_extract")).counts  # one chunk per file
+    monkeypatch.setenv("HEALTH_INGEST_WORKERS", workers)
     monkeypatch.setattr(claims_reader, "CHUNK_BYTES", 1)
     monkeypatch.setattr(claims_reader, "RANGE_BYTES", 1)
     monkeypatch.setattr(claims_reader, "CHECK_ROWS", 1)
