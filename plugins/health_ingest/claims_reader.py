@@ -6,7 +6,6 @@ a file, and a compressed one, is read here, in order. Chunks of about CHUNK_BYTE
 from __future__ import annotations
 
 import codecs
-import multiprocessing
 import os
 import time
 from collections import deque
@@ -15,7 +14,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from health_ingest.encoding import DEFAULT_NICENESS, ENV_NICENESS, ENV_WORKERS, setting
+from health_ingest.encoding import DEFAULT_NICENESS, ENV_NICENESS, ENV_WORKERS, setting, worker_pool
 from health_ingest.formats.claims import (
     ASCII_COMPATIBLE,
     LineRanges,
@@ -146,12 +145,7 @@ class ClaimsReader:
 
     def __enter__(self) -> ClaimsReader:
         if self.workers > 1:
-            self._pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("fork"),
-                initializer=_start_worker,
-                initargs=(self._keyring, self._id_space, self.niceness),
-            )
+            self._pool = worker_pool(self.workers, _start_worker, (self._keyring, self._id_space, self.niceness))
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -177,24 +171,10 @@ class ClaimsReader:
         yield from self._chunks_in_order(path, encoder, iter(rows), stop, first=rest[0] // CHUNK_BYTES)
 
     def _chunks_of_ranges(self, path: Path, plan: FilePlan, ranges: LineRanges, stop) -> Iterator[Chunk]:
-        """Chunks from the workers: the ranges of one chunk come back in file order, so a chunk is whole once a
-        range of the next comes back."""
-        in_flight: deque[Future] = deque()
+        """Chunks from the workers: the ranges come back in file order, so a chunk is whole once a range of the next
+        comes back."""
         chunk, part = Chunk(), None
-        for start, end, line in ranges:
-            spools = _spools(path, start // CHUNK_BYTES, "w")
-            in_flight.append(self._pool.submit(_encode_range, plan, str(path), start, end, line, *map(str, spools)))
-            while len(in_flight) >= 2 * self.workers or (in_flight and in_flight[0].done()):
-                done, done_part = in_flight.popleft().result()
-                if part is not None and done_part != part:
-                    yield chunk
-                    chunk = Chunk()
-                chunk.add(done)
-                part = done_part
-            if stop.is_set():
-                return
-        while in_flight:
-            done, done_part = in_flight.popleft().result()
+        for done, done_part in self._encoded_ranges(path, plan, ranges, stop):
             if part is not None and done_part != part:
                 yield chunk
                 chunk = Chunk()
@@ -202,6 +182,19 @@ class ClaimsReader:
             part = done_part
         if part is not None or ranges.rest is None:
             yield chunk
+
+    def _encoded_ranges(self, path: Path, plan: FilePlan, ranges: LineRanges, stop) -> Iterator[tuple[Chunk, int]]:
+        """Each range as a worker encoded it, with its part, in file order; at most two per worker in flight."""
+        in_flight: deque[Future] = deque()
+        for start, end, line in ranges:
+            if stop.is_set():
+                return
+            spools = _spools(path, start // CHUNK_BYTES, "w")
+            in_flight.append(self._pool.submit(_encode_range, plan, str(path), start, end, line, *map(str, spools)))
+            while len(in_flight) >= 2 * self.workers or (in_flight and in_flight[0].done()):
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
 
     def _chunks_in_order(self, path: Path, encoder: RowEncoder, rows, stop, first: int) -> Iterator[Chunk]:
         for part in range(first, 1 << 62):

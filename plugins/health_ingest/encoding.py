@@ -120,12 +120,7 @@ class FileEncoder:
 
     def __enter__(self) -> FileEncoder:
         if self.workers > 1:
-            self._pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("fork"),
-                initializer=_start_worker,
-                initargs=(self._keyring, self._source, self.niceness),
-            )
+            self._pool = worker_pool(self.workers, _start_worker, (self._keyring, self._source, self.niceness))
         else:
             self._local = chunk_encoder(self._keyring, self._source)
         return self
@@ -212,6 +207,14 @@ class FileEncoder:
         self.read_seconds += clock() - started
         if chunk:
             yield chunk
+
+
+def worker_pool(workers: int, initializer, initargs: tuple) -> ProcessPoolExecutor:
+    """Worker processes forked from the batch's process (they inherit its loaded modules and settings), each set up
+    by `initializer` once."""
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork"), initializer=initializer, initargs=initargs
+    )
 
 
 def setting(name: str, default: int, low: int, high: int) -> int:

@@ -178,9 +178,9 @@ class _ClaimsLoader:
             _put(spools, StageFailure(error, self.stage_positions["read"]), stop)
 
     def _copy_chunks(self, copy_conn, plans, spools: queue.Queue, staged: queue.Queue, stop) -> None:
-        """Each chunk's native spool straight into its typed chunk, and its careful spool into a text staging table
-        (autocommit); a native spool that does not fit its types (an overflow, 31 February) is staged as text too,
-        so that the careful casts quarantine what fails. The spools are then removed."""
+        """Each chunk's native spools straight into its typed chunk, and its careful spools into a text staging
+        table (autocommit); native spools that do not fit their types (an overflow, 31 February) are staged as text
+        too, so that the careful casts quarantine what fails. The spools are then removed."""
         try:
             with copy_conn.cursor() as cur:
                 while (item := _next(spools, stop)) is not None:
