@@ -156,7 +156,6 @@ class ClaimsReader:
         """The file's chunks, in order (at least one); none more once `stop` is set."""
         profile = load_profile(plan.profile)
         schema = profile.tables[plan.table]
-        encoder = RowEncoder(plan, self.tokens)
         rest: tuple[int, int] | None = (0, 1)
         if self._pool is not None and _cut_at_newlines(path, plan.encoding):
             ranges = LineRanges(path, RANGE_BYTES)
@@ -168,6 +167,7 @@ class ClaimsReader:
             rows = open_claims_file(path, label, profile, schema, plan.encoding).rows
         else:
             rows = rows_of_range(path, profile, schema, plan.encoding, plan.width, rest[0], None, rest[1])
+        encoder = RowEncoder(plan, self.tokens)
         yield from self._chunks_in_order(path, encoder, iter(rows), stop, first=rest[0] // CHUNK_BYTES)
 
     def _chunks_of_ranges(self, path: Path, plan: FilePlan, ranges: LineRanges, stop) -> Iterator[Chunk]:

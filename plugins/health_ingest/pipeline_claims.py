@@ -122,8 +122,9 @@ class _ClaimsLoader:
                     if chunk is not None:
                         plan = plans[files_of[table][0].file_no].columns
                         self._merge_chunk(cur, table, chunk, staged_counts, merges, plan)
-                        if suite_counts is None:
-                            suite_counts = self._count_suite_in_load(cur, table, chunk, tables, finished)
+                        pending = {f"claims.{self.profile.warehouse_table(t)}" for t in tables if t not in finished}
+                        if suite_counts is None and not self._required_by_suite(table) & pending:
+                            suite_counts = self._count_suite(cur, table, chunk, in_load=True)
                         merges[table].add_suite_counts(suite_counts)
                         continue
                     self._finish_table(cur, table, merges.pop(table), files_of[table], file_counts)
@@ -245,44 +246,34 @@ class _ClaimsLoader:
                             cur.execute(f"DROP TABLE {text_name}")
                         counts = claims_tables.staged_counts(cur, typed_name)
                         self.times.check += time.perf_counter() - clock
-                        typed.put((table, typed_name, counts, self._count_suite(cur, table, typed_name)))
+                        typed.put((table, typed_name, counts, self._count_suite(cur, table, typed_name, in_load=False)))
                     else:
                         typed.put((table, None, None, None))
             typed.put(None)
         except BaseException as error:
             typed.put(StageFailure(error, self.stage_positions["type"]))
 
-    def _count_suite(self, cur, table: str, typed_name: str) -> list[int] | None:
-        """The table suite's counts over a typed chunk, beside the load transaction, when they can be summed."""
+    def _count_suite(self, cur, table: str, chunk: str, *, in_load: bool) -> list[int] | None:
+        """The table suite's counts over a typed chunk, when they can be summed: beside the load transaction (on
+        the typing connection) for a suite that reads each row alone, or in it (`in_load`, the chunk merged) for one
+        that also reads a table the batch has finished merging (its header table)."""
         warehouse_table = f"claims.{self.profile.warehouse_table(table)}"
-        if not self.source.quality.suites or not counts_by_chunk(warehouse_table):
+        if not self.source.quality.suites or not counts_by_chunk(warehouse_table, in_load=in_load):
             return None
         clock = time.perf_counter()
-        self.stage_positions["type"] = f"while running the quality suite of {table}"
-        counts = count_chunk(cur, warehouse_table, typed_name)
-        self.times.suites += time.perf_counter() - clock
-        return counts
-
-    # --- in the load transaction -------------------------------------------------------------------------------
-
-    def _count_suite_in_load(self, cur, table: str, chunk: str, tables: list[str], finished: list[str]):
-        """The suite's counts over a merged chunk, when its columns read other tables of the batch (its header
-        table) that are merged already: counted as the chunks come, instead of over the whole table at the end."""
-        warehouse_table = f"claims.{self.profile.warehouse_table(table)}"
-        pending = {f"claims.{self.profile.warehouse_table(t)}" for t in tables if t not in finished}
-        if (
-            not self.source.quality.suites
-            or not counts_by_chunk(warehouse_table, in_load=True)
-            or self._required_by_suite(table) & pending
-        ):
-            return None
-        clock = time.perf_counter()
-        self.position = f"while running the quality suite of {table}"
+        position = f"while running the quality suite of {table}"
+        if in_load:
+            self.position = position
+        else:
+            self.stage_positions["type"] = position
         counts = count_chunk(cur, warehouse_table, chunk)
         seconds = time.perf_counter() - clock
         self.times.suites += seconds
-        self.times.verify += seconds
+        if in_load:
+            self.times.verify += seconds
         return counts
+
+    # --- in the load transaction -------------------------------------------------------------------------------
 
     def _merge_chunk(self, cur, table: str, chunk: str, staged_counts, merges: dict, plan) -> None:
         """A typed chunk into the warehouse table as soon as it is typed, its bad rows (if any) into the

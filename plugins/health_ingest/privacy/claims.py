@@ -144,25 +144,21 @@ def _column_change(column: ColumnPlan, tokens: Tokeniser):
 
     @lru_cache(maxsize=1 << 12)
     def change(value: str) -> str:
-        return (_changed_value(column, value, tokens) or "") if value else ""
+        return (_changed_value(column, value) or "") if value else ""
 
     return change
 
 
 def _token_of(system: str, tokens: Tokeniser):
-    domain = f"identifier|{system}"  # as `Tokeniser.identifier` names it
-    token = tokens.token
-
     @lru_cache(maxsize=1 << 14)
     def tokenised(value: str) -> str:
-        return token(domain, value) if value else ""
+        return tokens.identifier(system, value) if value else ""
 
     return tokenised
 
 
-def _changed_value(column: ColumnPlan, value: str, tokens: Tokeniser) -> str | None:
-    if column.action == "token":
-        return tokens.identifier(column.system, value)
+def _changed_value(column: ColumnPlan, value: str) -> str | None:
+    """A generalised value (identifiers are tokenised by `_token_of`)."""
     if column.action == "year":
         match = YEAR.search(value)
         return match.group(1) if match else None
