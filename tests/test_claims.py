@@ -546,3 +546,45 @@ def test_a_key_twice_in_a_redelivery_keeps_its_last_row(tmp_path, db):
             (second.batch_id,),
         )
         assert cur.fetchall() == [(4,)]
+
+
+def test_a_new_table_is_keyed_and_indexed_once_loaded_and_keeps_the_last_of_a_key_given_twice(tmp_path, db):
+    """A table the batch creates gets its key and indexes after its rows; a key twice in that first delivery (a
+    whole row twice, for a table keyed by row content) still keeps the last row and quarantines the other."""
+    delivery = tmp_path / "dcir"
+    shutil.copytree(SNDS / "DCIR", delivery)
+    for table, again in [("ER_PRS_F", lambda row: dict(row, PRS_ACT_QTE="77")), ("ER_PHA_F", dict)]:
+        rows = _rows(delivery / f"{table}.csv")
+        with (delivery / f"{table}.csv").open("a", newline="") as out:
+            csv.DictWriter(out, fieldnames=list(rows[0])).writerow(again(rows[2]))
+
+    result = run_claims_batch(delivery, get_source("snds_extract"))
+    for table in ("ER_PRS_F", "ER_PHA_F"):
+        counts = result.counts[table]
+        assert counts.rows_read == len(_rows(delivery / f"{table}.csv"))
+        assert counts.rows_read == counts.rows_loaded + counts.rows_quarantined
+    key = " AND ".join(f"{k.lower()}::text = %s" for k in DCIR_KEY)
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT file_name, line_number FROM ingest.quarantine WHERE reason = 'duplicate_in_batch' ORDER BY 1"
+        )
+        assert cur.fetchall() == [("ER_PHA_F.csv", 4), ("ER_PRS_F.csv", 4)]
+        repeated = _rows(delivery / "ER_PRS_F.csv")[-1]
+        cur.execute(f"SELECT prs_act_qte::text FROM claims.snds_er_prs_f WHERE {key}", [repeated[k] for k in DCIR_KEY])
+        assert [row[0] for row in cur.fetchall()] == ["77"]
+        cur.execute(
+            "SELECT t.relname, i.indisunique, i.indisprimary, array_agg(a.attname::text ORDER BY k.ord) "
+            "FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid "
+            "JOIN unnest(i.indkey) WITH ORDINALITY k(attnum, ord) ON true "
+            "JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum "
+            "WHERE t.relname IN ('snds_er_prs_f', 'snds_er_pha_f') GROUP BY 1, 2, 3, i.indexrelid ORDER BY 1, 4"
+        )
+        indexes = cur.fetchall()
+    assert indexes == [
+        ("snds_er_pha_f", False, False, ["batch_id"]),
+        ("snds_er_pha_f", True, False, ["ingest_source", "ingest_row_sha"]),
+        ("snds_er_pha_f", False, False, ["patient_id"]),
+        ("snds_er_prs_f", False, False, ["batch_id"]),
+        ("snds_er_prs_f", True, True, [k.lower() for k in DCIR_KEY]),
+        ("snds_er_prs_f", False, False, ["patient_id"]),
+    ]

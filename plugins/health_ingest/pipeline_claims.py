@@ -285,7 +285,7 @@ class _ClaimsLoader:
         merge = merges.get(table)
         if merge is None:
             merge = merges[table] = _TableMerge(plan)
-            claims_tables.ensure_table(cur, warehouse_table, self.profile.tables[table], plan)
+            merge.unindexed = claims_tables.ensure_table(cur, warehouse_table, self.profile.tables[table], plan)
             cur.execute("SAVEPOINT merge_table")
         written = None
         if merge.new_keys_only:
@@ -329,16 +329,21 @@ class _ClaimsLoader:
         quarantined."""
         clock = time.perf_counter()
         self.position = f"while merging {table}"
-        if merge.written != merge.good:
+        warehouse_table, schema = self.profile.warehouse_table(table), self.profile.tables[table]
+        again = merge.written != merge.good
+        if merge.unindexed and not again:
+            again = not claims_tables.index_table(cur, warehouse_table, schema, merge.plan)
+        if again:
             log.info("%s: a key comes twice in the delivery; merging the table as one", table)
             cur.execute("ROLLBACK TO SAVEPOINT merge_table")
-            schema = self.profile.tables[table]
+            if merge.unindexed:
+                claims_tables.index_table(cur, warehouse_table, schema, merge.plan)  # the table is empty again
             whole = claims_tables.gather_chunks(
                 cur, merge.chunks, f"{claims_tables.staging_name(self.batch_id, table)}_typed"
             )
             merge = _TableMerge(merge.plan)
             written = claims_tables.merge_table(
-                cur, whole, self.profile.warehouse_table(table), schema, merge.plan, self.batch_id, self.source.name
+                cur, whole, warehouse_table, schema, merge.plan, self.batch_id, self.source.name
             )
             merge.add(whole, written, claims_tables.staged_counts(cur, whole))
             claims_tables.quarantine_rows(cur, whole, self.batch_id, self.file_names)
@@ -434,6 +439,7 @@ class _TableMerge:
     """What the chunks of one table have written so far."""
 
     plan: list
+    unindexed: bool = False  # created by this batch: its key and indexes are built once its rows are written
     new_keys_only: bool = True  # every chunk so far plainly inserted
     chunks: list[str] = field(default_factory=list)
     counts: list[dict[int, tuple[int, int]]] = field(default_factory=list)  # each chunk's staged counts

@@ -59,11 +59,12 @@ def create_staging(cur, name: str, plan: list[ColumnPlan]) -> str:
     return name
 
 
-def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan]) -> None:
-    """Create the typed table if it is new (its columns follow the schema and the privacy plan)."""
+def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan]) -> bool:
+    """Create the typed table if it is new (its columns follow the schema and the privacy plan), without its key and
+    indexes: `index_table` adds them once the batch has written its rows. Returns whether it was created."""
     cur.execute("SELECT to_regclass(%s)", (f"claims.{warehouse_table}",))
     if cur.fetchone()[0] is not None:
-        return
+        return False
     kinds = {c.name: c.type for c in schema.columns}
     definitions = [f'"{c.name.lower()}" {_pg_type(c, kinds[c.name])}' for c in plan]
     definitions += [
@@ -72,13 +73,28 @@ def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[Colu
         "ingest_source text NOT NULL",
         "ingest_row_sha text NOT NULL",
     ]
-    key = [k.lower() for k in schema.primary_key if k in {c.name for c in plan}]
-    constraint = f"PRIMARY KEY ({', '.join(key)})" if key else "UNIQUE (ingest_source, ingest_row_sha)"
-    cur.execute(f"CREATE TABLE claims.{warehouse_table} ({', '.join(definitions)}, {constraint})")
-    cur.execute(f"CREATE INDEX ON claims.{warehouse_table} (patient_id)")
-    cur.execute(f"CREATE INDEX ON claims.{warehouse_table} (batch_id)")
+    cur.execute(f"CREATE TABLE claims.{warehouse_table} ({', '.join(definitions)})")
     cur.execute(f"GRANT SELECT ON claims.{warehouse_table} TO health_ingest_reader")
     cur.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON claims.{warehouse_table} TO health_ingest_loader")
+    return True
+
+
+def index_table(cur, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan]) -> bool:
+    """Give a table that `ensure_table` created its key (the format's, else the row content's) and its `patient_id`
+    and `batch_id` indexes. Built after the first batch's rows, each index is one sort, where keeping it up row by
+    row costs more than writing the rows. Returns False when a key comes twice: the statement then failed, and the
+    caller rolls back to its savepoint, indexes the emptied table and merges by key."""
+    columns = _merge_columns(warehouse_table, schema, plan)
+    key = f"PRIMARY KEY ({', '.join(columns.key)})" if columns.keyed else "UNIQUE (ingest_source, ingest_row_sha)"
+    try:
+        cur.execute(f"ALTER TABLE claims.{warehouse_table} ADD {key}")
+    except Exception as error:
+        if getattr(error, "pgcode", None) != UNIQUE_VIOLATION:
+            raise
+        return False
+    cur.execute(f"CREATE INDEX ON claims.{warehouse_table} (patient_id)")
+    cur.execute(f"CREATE INDEX ON claims.{warehouse_table} (batch_id)")
+    return True
 
 
 def create_typed(cur, name: str, schema: TableSchema, plan: list[ColumnPlan]) -> str:

@@ -1,0 +1,108 @@
+"""Claims formats without a warehouse: the bundled Table Schemas against the standard, and a file's byte ranges read
+as its whole is."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from conftest import TEST_DATA
+from health_ingest.errors import DeliveryError
+from health_ingest.formats import claims
+from health_ingest.formats.claims import PROFILES, LineRanges, load_profile, open_claims_file, rows_of_range
+
+
+def _descriptors(profile: str) -> dict[str, dict]:
+    folder = resources.files("health_ingest.formats") / "claims_profiles" / profile
+    found = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".json") and entry.name != "profile.json":
+            descriptor = json.loads(entry.read_text(encoding="utf-8"))
+            found[descriptor.get("name") or entry.name.removesuffix(".json")] = descriptor
+    return found
+
+
+@pytest.mark.parametrize("profile_name", PROFILES)
+def test_every_bundled_table_schema_is_valid_and_read_as_the_standard_reads_it(profile_name):
+    from frictionless import Schema
+
+    profile = load_profile(profile_name)
+    descriptors = _descriptors(profile_name)
+    assert set(descriptors) == set(profile.tables)
+    for table, descriptor in descriptors.items():
+        standard = Schema.from_descriptor(claims._table_schema_part(descriptor))  # raises when not Table Schema
+        schema = profile.tables[table]
+        assert [(c.name, c.type) for c in schema.columns] == [(f.name, f.type) for f in standard.fields], table
+        assert list(schema.primary_key) == list(standard.primary_key or []), table
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d["fields"].append(dict(d["fields"][0])),  # a column twice
+        lambda d: d["fields"][0].update(type="decimal"),  # no such type
+        lambda d: d.update(primaryKey=["NOT_A_COLUMN"]),
+    ],
+    ids=["repeated column", "unknown type", "key not a column"],
+)
+def test_a_damaged_table_schema_fails_clearly(damage):
+    descriptor = json.loads(json.dumps(_descriptors("snds")["ER_PHA_F"]))
+    damage(descriptor)
+    with pytest.raises(DeliveryError, match="schema of table ER_PHA_F is not a valid Table Schema"):
+        claims._table_schema("ER_PHA_F", descriptor)
+
+
+@pytest.mark.parametrize(
+    ("profile_name", "table", "sample"),
+    [
+        ("snds", "ER_PHA_F", TEST_DATA / "synthetic-snds" / "DCIR" / "ER_PHA_F.csv"),
+        ("cms-rif", "carrier", TEST_DATA / "cms-rif" / "carrier.csv"),  # pipes
+    ],
+)
+def test_byte_ranges_give_the_rows_and_line_numbers_that_reading_the_whole_file_gives(
+    profile_name, table, sample, tmp_path
+):
+    """Ranges without a quote are split at their delimiters rather than read by the CSV reader: the same values
+    and line numbers, with Windows line ends and blank lines, and a range holding a quote still read as CSV."""
+    profile = load_profile(profile_name)
+    schema = profile.tables[table]
+    header, *lines = sample.read_text(encoding="utf-8-sig").splitlines()
+    delimiter = schema.delimiter or profile.delimiter
+    lines[3] = ""  # a blank line, skipped but counted
+    quoted = lines[-2].split(delimiter)
+    quoted[1] = f'"{quoted[1]}{delimiter} quoted"'
+    lines[-2] = delimiter.join(quoted)  # the last range then holds a quote
+    if profile.trailing_delimiter:  # RIF files end each line with one
+        header, lines = header + delimiter, [f"{line}{delimiter}" if line else line for line in lines]
+    path = tmp_path / sample.name
+    path.write_bytes(("\r\n".join([header, *lines]) + "\r\n").encode())
+
+    whole = open_claims_file(path, path.name, profile, schema)
+    expected = list(whole.rows)
+    ranges = LineRanges(path, range_bytes=len(path.read_bytes()) // 7)
+    by_range = [
+        row
+        for start, end, line in ranges
+        for row in rows_of_range(path, profile, schema, whole.encoding, len(whole.header), start, end, line)
+    ]
+    start, line = ranges.rest
+    by_range += rows_of_range(path, profile, schema, whole.encoding, len(whole.header), start, None, line)
+
+    assert by_range == expected
+    assert len(expected) == len(lines) - 1 and expected[-2][0] == len(lines)  # numbered as lines of the file
+    assert expected[-2][1][1].endswith(f"{delimiter} quoted")
+    assert all(len(values) == len(whole.header) for _, values in expected)
+
+
+def test_a_quote_free_range_is_not_read_by_the_csv_reader(tmp_path, monkeypatch):
+    """The split is what runs (else the test above would pass on the reader alone)."""
+    path = tmp_path / "ER_PHA_F.csv"
+    path.write_text(Path(TEST_DATA / "synthetic-snds" / "DCIR" / "ER_PHA_F.csv").read_text(encoding="utf-8-sig"))
+    profile = load_profile("snds")
+    schema = profile.tables["ER_PHA_F"]
+    monkeypatch.setattr(claims.csv, "reader", None)
+    header_end = len(path.read_bytes().split(b"\n", 1)[0]) + 1
+    rows = list(rows_of_range(path, profile, schema, "utf-8", len(schema.columns), header_end, path.stat().st_size, 2))
+    assert rows and rows[0][0] == 2
