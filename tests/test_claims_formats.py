@@ -79,8 +79,32 @@ def test_byte_ranges_give_the_rows_and_line_numbers_that_reading_the_whole_file_
     path = tmp_path / sample.name
     path.write_bytes(("\r\n".join([header, *lines]) + "\r\n").encode())
 
+    expected, by_range = _whole_and_by_ranges(path, profile, schema)
+
+    assert by_range == expected
+    assert len(expected) == len(lines) - 1 and expected[-2][0] == len(lines)  # numbered as lines of the file
+    assert expected[-2][1][1].endswith(f"{delimiter} quoted")
+    assert all(len(values) == len(schema.columns) for _, values in expected)
+
+
+def test_a_carriage_return_alone_is_a_line_break_read_in_order(tmp_path):
+    """The CSV reader ends a row at a carriage return alone: a range holding one is not split at newlines only."""
+    profile = load_profile("snds")
+    schema = profile.tables["ER_PHA_F"]
+    text = (TEST_DATA / "synthetic-snds" / "DCIR" / "ER_PHA_F.csv").read_text(encoding="utf-8-sig")
+    header, *lines = text.splitlines()
+    lines[5] = lines[5].replace(",", ",\r", 1)
+    path = tmp_path / "ER_PHA_F.csv"
+    path.write_bytes(("\r\n".join([header, *lines]) + "\r\n").encode())
+
+    expected, by_range = _whole_and_by_ranges(path, profile, schema)
+
+    assert by_range == expected and len(expected) == len(lines) + 1
+
+
+def _whole_and_by_ranges(path: Path, profile, schema) -> tuple[list, list]:
+    """The file's rows read whole, and read by ranges of about a seventh of it, then in order from `rest`."""
     whole = open_claims_file(path, path.name, profile, schema)
-    expected = list(whole.rows)
     ranges = LineRanges(path, range_bytes=len(path.read_bytes()) // 7)
     by_range = [
         row
@@ -89,11 +113,7 @@ def test_byte_ranges_give_the_rows_and_line_numbers_that_reading_the_whole_file_
     ]
     start, line = ranges.rest
     by_range += rows_of_range(path, profile, schema, whole.encoding, len(whole.header), start, None, line)
-
-    assert by_range == expected
-    assert len(expected) == len(lines) - 1 and expected[-2][0] == len(lines)  # numbered as lines of the file
-    assert expected[-2][1][1].endswith(f"{delimiter} quoted")
-    assert all(len(values) == len(whole.header) for _, values in expected)
+    return list(whole.rows), by_range
 
 
 def test_a_quote_free_range_is_not_read_by_the_csv_reader(tmp_path, monkeypatch):
