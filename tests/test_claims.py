@@ -138,16 +138,24 @@ def test_bad_rows_are_quarantined_with_file_row_and_reason(tmp_path, db):
     (delivery / "ER_PHA_F.csv").write_text(
         "\n".join([lines[0], ",".join(broken), ",".join(wrong_type), lines[3] + ",extra", *lines[4:]]) + "\n"
     )
+    headers = (SNDS / "DCIR" / "ER_PRS_F.csv").read_text().splitlines()
+    no_key = [line.split(",") for line in headers[1:4]]  # a key column empty: an integer, a text, a date
+    for row, column in zip(no_key, ["FLX_EMT_NUM", "ORG_CLE_NUM", "FLX_TRT_DTD"], strict=True):
+        row[headers[0].split(",").index(column)] = ""
+    (delivery / "ER_PRS_F.csv").write_text("\n".join([headers[0], *map(",".join, no_key), *headers[4:]]) + "\n")
     result = run_claims_batch(delivery, get_source("snds_extract"))
     with db.cursor() as cur:
-        cur.execute("SELECT file_name, line_number, reason, message FROM ingest.quarantine ORDER BY line_number")
+        cur.execute("SELECT file_name, line_number, reason, message FROM ingest.quarantine ORDER BY 1, 2")
         quarantined = cur.fetchall()
     assert quarantined == [
         ("ER_PHA_F.csv", 2, "invalid_value", "FLX_DIS_DTD: not a date (or an impossible one)"),
         ("ER_PHA_F.csv", 3, "invalid_value", "PHA_ACT_QSN: not an integer"),
         ("ER_PHA_F.csv", 4, "wrong_column_count", f"expected {len(header)} values, found {len(header) + 1}"),
+        ("ER_PRS_F.csv", 2, "invalid_value", "FLX_EMT_NUM: missing, and part of the key"),
+        ("ER_PRS_F.csv", 3, "invalid_value", "ORG_CLE_NUM: missing, and part of the key"),
+        ("ER_PRS_F.csv", 4, "invalid_value", "FLX_TRT_DTD: missing, and part of the key"),
     ]
-    assert result.rows_read == len(lines) - 1 == result.rows_loaded + 3
+    assert result.rows_read == len(lines) - 1 + len(headers) - 1 == result.rows_loaded + 6
 
 
 def test_an_unknown_table_or_a_wrong_header_fails_clearly_and_writes_nothing(tmp_path, db):

@@ -114,7 +114,7 @@ class RowEncoder:
                     write = write_careful
                 else:
                     digest = row_digest(cells, line)
-                    write = write_native if native(cells) else write_careful
+                    write = write_native if native(line) else write_careful
                 if write is write_careful:
                     careful += 1
                 write(
