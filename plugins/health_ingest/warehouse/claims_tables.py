@@ -26,6 +26,7 @@ TYPES = {
     "year": ("integer", "ingest.try_integer({}, plain)", "not a year"),
 }
 UNIQUE_VIOLATION = "23505"
+INDEX_SORT_MEMORY = "8MB"  # for each index built after a new table's rows (`index_table`)
 MAX_ARGUMENTS = 100  # PostgreSQL's limit for one function call
 PLAIN_NUMBERS = {"integer", "number", "year"}  # the types whose casts take the row's `plain` test
 # the shapes of a value that PostgreSQL's input reads as the careful casts do (`native_row_test`): characters of a
@@ -87,6 +88,9 @@ def index_table(cur, warehouse_table: str, schema: TableSchema, plan: list[Colum
     caller rolls back to its savepoint, indexes the emptied table and merges by key."""
     columns = _merge_columns(warehouse_table, schema, plan)
     key = f"PRIMARY KEY ({', '.join(columns.key)})" if columns.keyed else "UNIQUE (ingest_source, ingest_row_sha)"
+    # a sort of a few MiB that spills to disk builds about as fast as one held in memory, and the backend's memory
+    # then does not grow with the table (this setting ends with the transaction)
+    cur.execute(f"SET LOCAL maintenance_work_mem = '{INDEX_SORT_MEMORY}'")
     try:
         cur.execute(f"ALTER TABLE claims.{warehouse_table} ADD {key}")
     except Exception as error:
