@@ -122,10 +122,13 @@ class _ClaimsLoader:
                     if chunk is not None:
                         plan = plans[files_of[table][0].file_no].columns
                         self._merge_chunk(cur, table, chunk, staged_counts, merges, plan)
-                        pending = {f"claims.{self.profile.warehouse_table(t)}" for t in tables if t not in finished}
-                        if suite_counts is None and not self._required_by_suite(table) & pending:
-                            suite_counts = self._count_suite(cur, table, chunk, in_load=True)
                         merges[table].add_suite_counts(suite_counts)
+                        if suite_counts is not None and self._required_by_suite(table):
+                            pending = {f"claims.{self.profile.warehouse_table(t)}" for t in tables if t not in finished}
+                            if self._required_by_suite(table) & pending:
+                                merges[table].add_suite_counts(None)  # the suite reads the table once merged
+                            else:
+                                merges[table].add_suite_counts(self._count_suite(cur, table, chunk, in_load=True))
                         continue
                     self._finish_table(cur, table, merges.pop(table), files_of[table], file_counts)
                     finished.append(table)
@@ -254,11 +257,12 @@ class _ClaimsLoader:
             typed.put(StageFailure(error, self.stage_positions["type"]))
 
     def _count_suite(self, cur, table: str, chunk: str, *, in_load: bool) -> list[int] | None:
-        """The table suite's counts over a typed chunk, when they can be summed: beside the load transaction (on
-        the typing connection) for a suite that reads each row alone, or in it (`in_load`, the chunk merged) for one
-        that also reads a table the batch has finished merging (its header table)."""
+        """The table suite's counts over a typed chunk, when they can be summed, in two parts (`count_chunk`):
+        beside the load transaction (on the typing connection) those of the columns that read each row alone, and
+        in it (`in_load`, the chunk merged) those of the columns that also read a table the batch has finished
+        merging (its header table). The load transaction, which the batch waits for, counts only the latter."""
         warehouse_table = f"claims.{self.profile.warehouse_table(table)}"
-        if not self.source.quality.suites or not counts_by_chunk(warehouse_table, in_load=in_load):
+        if not self.source.quality.suites or not counts_by_chunk(warehouse_table):
             return None
         clock = time.perf_counter()
         position = f"while running the quality suite of {table}"
@@ -266,7 +270,7 @@ class _ClaimsLoader:
             self.position = position
         else:
             self.stage_positions["type"] = position
-        counts = count_chunk(cur, warehouse_table, chunk)
+        counts = count_chunk(cur, warehouse_table, chunk, other_tables=in_load)
         seconds = time.perf_counter() - clock
         self.times.suites += seconds
         if in_load:

@@ -32,6 +32,7 @@ MAP_EXPECTATIONS = {
 }
 SUPPORTED = MAP_EXPECTATIONS | {"expect_table_row_count_to_be_between"}
 # what a suite column may not mention to be computed on a typed chunk instead of the warehouse table
+_NOT_COUNTED = {"type": "not counted in this part", "kwargs": {}}  # `count_chunk`: counted in the other part
 _CHUNK_UNKNOWN = re.compile(r"\bselect\b|\bbatch_id\b|\bingest_source\b|\bingest_row_sha\b", re.IGNORECASE)
 
 
@@ -151,35 +152,40 @@ def evaluate_tables(
         counts = (counted or {}).get(table)
         if counts is None:
             where = "WHERE s.batch_id = %(batch_id)s" if batch_id else ""
-            with_q = f"WITH q AS (SELECT {_selected(_resolved(cur, suite))} FROM {suite.table} s {where} OFFSET 0)"
+            selected = _selected(_resolved(cur, suite.columns))
+            with_q = f"WITH q AS (SELECT {selected} FROM {suite.table} s {where} OFFSET 0)"
             counts = _counts(cur, with_q, {"batch_id": batch_id}, suite.expectations)
         found = _outcomes(counts, suite.name, suite.table, suite.expectations, parameters, policy.tolerance)
         outcomes.extend(policy.apply(found))
     return outcomes
 
 
-def counts_by_chunk(table: str, *, in_load: bool = False) -> bool:
+def counts_by_chunk(table: str) -> bool:
     """Whether a table's suite can be counted chunk by chunk and summed (`count_chunk`): every column reads its own
-    row alone (no subquery, no column that only the warehouse table has), and every expectation counts rows one by
-    one (not uniqueness). In the load transaction (`in_load`), a column may also read another table that the batch
-    has finished merging (a header table, given as `requires`)."""
+    row alone (no subquery, no column that only the warehouse table has) or also another table (a header table,
+    given as `requires`), and every expectation counts rows one by one (not uniqueness)."""
     suite = load_table_suites().get(table)
     return (
         suite is not None
-        and all(
-            (isinstance(c, str) and not _CHUNK_UNKNOWN.search(c)) or (in_load and isinstance(c, dict))
-            for c in suite.columns.values()
-        )
+        and all(isinstance(c, dict) or not _CHUNK_UNKNOWN.search(c) for c in suite.columns.values())
         and all(e["type"] != "expect_column_values_to_be_unique" for e in suite.expectations)
     )
 
 
-def count_chunk(cur, table: str, chunk: str) -> list[int]:
+def count_chunk(cur, table: str, chunk: str, *, other_tables: bool = False) -> list[int]:
     """A table suite's counts over the good rows of a typed chunk of the table: summed over the chunks the batch
-    wrote, they are the suite's counts over the batch's rows (`evaluate_tables`)."""
+    wrote, they are the suite's counts over the batch's rows (`evaluate_tables`). Counted in two parts, whose sum is
+    the whole: the rows and the expectations on columns that read the row alone, which any connection can count;
+    and (`other_tables`) those on columns that also read another table, which only the load transaction can count
+    once it has merged that table. Each part's other expectations count zero."""
     suite = load_table_suites()[table]
-    with_q = f"WITH q AS (SELECT {_selected(_resolved(cur, suite))} FROM {chunk} s WHERE s.reason IS NULL OFFSET 0)"
-    return _counts(cur, with_q, {}, suite.expectations)
+    columns = _resolved(cur, {n: c for n, c in suite.columns.items() if isinstance(c, dict) == other_tables})
+    counted = [e if e["kwargs"].get("column") in columns else _NOT_COUNTED for e in suite.expectations]
+    if other_tables and all(e is _NOT_COUNTED for e in counted):
+        return [0] * (1 + 2 * len(counted))
+    with_q = f"WITH q AS (SELECT {_selected(columns) or '1'} FROM {chunk} s WHERE s.reason IS NULL OFFSET 0)"
+    counts = _counts(cur, with_q, {}, counted)
+    return [0, *counts[1:]] if other_tables else counts
 
 
 def suite_for(resource_type: str) -> Suite:
@@ -313,16 +319,16 @@ def _evaluate(cur, suite, batch_id, resource_type, types_in_batch, parameters, t
     return _outcomes(counts, suite.name, table, suite.expectations, parameters, tolerance)
 
 
-def _resolved(cur, suite: TableSuite) -> dict[str, str]:
-    """The suite's columns, each one that `requires` a table given as its `sql`, or its `otherwise` while the table
+def _resolved(cur, columns: dict[str, Any]) -> dict[str, str]:
+    """A suite's columns, each one that `requires` a table given as its `sql`, or its `otherwise` while the table
     does not exist."""
-    columns = {}
-    for name, column in suite.columns.items():
+    resolved = {}
+    for name, column in columns.items():
         if isinstance(column, dict):
             cur.execute("SELECT to_regclass(%s) IS NOT NULL", (column["requires"],))
             column = column["sql"] if cur.fetchone()[0] else column["otherwise"]
-        columns[name] = column
-    return columns
+        resolved[name] = column
+    return resolved
 
 
 def _selected(columns: dict[str, str]) -> str:
@@ -365,7 +371,7 @@ def _aggregate(index: int, expectation: dict[str, Any], params: dict[str, Any]) 
     kind, kwargs = expectation["type"], expectation["kwargs"]
     column = f'"{kwargs["column"]}"' if "column" in kwargs else None
     key = f"p{index}"
-    if kind == "expect_table_row_count_to_be_between":
+    if kind in {"expect_table_row_count_to_be_between", _NOT_COUNTED["type"]}:
         return "0, 0"
     if kind == "expect_column_values_to_not_be_null":
         return f"count(*) FILTER (WHERE {column} IS NULL), count(*)"
