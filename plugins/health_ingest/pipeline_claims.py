@@ -118,17 +118,13 @@ class _ClaimsLoader:
                     if isinstance(item, StageFailure):
                         self.position = item.position
                         raise item.error
-                    table, chunk, staged_counts, suite_counts = item
+                    if isinstance(item, _ChunkSuite):
+                        self._add_suite_counts(cur, item, merges[item.table], tables, finished)
+                        continue
+                    table, chunk, staged_counts = item
                     if chunk is not None:
                         plan = plans[files_of[table][0].file_no].columns
                         self._merge_chunk(cur, table, chunk, staged_counts, merges, plan)
-                        merges[table].add_suite_counts(suite_counts)
-                        if suite_counts is not None and self._required_by_suite(table):
-                            pending = {f"claims.{self.profile.warehouse_table(t)}" for t in tables if t not in finished}
-                            if self._required_by_suite(table) & pending:
-                                merges[table].add_suite_counts(None)  # the suite reads the table once merged
-                            else:
-                                merges[table].add_suite_counts(self._count_suite(cur, table, chunk, in_load=True))
                         continue
                     self._finish_table(cur, table, merges.pop(table), files_of[table], file_counts)
                     finished.append(table)
@@ -232,7 +228,8 @@ class _ClaimsLoader:
 
     def _type_chunks(self, typing_conn, files_of, plans, staged: queue.Queue, typed: queue.Queue, stop) -> None:
         """Each chunk's text staging (if any) cast into its typed chunk (autocommit), then dropped, and the typed
-        chunk's good and bad rows counted per file; the table's end passed on."""
+        chunk's good and bad rows counted per file; then its suite counted, while the load transaction merges it;
+        the table's end passed on."""
         try:
             with typing_conn.cursor() as cur:
                 while (item := _next(staged, stop)) is not None:
@@ -249,9 +246,12 @@ class _ClaimsLoader:
                             cur.execute(f"DROP TABLE {text_name}")
                         counts = claims_tables.staged_counts(cur, typed_name)
                         self.times.check += time.perf_counter() - clock
-                        typed.put((table, typed_name, counts, self._count_suite(cur, table, typed_name, in_load=False)))
+                        typed.put((table, typed_name, counts))
+                        typed.put(
+                            _ChunkSuite(table, typed_name, self._count_suite(cur, table, typed_name, in_load=False))
+                        )
                     else:
-                        typed.put((table, None, None, None))
+                        typed.put((table, None, None))
             typed.put(None)
         except BaseException as error:
             typed.put(StageFailure(error, self.stage_positions["type"]))
@@ -278,6 +278,18 @@ class _ClaimsLoader:
         return counts
 
     # --- in the load transaction -------------------------------------------------------------------------------
+
+    def _add_suite_counts(self, cur, counted: _ChunkSuite, merge: _TableMerge, tables, finished) -> None:
+        """A merged chunk's suite counts, counted beside the load, and those that only the load transaction can
+        count (its header check) once the header table is merged; else the suite reads the table at its end."""
+        merge.add_suite_counts(counted.counts)
+        required = self._required_by_suite(counted.table)
+        if counted.counts is None or not required:
+            return
+        pending = {f"claims.{self.profile.warehouse_table(t)}" for t in tables if t not in finished}
+        merge.add_suite_counts(
+            None if required & pending else self._count_suite(cur, counted.table, counted.chunk, in_load=True)
+        )
 
     def _merge_chunk(self, cur, table: str, chunk: str, staged_counts, merges: dict, plan) -> None:
         """A typed chunk into the warehouse table as soon as it is typed, its bad rows (if any) into the
@@ -432,6 +444,15 @@ class _ClaimsLoader:
             len(opened.header),
             opened.encoding,
         )
+
+
+@dataclass(frozen=True)
+class _ChunkSuite:
+    """A typed chunk's suite counts (`_count_suite`), sent after the chunk, which the load merges meanwhile."""
+
+    table: str
+    chunk: str
+    counts: list[int] | None
 
 
 _ROUTES = ("copied as typed", "typed from text", "chunks typed again from text")
