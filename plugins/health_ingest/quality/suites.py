@@ -31,8 +31,8 @@ MAP_EXPECTATIONS = {
     "expect_column_values_to_be_unique",
 }
 SUPPORTED = MAP_EXPECTATIONS | {"expect_table_row_count_to_be_between"}
-# what a suite column may not mention to be computed on a typed chunk instead of the warehouse table
 _NOT_COUNTED = {"type": "not counted in this part", "kwargs": {}}  # `count_chunk`: counted in the other part
+# what a suite column may not mention to be computed on a typed chunk instead of the warehouse table
 _CHUNK_UNKNOWN = re.compile(r"\bselect\b|\bbatch_id\b|\bingest_source\b|\bingest_row_sha\b", re.IGNORECASE)
 
 
