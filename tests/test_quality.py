@@ -323,7 +323,7 @@ def test_the_gate_agrees_with_great_expectations_on_every_expectation(tmp_path, 
             chunk = encoder.encode(file_no, resource_type, list(enumerate(lines, start=1)))
             spool = tmp_path / f"{resource_type}.copy"
             spool.write_bytes(chunk.data)
-            staging.copy_spool(cur, table, spool)
+            staging.copy_files(cur, table, [spool])
         types = list(deliveries)
         ours = evaluate_batch(cur, batch_id, smart_source.name, types)
         queries = {

@@ -60,14 +60,6 @@ def drop_staging_tables(cur, batch_id: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {', '.join(tables)} CASCADE")
 
 
-def copy_spool(cur, table: str, spool: Path, columns: str | None = STAGING_COLUMNS, *, options: str = "") -> None:
-    """COPY a file of already-encoded rows (text format unless `options` say otherwise) into a staging table
-    (`columns` None: all)."""
-    target = f"{table} ({columns})" if columns else table
-    with spool.open("rb") as handle:
-        cur.copy_expert(f"COPY {target} FROM STDIN{f' WITH ({options})' if options else ''}", handle, size=COPY_CHUNK)
-
-
 def copy_files(cur, table: str, files: list[Path], columns: str | None = STAGING_COLUMNS, *, options: str = "") -> None:
     """COPY files of already-encoded rows (text format unless `options` say otherwise), one after the other, as one
     statement (`columns` None: all)."""
