@@ -52,7 +52,7 @@ def test_an_older_version_does_not_overwrite_a_newer_one(tmp_path, db, smart_sou
 
 
 def test_a_failure_during_commit_leaves_nothing_of_the_batch(db, smart_source, monkeypatch):
-    real_insert = merge.insert_new
+    real_insert = merge.insert_all  # the tables are new: their rows go in before their keys
     merged = []
 
     def merge_then_crash(cur, batch_id, table, *args):
@@ -61,7 +61,7 @@ def test_a_failure_during_commit_leaves_nothing_of_the_batch(db, smart_source, m
         merged.append(table)
         return real_insert(cur, batch_id, table, *args)
 
-    monkeypatch.setattr(merge, "insert_new", merge_then_crash)
+    monkeypatch.setattr(merge, "insert_all", merge_then_crash)
     with pytest.raises(LoadError, match="RuntimeError while merging"):
         run_fhir_batch(SAMPLE, smart_source)
 
@@ -75,8 +75,46 @@ def test_a_failure_during_commit_leaves_nothing_of_the_batch(db, smart_source, m
         cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'ingest_staging'")
         assert cur.fetchone()[0] == 0, "the failed batch's staging tables are gone"
 
-    monkeypatch.setattr(merge, "insert_new", real_insert)
+    monkeypatch.setattr(merge, "insert_all", real_insert)
     assert run_fhir_batch(SAMPLE, smart_source).rows_loaded == 7160
+
+
+def test_a_table_new_to_the_warehouse_gets_its_key_and_indexes_after_its_rows(db, smart_source, monkeypatch):
+    """The first delivery of a type writes its rows into a bare table, then builds its key and indexes, named as the
+    warehouse names them. When the key cannot be built (an id twice), the type is merged again by the upsert rules."""
+    real_insert = merge.insert_all
+    real_index = merge.index_new_table
+    built = []
+
+    def insert_patients_twice(cur, batch_id, table, *args):
+        if table == "patient":
+            real_insert(cur, batch_id, table, *args)
+        return real_insert(cur, batch_id, table, *args)
+
+    def index(cur, table):
+        built.append((table, real_index(cur, table)))
+        return built[-1][1]
+
+    monkeypatch.setattr(merge, "insert_all", insert_patients_twice)
+    monkeypatch.setattr(merge, "index_new_table", index)
+    run_fhir_batch(SAMPLE, smart_source)
+
+    expected = {t.lower(): n for t, n in sample_line_counts().items()}
+    assert _table_counts(db) == expected
+    assert sorted(built) == sorted((t, t != "patient") for t in expected), "every new table indexed at its end"
+    with db.cursor() as cur:
+        cur.execute("SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'fhir'")
+        indexes = set(cur.fetchall())
+        cur.execute(
+            "SELECT conrelid::regclass::text FROM pg_constraint "
+            "WHERE contype = 'p' AND connamespace = 'fhir'::regnamespace"
+        )
+        keys = {row[0] for row in cur.fetchall()}
+    assert indexes == {(t, f"{t}_{suffix}") for t in expected for suffix in ("pkey", "patient", "batch")}
+    assert keys == {f"fhir.{t}" for t in expected}
+    monkeypatch.setattr(merge, "insert_all", real_insert)
+    assert run_fhir_batch(SAMPLE, smart_source).rows_loaded == 7160, "the indexed tables take the next delivery"
+    assert _table_counts(db) == expected
 
 
 def test_a_batch_left_loading_by_a_dead_process_is_marked_failed_by_the_next_run(db, smart_source):

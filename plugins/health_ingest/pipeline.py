@@ -519,14 +519,16 @@ class _TypeStaged:
 class _TypeMerge:
     """A type's merge, part by part as its parts are staged, under a savepoint: new ids go in as they come. When a
     part meets ids that are there already (stored by an earlier batch, or twice in this delivery), what the parts
-    did is rolled back and the type is merged again at its end, as a whole, by the upsert rules. Types come one
-    after the other (`LandedDelivery.loadable` keeps a type's files together)."""
+    did is rolled back and the type is merged again at its end, as a whole, by the upsert rules. A type new to the
+    warehouse gets its table without key and indexes, which are built at the type's end, after its rows. Types come
+    one after the other (`LandedDelivery.loadable` keeps a type's files together)."""
 
     def __init__(self, cur, batch_id: str, id_space: str) -> None:
         self.cur, self.batch_id, self.id_space = cur, batch_id, id_space
         self.open_type: str | None = None
         self.table = ""
         self.only_new_ids = True
+        self.new_table = False
 
     def part(self, staged: _StagedPart) -> None:
         if staged.resource_type != self.open_type:
@@ -534,15 +536,21 @@ class _TypeMerge:
                 raise LoadError(f"{staged.resource_type} staged before the end of {self.open_type}")
             self.cur.execute("SAVEPOINT type_merge")
             self.open_type, self.only_new_ids = staged.resource_type, True
-            self.table = merge.fhir_table(self.cur, staged.resource_type)
+            created = merge.create_unindexed_table(self.cur, staged.resource_type)
+            self.new_table = created is not None
+            self.table = created or merge.fhir_table(self.cur, staged.resource_type)
         if self.only_new_ids:
-            inserted = merge.insert_new(self.cur, self.batch_id, self.table, staged.table, self.id_space)
+            insert = merge.insert_all if self.new_table else merge.insert_new
+            inserted = insert(self.cur, self.batch_id, self.table, staged.table, self.id_space)
             self.only_new_ids = inserted == staged.good_rows
 
     def finish(self, resource_type: str, offered: int, had_duplicates: bool) -> None:
         if self.open_type != resource_type:
             raise LoadError(f"{resource_type} ended before its parts were merged")
-        if self.only_new_ids and not had_duplicates:
+        merged = self.only_new_ids and not had_duplicates
+        if merged and self.new_table:
+            merged = merge.index_new_table(self.cur, self.table)
+        if merged:
             self.cur.execute("RELEASE SAVEPOINT type_merge")
         else:
             self.cur.execute("ROLLBACK TO SAVEPOINT type_merge")

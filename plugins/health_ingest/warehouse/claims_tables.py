@@ -12,6 +12,7 @@ from typing import NamedTuple
 from health_ingest.errors import ConfigurationError
 from health_ingest.formats.claims import TableSchema
 from health_ingest.privacy.claims import ColumnPlan
+from health_ingest.warehouse.indexes import build_after_rows, unless_key_twice
 from health_ingest.warehouse.staging import STAGING_SCHEMA, TRANSIENT
 
 RESERVED = {"patient_id", "batch_id", "ingest_source", "ingest_row_sha", "file_no", "line_no", "reason", "message"}
@@ -25,8 +26,6 @@ TYPES = {
     "datetime": ("timestamptz", "ingest.try_timestamptz_claims({})", "not a date-time"),
     "year": ("integer", "ingest.try_integer({}, plain)", "not a year"),
 }
-UNIQUE_VIOLATION = "23505"
-INDEX_SORT_MEMORY = "8MB"  # for each index built after a new table's rows (`index_table`)
 MAX_ARGUMENTS = 100  # PostgreSQL's limit for one function call
 PLAIN_NUMBERS = {"integer", "number", "year"}  # the types whose casts take the row's `plain` test
 # the shapes of a value that PostgreSQL's input reads as the careful casts do (`native_row_test`): characters of a
@@ -88,14 +87,7 @@ def index_table(cur, warehouse_table: str, schema: TableSchema, plan: list[Colum
     caller rolls back to its savepoint, indexes the emptied table and merges by key."""
     columns = _merge_columns(warehouse_table, schema, plan)
     key = f"PRIMARY KEY ({', '.join(columns.key)})" if columns.keyed else "UNIQUE (ingest_source, ingest_row_sha)"
-    # a sort of a few MiB that spills to disk builds about as fast as one held in memory, and the backend's memory
-    # then does not grow with the table (this setting ends with the transaction)
-    cur.execute(f"SET LOCAL maintenance_work_mem = '{INDEX_SORT_MEMORY}'")
-    try:
-        cur.execute(f"ALTER TABLE claims.{warehouse_table} ADD {key}")
-    except Exception as error:
-        if getattr(error, "pgcode", None) != UNIQUE_VIOLATION:
-            raise
+    if not build_after_rows(cur, f"ALTER TABLE claims.{warehouse_table} ADD {key}"):
         return False
     cur.execute(f"CREATE INDEX ON claims.{warehouse_table} (patient_id)")
     cur.execute(f"CREATE INDEX ON claims.{warehouse_table} (batch_id)")
@@ -197,11 +189,7 @@ def insert_chunk(
     earlier batch, or met twice in this one): the statement then failed and the caller rolls back to its savepoint
     and merges by key instead (`merge_chunk`)."""
     columns = _merge_columns(warehouse_table, schema, plan)
-    try:
-        cur.execute(columns.insert(typed), {"batch": batch_id, "source": source})
-    except Exception as error:
-        if getattr(error, "pgcode", None) != UNIQUE_VIOLATION:
-            raise
+    if not unless_key_twice(cur, columns.insert(typed), {"batch": batch_id, "source": source}):
         return None
     return cur.rowcount
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from health_ingest.errors import LoadError
+from health_ingest.warehouse.indexes import build_after_rows
 from health_ingest.warehouse.staging import staging_table
 
 if TYPE_CHECKING:
@@ -33,6 +34,25 @@ def fhir_table(cur, resource_type: str) -> str:
     """The warehouse table of a resource type (made on first use), without its schema."""
     cur.execute("SELECT ingest.ensure_fhir_table(%s)", (resource_type,))
     return cur.fetchone()[0]
+
+
+def create_unindexed_table(cur, resource_type: str) -> str | None:
+    """The warehouse table of a resource type new to the warehouse, without its key and indexes (`index_new_table`
+    adds them once the batch has written its rows); None when the table exists."""
+    cur.execute("SELECT ingest.create_unindexed_fhir_table(%s)", (resource_type,))
+    return cur.fetchone()[0]
+
+
+def index_new_table(cur, table: str) -> bool:
+    """The key and indexes of a table made by `create_unindexed_table`; False when an id came twice (the caller
+    then rolls back to its savepoint and merges by the upsert rules)."""
+    return build_after_rows(cur, "SELECT ingest.index_fhir_table(%s)", (table,))
+
+
+def insert_all(cur, batch_id: str, table: str, staged: str, id_space: str) -> int:
+    """Insert every good staged row into a table without a key yet (one made in this batch); returns how many."""
+    cur.execute(_insert(table, staged), (batch_id, id_space))
+    return cur.rowcount
 
 
 def insert_new(cur, batch_id: str, table: str, staged: str, id_space: str) -> int:
