@@ -490,6 +490,30 @@ def test_a_reader_failure_after_chunks_were_typed_and_merged_leaves_nothing(tmp_
         assert cur.fetchall() == [("failed",), ("failed",)]
 
 
+def test_a_field_the_csv_reader_cannot_read_fails_the_batch_naming_file_line_and_reason(tmp_path, db):
+    """A quoted field over the CSV reader's size limit: the file is read in order from its first quote, and the
+    batch fails with the file, the line and the reader's reason (no value), nothing written."""
+    delivery = tmp_path / "dcir"
+    shutil.copytree(SNDS / "DCIR", delivery)
+    lines = (delivery / "ER_PHA_F.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    cells = lines[2].rstrip("\n").split(",")
+    cells[-2] = '"' + "x" * 200_000 + '"'
+    lines.insert(3, ",".join(cells) + "\n")
+    (delivery / "ER_PHA_F.csv").write_text("".join(lines), encoding="utf-8")
+
+    with pytest.raises(LoadError) as failure:
+        run_claims_batch(delivery, get_source("snds_extract"))
+    assert str(failure.value).endswith(
+        "ER_PHA_F.csv: line 4: not readable as CSV (field larger than field limit (131072)); nothing of the "
+        "delivery was loaded"
+    )
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'claims'")
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT status FROM ingest.batches")
+        assert cur.fetchall() == [("failed",)]
+
+
 @pytest.mark.parametrize(
     "cells",
     [

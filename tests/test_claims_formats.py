@@ -109,10 +109,10 @@ def _whole_and_by_ranges(path: Path, profile, schema) -> tuple[list, list]:
     by_range = [
         row
         for start, end, line in ranges
-        for row in rows_of_range(path, profile, schema, whole.encoding, len(whole.header), start, end, line)
+        for row in rows_of_range(path, profile, schema, whole.encoding, len(whole.header), start, end, line, path.name)
     ]
     start, line = ranges.rest
-    by_range += rows_of_range(path, profile, schema, whole.encoding, len(whole.header), start, None, line)
+    by_range += rows_of_range(path, profile, schema, whole.encoding, len(whole.header), start, None, line, path.name)
     return list(whole.rows), by_range
 
 
@@ -124,5 +124,9 @@ def test_a_quote_free_range_is_not_read_by_the_csv_reader(tmp_path, monkeypatch)
     schema = profile.tables["ER_PHA_F"]
     monkeypatch.setattr(claims.csv, "reader", None)
     header_end = len(path.read_bytes().split(b"\n", 1)[0]) + 1
-    rows = list(rows_of_range(path, profile, schema, "utf-8", len(schema.columns), header_end, path.stat().st_size, 2))
+    rows = list(
+        rows_of_range(
+            path, profile, schema, "utf-8", len(schema.columns), header_end, path.stat().st_size, 2, path.name
+        )
+    )
     assert rows and rows[0][0] == 2

@@ -44,6 +44,7 @@ class FilePlan:
     persons: list[tuple[int, str]]
     width: int  # values per row, as the header has
     encoding: str
+    label: str  # the file's name in messages
 
 
 @dataclass
@@ -166,7 +167,7 @@ class ClaimsReader:
         if rest == (0, 1):
             rows = open_claims_file(path, label, profile, schema, plan.encoding).rows
         else:
-            rows = rows_of_range(path, profile, schema, plan.encoding, plan.width, rest[0], None, rest[1])
+            rows = rows_of_range(path, profile, schema, plan.encoding, plan.width, rest[0], None, rest[1], label)
         encoder = RowEncoder(plan, self.tokens)
         yield from self._chunks_in_order(path, encoder, iter(rows), stop, first=rest[0] // CHUNK_BYTES)
 
@@ -253,7 +254,7 @@ def _encode_range(
         encoder = _encoders[plan.file_no] = RowEncoder(plan, _tokens)
     profile = load_profile(plan.profile)
     schema = profile.tables[plan.table]
-    rows = rows_of_range(Path(path), profile, schema, plan.encoding, plan.width, start, end, line)
+    rows = rows_of_range(Path(path), profile, schema, plan.encoding, plan.width, start, end, line, plan.label)
     native_path, careful_path = (Path(f"{spool}.{os.getpid()}") for spool in (native, careful))
     chunk = Chunk([native_path], [careful_path])
     with (

@@ -443,6 +443,7 @@ class _ClaimsLoader:
             persons,
             len(opened.header),
             opened.encoding,
+            landed_file.name,
         )
 
 

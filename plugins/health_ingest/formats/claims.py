@@ -163,7 +163,7 @@ def open_claims_file(
         if profile.trailing_delimiter and header and header[-1] == "":
             header = header[:-1]
         _check_header(label, header, schema)
-        return ClaimsFile(header, _rows(reader, len(header), profile.trailing_delimiter), candidate)
+        return ClaimsFile(header, _rows(reader, label, len(header), profile.trailing_delimiter), candidate)
     raise DeliveryError(f"{label}: {'; '.join(refused)}; nothing of the delivery was loaded")
 
 
@@ -176,23 +176,24 @@ def rows_of_range(
     start: int,
     end: int | None,
     line: int,
+    label: str,
 ) -> Iterator[tuple[int, list[str]]]:
     """(line number, values) of the rows in a byte range of a plain file of `width` columns that starts at line
     `line`, past the header, and ends at a line break (None: at the end of the file): what `ClaimsFile.rows` gives
-    for them."""
+    for them. `label` names the file in errors."""
     delimiter, trailing = schema.delimiter or profile.delimiter, profile.trailing_delimiter
     with path.open("rb") as raw:
         raw.seek(start)
         if end is None:
             reader = csv.reader(io.TextIOWrapper(raw, encoding=encoding, newline=""), delimiter=delimiter)
-            yield from _rows(reader, width, trailing, line)
+            yield from _rows(reader, label, width, trailing, line)
             return
         block = raw.read(end - start)
     text = block.decode(encoding)
     if _cuttable(block):
         yield from _split_rows(text, delimiter, width, trailing, line)
         return
-    yield from _rows(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), width, trailing, line)
+    yield from _rows(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), label, width, trailing, line)
 
 
 class LineRanges:
@@ -369,11 +370,21 @@ def _split_rows(
         yield line_no, values
 
 
-def _rows(reader, width: int, trailing_delimiter: bool, first_line: int = 1) -> Iterator[tuple[int, list[str]]]:
+def _rows(
+    reader, label: str, width: int, trailing_delimiter: bool, first_line: int = 1
+) -> Iterator[tuple[int, list[str]]]:
+    """A CSV reader's rows with their line numbers. A file the reader cannot read on (a quote never closed, a field
+    over its size limit) fails the delivery with the line and the reader's reason, which quotes no value."""
     before = first_line - 1
-    for values in reader:
-        if not values or values == [""]:
-            continue
-        if trailing_delimiter and len(values) == width + 1 and values[-1] == "":
-            values = values[:-1]
-        yield before + reader.line_num, values
+    try:
+        for values in reader:
+            if not values or values == [""]:
+                continue
+            if trailing_delimiter and len(values) == width + 1 and values[-1] == "":
+                values = values[:-1]
+            yield before + reader.line_num, values
+    except csv.Error as error:
+        raise DeliveryError(
+            f"{label}: line {before + reader.line_num}: not readable as CSV ({error}); nothing of the delivery was "
+            "loaded"
+        ) from None
