@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TEST_DATA, pg_dump
-from health_ingest import claims_reader
+from health_ingest import claims_reader, config
 from health_ingest.errors import LoadError
 from health_ingest.pipeline import run_fhir_batch
 from health_ingest.pipeline_claims import run_claims_batch
@@ -492,7 +492,8 @@ def test_a_reader_failure_after_chunks_were_typed_and_merged_leaves_nothing(tmp_
 
 def test_a_field_the_csv_reader_cannot_read_fails_the_batch_naming_file_line_and_reason(tmp_path, db):
     """A quoted field over the CSV reader's size limit: the file is read in order from its first quote, and the
-    batch fails with the file, the line and the reader's reason (no value), nothing written."""
+    batch fails with the file, the line and the reader's reason (no value), nothing written, no spool left beside
+    the landed files."""
     delivery = tmp_path / "dcir"
     shutil.copytree(SNDS / "DCIR", delivery)
     lines = (delivery / "ER_PHA_F.csv").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -510,8 +511,12 @@ def test_a_field_the_csv_reader_cannot_read_fails_the_batch_naming_file_line_and
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'claims'")
         assert cur.fetchone()[0] == 0
-        cur.execute("SELECT status FROM ingest.batches")
-        assert cur.fetchall() == [("failed",)]
+        cur.execute("SELECT status, batch_id::text FROM ingest.batches")
+        [(status, batch_id)] = cur.fetchall()
+    assert status == "failed"
+    landing = config.state_dir() / "landing" / "snds_extract" / batch_id
+    landed = sorted(p.name for p in landing.iterdir())
+    assert "ER_PHA_F.csv" in landed and not [name for name in landed if ".copy" in name], "no spool left behind"
 
 
 @pytest.mark.parametrize(

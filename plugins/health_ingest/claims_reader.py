@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,7 @@ from health_ingest.warehouse.staging import escape_text
 CHUNK_BYTES = 8 << 20  # input per chunk: a chunk is copied and typed while the next is read (16 MiB: slower at 100k)
 RANGE_BYTES = 1 << 20  # input per task of a worker
 CHECK_ROWS = 1024  # how often the reader in order looks at its chunk's size and at the batch's stop
+_SPOOL_NAME = re.compile(r"\.[0-9]+\.(w|here)\.(careful\.)?copy(\.[0-9]+)?$")  # `_spools`, a worker's with its pid
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,13 @@ def _cut_at_newlines(path: Path, encoding: str) -> bool:
 
 def _chunk_full(stop, native, careful) -> Callable[[], bool]:
     return lambda: stop.is_set() or native.tell() + careful.tell() >= CHUNK_BYTES
+
+
+def remove_spools(folder: Path) -> None:
+    """The spools that a stopped batch left beside its landed files (a finished batch has removed its own)."""
+    for spool in folder.iterdir():
+        if _SPOOL_NAME.search(spool.name):
+            spool.unlink(missing_ok=True)
 
 
 def _spools(path: Path, part: int, writer: str) -> tuple[Path, Path]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg2
 
 from health_ingest import config
-from health_ingest.claims_reader import Chunk, ClaimsReader, FilePlan
+from health_ingest.claims_reader import Chunk, ClaimsReader, FilePlan, remove_spools
 from health_ingest.errors import DeliveryError, LoadError
 from health_ingest.formats.claims import ClaimsProfile, is_claims_file, load_profile, open_claims_file
 from health_ingest.pipeline import (
@@ -144,6 +144,7 @@ class _ClaimsLoader:
             for stage in stages:
                 stage.join()
             typing_conn.close()
+            remove_spools(landing)
         return committed_result(self, landed, counts, commit_seq)
 
     # --- the stages, each in its own thread; an error travels down the queues to the load transaction ---------
