@@ -35,6 +35,11 @@ def build_fhir_dataset(sample: Path, target: Path, resources: int) -> int:
 # The nine columns that join ER_PRS_F to its detail tables; each copy gets its own DCT_ORD_NUM so that rows stay
 # distinct and each copy's details still join its own header.
 DCIR_COPY_COLUMN = "DCT_ORD_NUM"
+# A person's rows spread over this many copies (about twenty rows of ER_PRS_F each, as in an extract): each group of
+# copies has people of its own, so that their tokens are computed as often as a real extract's would be. The person
+# pseudonym keeps its 17 characters: its last five become the group's number.
+DCIR_PERSON_COLUMN = "BEN_NIR_PSA"
+COPIES_PER_PERSON = 10
 
 
 def build_snds_dataset(sample: Path, target: Path, rows: int) -> int:
@@ -45,7 +50,8 @@ def build_snds_dataset(sample: Path, target: Path, rows: int) -> int:
     per_copy = sum(sum(1 for _ in f.open()) - 1 for f in files)
     copies = max(1, math.ceil(rows / per_copy))
     done = target / "_COMPLETE"
-    if done.exists() and done.read_text() == str(copies * per_copy):
+    marker = f"{copies * per_copy} rows, people of their own every {COPIES_PER_PERSON} copies"
+    if done.exists() and done.read_text() == marker:
         return copies * per_copy
     target.mkdir(parents=True, exist_ok=True)
     for source_file in files:
@@ -54,6 +60,7 @@ def build_snds_dataset(sample: Path, target: Path, rows: int) -> int:
             header = next(reader)
             body = list(reader)
         column = header.index(DCIR_COPY_COLUMN)
+        person = header.index(DCIR_PERSON_COLUMN) if DCIR_PERSON_COLUMN in header else None
         with (target / source_file.name).open("w", newline="") as out:
             writer = csv.writer(out)
             writer.writerow(header)
@@ -61,6 +68,8 @@ def build_snds_dataset(sample: Path, target: Path, rows: int) -> int:
                 for row in body:
                     row = list(row)
                     row[column] = f"{row[column]}{copy:05d}"
+                    if person is not None and row[person]:
+                        row[person] = f"{row[person][:-5]}{copy // COPIES_PER_PERSON:05d}"
                     writer.writerow(row)
-    done.write_text(str(copies * per_copy))
+    done.write_text(marker)
     return copies * per_copy
