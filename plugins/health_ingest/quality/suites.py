@@ -275,31 +275,42 @@ def suite_ctes(cur, suite: Suite, batch_id: str, resource_type: str, types_in_ba
     tests can hand the same rows to Great Expectations and compare its verdicts with the gate's."""
     staged = staging_table(batch_id, resource_type)
     columns = ",\n".join(f'({expression}) AS "{name}"' for name, expression in suite.columns.items())
-    joins = _patient_joins(cur, suite.patient_reference, batch_id, types_in_batch) if suite.patient_reference else ""
+    ctes = []
+    join = ""
+    if suite.patient_reference:
+        ctes.append(_patients(cur, staged, batch_id, types_in_batch))
+        join = (
+            "LEFT JOIN patients p ON p.id = "
+            f"split_part(s.resource #>> '{{{suite.patient_reference},reference}}', '/', 2)"
+        )
     # OFFSET 0 keeps q a subquery of its own: each column is computed once per row, not once per aggregate using it
-    return f"WITH q AS (SELECT {columns}\n FROM {_read_once(staged)} s {joins} OFFSET 0)"
+    ctes.append(f"q AS (SELECT {columns}\n FROM {_read_once(staged)} s {join} OFFSET 0)")
+    return "WITH " + ", ".join(ctes)
 
 
-def _patient_joins(cur, reference_field: str, batch_id: str, types_in_batch: list[str]) -> str:
-    """`p`, the patient each row refers to (`p.id`, `p.birth_year`): the one staged in this batch, else the stored
-    one, looked up by the referenced id, so that a suite's cost does not grow with the warehouse's patients."""
-    reference = f"split_part(s.resource #>> '{{{reference_field},reference}}', '/', 2)"
-    staged = "(SELECT NULL::text AS id, NULL::text AS birth_date WHERE false)"
+def _patients(cur, staged: str, batch_id: str, types_in_batch: list[str]) -> str:
+    """`patients`: the id and birth year of each patient the staged rows belong to, the one staged in this batch,
+    else the stored one. Stored patients are looked up by the staged rows' `patient_id` (the pseudonym of the
+    patient they refer to), so that a suite does not read every patient of the warehouse. Each birth year is
+    computed once per patient, not once per row (a patient's resource is large and stored compressed)."""
+    sources = []
     if "Patient" in types_in_batch:
         patients = staging_table(batch_id, "Patient")
-        staged = f"(SELECT id, resource->>'birthDate' AS birth_date FROM {patients} WHERE reason IS NULL)"
-    joins = [f"LEFT JOIN {staged} sp ON sp.id = {reference}"]
-    found_id, birth_date = "sp.id", "sp.birth_date"
+        sources.append(f"SELECT 0 AS rank, id, resource FROM {patients} WHERE reason IS NULL")
     cur.execute("SELECT to_regclass('fhir.patient') IS NOT NULL")
     if cur.fetchone()[0]:
-        joins.append(f"LEFT JOIN fhir.patient fp ON sp.id IS NULL AND fp.id = {reference}")
-        found_id, birth_date = "coalesce(sp.id, fp.id)", "coalesce(sp.birth_date, fp.resource->>'birthDate')"
+        sources.append(
+            "SELECT 1 AS rank, id, resource FROM fhir.patient "
+            f"WHERE id IN (SELECT patient_id FROM {staged} WHERE reason IS NULL)"
+        )
+    if not sources:
+        sources.append("SELECT 0 AS rank, NULL::text AS id, NULL::jsonb AS resource WHERE false")
     # the birth year of anyone shown as 90 or older is the aggregate's, not theirs: unknown here
-    joins.append(
-        "CROSS JOIN LATERAL (SELECT id, CASE WHEN year > extract(year FROM now())::int - 90 THEN year END "
-        f"AS birth_year FROM (SELECT {found_id} AS id, ingest.year_of({birth_date}) AS year) found) p"
+    return (
+        "patients AS (SELECT DISTINCT ON (id) id, CASE WHEN ingest.year_of(resource->>'birthDate') > "
+        "extract(year FROM now())::int - 90 THEN ingest.year_of(resource->>'birthDate') END AS birth_year "
+        f"FROM ({' UNION ALL '.join(sources)}) known ORDER BY id, rank)"
     )
-    return "\n".join(joins)
 
 
 def _read_once(staged: str) -> str:
