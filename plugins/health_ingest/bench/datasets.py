@@ -35,9 +35,9 @@ def build_fhir_dataset(sample: Path, target: Path, resources: int) -> int:
 # The nine columns that join ER_PRS_F to its detail tables; each copy gets its own DCT_ORD_NUM so that rows stay
 # distinct and each copy's details still join its own header.
 DCIR_COPY_COLUMN = "DCT_ORD_NUM"
-# A person's rows spread over this many copies (about twenty rows of ER_PRS_F each, as in an extract): each group of
-# copies has people of its own, so that their tokens are computed as often as a real extract's would be. The person
-# pseudonym keeps its 17 characters: its last five become the group's number.
+# A person's rows spread over this many copies (with the sample's seven people, about fourteen ER_PRS_F rows each,
+# as in an extract): each group of copies has people of its own, so that their tokens are computed as often as a
+# real extract's would be. The person pseudonym keeps its 17 characters: its last five become the group's number.
 DCIR_PERSON_COLUMN = "BEN_NIR_PSA"
 COPIES_PER_PERSON = 10
 

@@ -373,8 +373,8 @@ def _split_rows(
 def _rows(
     reader, label: str, width: int, trailing_delimiter: bool, first_line: int = 1
 ) -> Iterator[tuple[int, list[str]]]:
-    """A CSV reader's rows with their line numbers. A file the reader cannot read on (a quote never closed, a field
-    over its size limit) fails the delivery with the line and the reader's reason, which quotes no value."""
+    """A CSV reader's rows with their line numbers. A file the reader cannot read on (a field over the reader's size
+    limit) fails the delivery with the line and the reader's reason, which quotes no value."""
     before = first_line - 1
     try:
         for values in reader:
