@@ -158,6 +158,29 @@ def test_bad_rows_are_quarantined_with_file_row_and_reason(tmp_path, db):
     assert result.rows_read == len(lines) - 1 + len(headers) - 1 == result.rows_loaded + 6
 
 
+def test_a_quote_left_open_is_quarantined_with_the_line_it_opens_on_and_the_lines_it_took(tmp_path, db):
+    """A quote that is never closed takes the lines after it into one value: their row is quarantined under the
+    line where it starts, and its message counts the line breaks it holds, so that the lines are not lost unseen."""
+    delivery = tmp_path / "dcir"
+    delivery.mkdir()
+    shutil.copy(SNDS / "DCIR" / "ER_PRS_F.csv", delivery)
+    lines = (SNDS / "DCIR" / "ER_PHA_F.csv").read_text().splitlines()
+    width = len(lines[0].split(","))
+    opened = lines[4].split(",")
+    opened[1] = '"' + opened[1]  # line 5
+    (delivery / "ER_PHA_F.csv").write_text("\n".join([*lines[:4], ",".join(opened), *lines[5:]]) + "\n")
+
+    result = run_claims_batch(delivery, get_source("snds_extract"))
+    breaks = len(lines) - 4  # those ending line 5 and each line after it, all inside the open quote
+    with db.cursor() as cur:
+        cur.execute("SELECT file_name, line_number, reason, message FROM ingest.quarantine")
+        [(file_name, line, reason, message)] = cur.fetchall()
+    assert (file_name, line, reason) == ("ER_PHA_F.csv", 5, "wrong_column_count")
+    assert message.startswith(f"expected {width} values, found ")
+    assert message.endswith(f"; its values hold {breaks} line breaks (a quote not closed?)")
+    assert result.counts["ER_PHA_F"].rows_read == 4 and result.counts["ER_PHA_F"].rows_quarantined == 1
+
+
 def test_an_unknown_table_or_a_wrong_header_fails_clearly_and_writes_nothing(tmp_path, db):
     unknown = tmp_path / "unknown"
     unknown.mkdir()

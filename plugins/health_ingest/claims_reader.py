@@ -105,7 +105,7 @@ class RowEncoder:
                     careful += 1
                     write_careful(
                         f"{file_no}\t{row_no}\t\twrong_column_count\texpected {width} values, found "
-                        f"{len(values)}\t{blanks}\n"
+                        f"{len(values)}{_line_breaks(values)}\t{blanks}\n"
                     )
                     continue
                 cells, person = transform(values)
@@ -222,6 +222,13 @@ def _cut_at_newlines(path: Path, encoding: str) -> bool:
 
 def _chunk_full(stop, native, careful) -> Callable[[], bool]:
     return lambda: stop.is_set() or native.tell() + careful.tell() >= CHUNK_BYTES
+
+
+def _line_breaks(values: list[str]) -> str:
+    """What a row of the wrong width says of the line breaks inside its values: a quote left open takes the lines
+    after it into one value, and they are quarantined with its row."""
+    breaks = sum(value.count("\n") for value in values)
+    return f"; its values hold {breaks} line breaks (a quote not closed?)" if breaks else ""
 
 
 def remove_spools(folder: Path) -> None:

@@ -373,18 +373,20 @@ def _split_rows(
 def _rows(
     reader, label: str, width: int, trailing_delimiter: bool, first_line: int = 1
 ) -> Iterator[tuple[int, list[str]]]:
-    """A CSV reader's rows with their line numbers. A file the reader cannot read on (a field over the reader's size
-    limit) fails the delivery with the line and the reader's reason, which quotes no value."""
-    before = first_line - 1
+    """A CSV reader's rows, each with the line it starts on (a quoted value may hold line breaks). A file the reader
+    cannot read on (a field over the reader's size limit) fails the delivery with the line and the reader's reason,
+    which quotes no value."""
+    offset = first_line - 1  # the line before the reader's first
+    last = offset + reader.line_num  # the last line it has read (a header, already)
     try:
         for values in reader:
+            starts, last = last + 1, offset + reader.line_num
             if not values or values == [""]:
                 continue
             if trailing_delimiter and len(values) == width + 1 and values[-1] == "":
                 values = values[:-1]
-            yield before + reader.line_num, values
+            yield starts, values
     except csv.Error as error:
         raise DeliveryError(
-            f"{label}: line {before + reader.line_num}: not readable as CSV ({error}); nothing of the delivery was "
-            "loaded"
+            f"{label}: line {last + 1}: not readable as CSV ({error}); nothing of the delivery was loaded"
         ) from None
