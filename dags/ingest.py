@@ -13,8 +13,8 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, Param, task
-from health_ingest.orchestration import doc_md, schedule_for, sources_of_kind, tables_alias
-from health_ingest.sources.bulk.operator import PullExportOperator
+from health_ingest.airflow.operators import PullExportOperator
+from health_ingest.airflow.schedules import doc_md, schedule_for, sources_of_kind, tables_alias
 
 for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
     with DAG(
@@ -46,7 +46,7 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
             @task
             def find_deliveries(source_name: str, params=None) -> list[str]:
-                from health_ingest.orchestration import find_deliveries
+                from health_ingest.airflow.tasks import find_deliveries
 
                 return find_deliveries(source_name, params or {})
 
@@ -54,7 +54,7 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
         @task(max_active_tis_per_dagrun=1, outlets=[tables_alias(source)])
         def ingest(source_name: str, delivery: str, outlet_events=None) -> dict:
-            from health_ingest.orchestration import ingest_delivery
+            from health_ingest.airflow.tasks import ingest_delivery
 
             return ingest_delivery(source_name, delivery, outlet_events)
 
@@ -62,7 +62,7 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
         @task
         def publish_data_docs(summary: dict) -> str | None:
-            from health_ingest.orchestration import publish_data_docs
+            from health_ingest.airflow.tasks import publish_data_docs
 
             return publish_data_docs(summary)
 
@@ -72,7 +72,7 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
             @task
             def refresh_flat_tables(summary: dict) -> dict:
-                from health_ingest.orchestration import refresh_flat_tables
+                from health_ingest.airflow.tasks import refresh_flat_tables
 
                 return refresh_flat_tables(summary)
 

@@ -22,16 +22,8 @@ with DAG(
 
     @task
     def purge_raw_data() -> dict:
-        from datetime import timedelta
+        from health_ingest.airflow.tasks import purge_raw_data
 
-        from health_ingest.warehouse.connection import connect, warehouse_url
-        from health_ingest.warehouse.retention import purge_raw_data, retention_days
-
-        conn = connect(warehouse_url())
-        try:
-            report = purge_raw_data(conn, older_than=timedelta(days=retention_days()))
-        finally:
-            conn.close()
-        return {"landing_folders": report.landing_folders, "quarantine_records": report.quarantine_records}
+        return purge_raw_data()
 
     purge_raw_data()

@@ -19,7 +19,7 @@ os.environ["HEALTH_INGEST_DEMO"] = "1"
 os.environ.pop("HEALTH_INGEST_KEYRING", None)
 os.environ.pop("HEALTH_INGEST_WAREHOUSE_URL", None)
 
-from health_ingest.airflow_env import airflow_environment  # noqa: E402
+from health_ingest.airflow.environment import airflow_environment  # noqa: E402
 
 os.environ.update(airflow_environment())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from health_ingest.pipeline import run_fhir_batch
+from health_ingest.batch.fhir import run_fhir_batch
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 from conftest import SAMPLE, sample_line_counts
+from health_ingest.batch.fhir import run_fhir_batch
 from health_ingest.errors import LoadError
-from health_ingest.pipeline import run_fhir_batch
 from health_ingest.warehouse import merge
 
 pytestmark = pytest.mark.integration
@@ -134,11 +134,10 @@ def test_a_batch_left_loading_by_a_dead_process_is_marked_failed_by_the_next_run
 
 def test_a_file_staged_in_many_parts_loads_the_same(db, smart_source, monkeypatch):
     """Byte ranges of about 16 KiB, each its own spool part and COPY: the sample loads exactly as in one piece."""
-    import health_ingest.encoding as encoding
-    import health_ingest.pipeline as pipeline
+    from health_ingest.batch import fhir
 
-    monkeypatch.setattr(encoding, "CHUNK_BYTES", 1 << 14)
-    monkeypatch.setattr(pipeline, "SPOOL_BYTES", 1)
+    monkeypatch.setattr(fhir, "CHUNK_BYTES", 1 << 14)
+    monkeypatch.setattr(fhir, "SPOOL_BYTES", 1)
     result = run_fhir_batch(SAMPLE, smart_source)
     assert result.rows_quarantined == 0
     assert _table_counts(db) == {t.lower(): n for t, n in sample_line_counts().items()}
@@ -154,8 +153,7 @@ def test_parts_merge_as_they_come_and_a_duplicate_parts_apart_merges_its_type_ag
 ):
     """Each line its own part: new ids go in part by part; an id met again three parts later makes its type merge
     again as a whole, so that the newest version is kept and the other quarantined, as in a one-part load."""
-    import health_ingest.encoding as encoding
-    import health_ingest.pipeline as pipeline
+    from health_ingest.batch import fhir
 
     def patient(n: int, updated: str, gender: str = "female") -> dict:
         return {"resourceType": "Patient", "id": f"p{n}", "gender": gender, "meta": {"lastUpdated": updated}}
@@ -168,8 +166,8 @@ def test_parts_merge_as_they_come_and_a_duplicate_parts_apart_merges_its_type_ag
     ]
     (tmp_path / "Patient.ndjson").write_text("".join(json.dumps(p) + "\n" for p in patients))
     (tmp_path / "Encounter.ndjson").write_text("".join(json.dumps(e) + "\n" for e in encounters))
-    monkeypatch.setattr(encoding, "CHUNK_BYTES", 8)
-    monkeypatch.setattr(pipeline, "SPOOL_BYTES", 1)
+    monkeypatch.setattr(fhir, "CHUNK_BYTES", 8)
+    monkeypatch.setattr(fhir, "SPOOL_BYTES", 1)
     merged_whole = []
     real_merge = merge.merge_resource_type
 
@@ -219,7 +217,7 @@ def test_rows_kept_by_the_batch_process_load_like_the_workers_rows(tmp_path, db,
     import gzip
     import shutil
 
-    import health_ingest.pipeline as pipeline
+    from health_ingest.batch import fhir
 
     for source_file in SAMPLE.glob("*.ndjson"):
         shutil.copy(source_file, tmp_path / source_file.name)
@@ -227,7 +225,7 @@ def test_rows_kept_by_the_batch_process_load_like_the_workers_rows(tmp_path, db,
     (tmp_path / "Encounter.000.ndjson.gz").write_bytes(gzip.compress(encounters.read_bytes()))
     encounters.unlink()
     monkeypatch.setenv("HEALTH_INGEST_WORKERS", workers)
-    monkeypatch.setattr(pipeline, "SPOOL_BYTES", 1 << 16)
+    monkeypatch.setattr(fhir, "SPOOL_BYTES", 1 << 16)
     result = run_fhir_batch(tmp_path, smart_source)
     assert result.rows_quarantined == 0
     assert _table_counts(db) == {t.lower(): n for t, n in sample_line_counts().items()}

@@ -27,7 +27,7 @@ def _source(server: BulkDataServer, name: str = "bulk_test", **bulk):
 
 
 def _pull(source, **kwargs):
-    from health_ingest.sources.bulk.pull import pull_and_load
+    from health_ingest.batch.load import pull_and_load
 
     messages: list[str] = []
     export, result = pull_and_load(source, progress=messages.append, **kwargs)
@@ -368,8 +368,9 @@ def test_a_static_bearer_token_is_sent_with_every_request(db, monkeypatch):
 
 
 def test_a_file_changed_between_download_and_load_fails_the_batch_and_is_downloaded_again(db):
+    from health_ingest.batch.load import load_delivery
     from health_ingest.errors import LoadError
-    from health_ingest.sources.bulk.pull import load_export, pull_export
+    from health_ingest.sources.bulk.pull import pull_export
 
     with BulkDataServer(SAMPLE) as server:
         source = _source(server)
@@ -377,7 +378,7 @@ def test_a_file_changed_between_download_and_load_fails_the_batch_and_is_downloa
         device = export.delivery / "Device.000.ndjson"
         device.write_bytes(b" " + device.read_bytes())  # the same resources, other bytes
         with pytest.raises(LoadError, match=r"file Device\.000\.ndjson: what was loaded is not what was downloaded"):
-            load_export(source, export)
+            load_delivery(source, export.delivery)
         with db.cursor() as cur:
             cur.execute("SELECT status FROM ingest.batches")
             assert cur.fetchall() == [("failed",)]

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 from conftest import TEST_DATA, references_in
-from health_ingest.pipeline import run_fhir_batch
+from health_ingest.batch.fhir import run_fhir_batch
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 from conftest import TEST_DATA, pg_dump
-from health_ingest import claims_reader, config
+from health_ingest import config
+from health_ingest.batch import claims as claims_loader
+from health_ingest.batch.claims import run_claims_batch
+from health_ingest.batch.fhir import run_fhir_batch
 from health_ingest.errors import LoadError
-from health_ingest.pipeline import run_fhir_batch
-from health_ingest.pipeline_claims import run_claims_batch
 from health_ingest.sources.registry import get_source
 
 pytestmark = pytest.mark.integration
@@ -315,10 +316,10 @@ def test_values_are_typed_by_their_shape_and_text_is_kept_verbatim(tmp_path, db,
     if not copy_fails:
         refused = [case for case in refused if case[1] not in {"99999999999999999999", "2020-02-30"}]
         # the workers read the file a line at a time up to its first quote, and the rest is read in order
-        monkeypatch.setattr(claims_reader, "RANGE_BYTES", 1)
+        monkeypatch.setattr(claims_loader, "RANGE_BYTES", 1)
     cases = [(column, value) for column, value, _ in refused + loaded]  # the refused first: one line each
     delivery, _ = _pha_delivery(tmp_path, cases)
-    with caplog.at_level(logging.INFO, logger="health_ingest.pipeline_claims"):
+    with caplog.at_level(logging.INFO, logger="health_ingest.batch.claims"):
         result = run_claims_batch(delivery, get_source("snds_extract"))
     assert (result.rows_read, result.rows_loaded, result.rows_quarantined) == (len(cases), len(loaded), len(refused))
     # copied as typed: -3, +5, 007, " 12 ", 1.50, .5, 2019-12-31 and the quoted text; the others typed from text
@@ -372,9 +373,9 @@ def test_small_chunks_load_the_same_rows_and_a_key_repeated_chunks_apart_is_quar
 
     baseline = run_claims_batch(SNDS / "DCIR", get_source("snds_extract")).counts  # one chunk per file
     monkeypatch.setenv("HEALTH_INGEST_WORKERS", workers)
-    monkeypatch.setattr(claims_reader, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(claims_reader, "RANGE_BYTES", 1)
-    monkeypatch.setattr(claims_reader, "CHECK_ROWS", 1)
+    monkeypatch.setattr(claims_loader, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(claims_loader, "RANGE_BYTES", 1)
+    monkeypatch.setattr(claims_loader, "CHECK_ROWS", 1)
     delivery = tmp_path / "dcir"
     shutil.copytree(SNDS / "DCIR", delivery)
     prs = delivery / "ER_PRS_F.csv"
@@ -405,8 +406,6 @@ def test_a_suite_summed_chunk_by_chunk_reaches_the_counts_read_from_the_table(tm
     """Suites are counted on each typed chunk beside the load, but for the detail tables' check of each row's header
     in ER_PRS_F, counted on each merged chunk in the load transaction; with each row its own chunk, every
     expectation's counts (rows included) are those of the suites read from the warehouse tables after the merges."""
-    import health_ingest.pipeline_claims as pipeline_claims
-
     delivery = tmp_path / "dcir"
     shutil.copytree(SNDS / "DCIR", delivery)
     pha = _rows(delivery / "ER_PHA_F.csv")
@@ -423,13 +422,13 @@ def test_a_suite_summed_chunk_by_chunk_reaches_the_counts_read_from_the_table(tm
             )
             return {(table, expectation): rest for table, expectation, *rest in cur.fetchall()}
 
-    summable = pipeline_claims.counts_by_chunk
-    monkeypatch.setattr(pipeline_claims, "counts_by_chunk", lambda table: False)
+    summable = claims_loader.counts_by_chunk
+    monkeypatch.setattr(claims_loader, "counts_by_chunk", lambda table: False)
     read_from_table = results(run_claims_batch(delivery, get_source("snds_extract")).batch_id)
-    monkeypatch.setattr(pipeline_claims, "counts_by_chunk", summable)
-    monkeypatch.setattr(claims_reader, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(claims_reader, "RANGE_BYTES", 1)
-    monkeypatch.setattr(claims_reader, "CHECK_ROWS", 1)
+    monkeypatch.setattr(claims_loader, "counts_by_chunk", summable)
+    monkeypatch.setattr(claims_loader, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(claims_loader, "RANGE_BYTES", 1)
+    monkeypatch.setattr(claims_loader, "CHECK_ROWS", 1)
     summed = results(run_claims_batch(delivery, get_source("snds_extract")).batch_id)  # the same rows again
     assert len({table for table, _ in summed}) == 16 and len(summed) >= 300 and summed == read_from_table
     headers = [key for key in summed if key[1].endswith("(has_er_prs_f)")]
@@ -459,9 +458,9 @@ def test_a_stored_key_met_chunks_in_merges_the_chunks_before_it_again_by_key(tmp
 
     stored = run_claims_batch(delivery("first", rows[-1:]), get_source("snds_extract"))
     assert stored.rows_loaded == 1
-    monkeypatch.setattr(claims_reader, "CHUNK_BYTES", 1)  # each row its own chunk
-    monkeypatch.setattr(claims_reader, "RANGE_BYTES", 1)
-    monkeypatch.setattr(claims_reader, "CHECK_ROWS", 1)
+    monkeypatch.setattr(claims_loader, "CHUNK_BYTES", 1)  # each row its own chunk
+    monkeypatch.setattr(claims_loader, "RANGE_BYTES", 1)
+    monkeypatch.setattr(claims_loader, "CHECK_ROWS", 1)
     bad = dict(rows[1], PRS_ACT_QTE="douze")
     updated = dict(rows[-1], PRS_ACT_QTE="77")
     second = run_claims_batch(delivery("second", [rows[0], bad, *rows[2:-1], updated]), get_source("snds_extract"))
@@ -484,8 +483,8 @@ def test_a_reader_failure_after_chunks_were_typed_and_merged_leaves_nothing(tmp_
 
     import health_ingest.formats.claims as claims_format
 
-    monkeypatch.setattr(claims_reader, "CHUNK_BYTES", 1 << 16)
-    monkeypatch.setattr(claims_reader, "CHECK_ROWS", 1)
+    monkeypatch.setattr(claims_loader, "CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr(claims_loader, "CHECK_ROWS", 1)
     delivery = tmp_path / "dcir"
     delivery.mkdir()
     shutil.copy(SNDS / "DCIR" / "ER_PHA_F.csv", delivery)

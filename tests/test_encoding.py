@@ -10,7 +10,7 @@ from conftest import SAMPLE
 
 @pytest.mark.parametrize("chunk_bytes", [64, 1000, 1 << 20])
 def test_byte_ranges_give_every_line_once_with_its_number(tmp_path, monkeypatch, chunk_bytes):
-    from health_ingest import encoding
+    from health_ingest.batch import fhir
     from health_ingest.formats.ndjson import read_lines
 
     lines = (SAMPLE / "Location.000.ndjson").read_bytes().splitlines()[:30]
@@ -18,14 +18,14 @@ def test_byte_ranges_give_every_line_once_with_its_number(tmp_path, monkeypatch,
     body = b"\n".join([lines[0], b"", lines[1] + b"\r", b"   ", *lines[2:], lines[3] * 40, lines[4]])
     path = tmp_path / "Location.000.ndjson"
     path.write_bytes(body)
-    monkeypatch.setattr(encoding, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(fhir, "CHUNK_BYTES", chunk_bytes)
 
-    encoder = encoding.FileEncoder.__new__(encoding.FileEncoder)
+    encoder = fhir.FileEncoder.__new__(fhir.FileEncoder)
     encoder.read_seconds = 0.0
     ranges = list(encoder._ranges(path))
     assert ranges[0][0] == 0 and ranges[-1][1] == len(body)
     assert all(end == next_start for (_, end, _), (next_start, _, _) in itertools.pairwise(ranges))
-    found = [entry for start, end, first in ranges for entry in encoding.lines_of_range(path, start, end, first)]
+    found = [entry for start, end, first in ranges for entry in fhir.lines_of_range(path, start, end, first)]
     expected = [(n, raw.rstrip(b"\n")) for n, raw in read_lines(path)]
     assert found == expected
     assert len(ranges) > 1 or chunk_bytes > len(body)
@@ -35,8 +35,8 @@ def test_workers_run_at_the_configured_priority_and_bad_settings_are_refused(mon
     """The encoding workers yield to the database by default; a setting out of range is named, not half-applied."""
     import os
 
+    from health_ingest.batch.fhir import FileEncoder
     from health_ingest.bench.measure import BENCH_SOURCE
-    from health_ingest.encoding import FileEncoder
     from health_ingest.errors import ConfigurationError
     from health_ingest.privacy.keyring import Keyring, MasterKey
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import SAMPLE, scans_of
-from health_ingest.pipeline import run_fhir_batch
+from health_ingest.batch.fhir import run_fhir_batch
 from health_ingest.views.flat import rebuild, refresh_batch, repository_views
 
 pytestmark = pytest.mark.integration

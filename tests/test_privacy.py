@@ -8,7 +8,7 @@ import re
 
 import pytest
 from conftest import SAMPLE, pg_dump, references_in, sample_identifiers, sample_resources
-from health_ingest.pipeline import run_fhir_batch
+from health_ingest.batch.fhir import run_fhir_batch
 from health_ingest.privacy.keyring import load_keyring
 from health_ingest.privacy.resources import ResourcePseudonymiser
 from health_ingest.privacy.tokens import Tokeniser

@@ -16,9 +16,8 @@ from datetime import date
 
 import pytest
 from conftest import SAMPLE, TEST_DATA, pg_dump
-from health_ingest.encoding import chunk_encoder
+from health_ingest.batch.fhir import chunk_encoder, run_fhir_batch
 from health_ingest.errors import BatchRejected
-from health_ingest.pipeline import run_fhir_batch
 from health_ingest.privacy.compat import MicrosoftCompatTokeniser
 from health_ingest.privacy.dates import DateShifter
 from health_ingest.privacy.escrow import ESCROW_PURPOSE

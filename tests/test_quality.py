@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from conftest import PROJECT, SAMPLE, TEST_DATA, scans_of
+from health_ingest.batch.fhir import run_fhir_batch
 from health_ingest.errors import BatchRejected
-from health_ingest.pipeline import run_fhir_batch
 from health_ingest.quality.policy import QualityPolicy
 from health_ingest.quality.suites import load_suites
 
@@ -318,7 +318,7 @@ def test_the_gate_agrees_with_great_expectations_on_every_expectation(tmp_path, 
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     import great_expectations as gx
-    from health_ingest.encoding import chunk_encoder
+    from health_ingest.batch.fhir import chunk_encoder
     from health_ingest.privacy.keyring import load_keyring
     from health_ingest.quality.suites import evaluate_batch, suite_ctes, suite_for
     from health_ingest.warehouse import staging

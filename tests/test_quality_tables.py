@@ -33,7 +33,7 @@ def test_every_warehouse_table_the_project_creates_has_a_suite():
 @pytest.mark.integration
 @pytest.mark.parametrize(("profile_name", "table"), CLAIMS_TABLES, ids=[f"{p}:{t}" for p, t in CLAIMS_TABLES])
 def test_each_claims_suite_rejects_its_planted_bad_batch(profile_name, table, tmp_path, db):
-    from health_ingest.pipeline_claims import run_claims_batch
+    from health_ingest.batch.claims import run_claims_batch
     from health_ingest.sources.registry import get_source
 
     profile = load_profile(profile_name)
@@ -59,7 +59,7 @@ def test_each_claims_suite_rejects_its_planted_bad_batch(profile_name, table, tm
 @pytest.mark.integration
 def test_a_synthetic_extract_is_rejected_by_default_and_downgraded_by_its_source_policy(tmp_path, db):
     """The bundled SNDS extract draws each column on its own; its source records those failures as warnings."""
-    from health_ingest.pipeline_claims import run_claims_batch
+    from health_ingest.batch.claims import run_claims_batch
     from health_ingest.sources.registry import get_source
 
     delivery = tmp_path / "snds"
@@ -85,7 +85,7 @@ def test_a_synthetic_extract_is_rejected_by_default_and_downgraded_by_its_source
 @pytest.mark.integration
 def test_each_flat_suite_rejects_a_broken_view_and_leaves_its_table_as_it_was(db, smart_source):
     """A ViewDefinition edited badly (every row given the same id) is caught before its rows are visible."""
-    from health_ingest.pipeline import run_fhir_batch
+    from health_ingest.batch.fhir import run_fhir_batch
     from health_ingest.sources.registry import get_source
     from health_ingest.views.flat import FlatView, refresh_batch, repository_views
     from health_ingest.views.runner import ViewRunner
@@ -118,8 +118,8 @@ def test_each_flat_suite_rejects_a_broken_view_and_leaves_its_table_as_it_was(db
 
 @pytest.mark.integration
 def test_the_rebuild_command_rebuilds_and_a_broken_view_leaves_the_tables_as_they_were(db, smart_source, capsys):
+    from health_ingest.batch.fhir import run_fhir_batch
     from health_ingest.cli import main
-    from health_ingest.pipeline import run_fhir_batch
     from health_ingest.views.flat import FlatView, rebuild, repository_views
     from health_ingest.views.runner import ViewRunner
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from conftest import SAMPLE
 from health_ingest import config
-from health_ingest.pipeline import run_fhir_batch
+from health_ingest.batch.fhir import run_fhir_batch
 from health_ingest.warehouse.retention import purge_raw_data
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import uuid
 import psycopg2
 import pytest
 from conftest import SAMPLE
-from health_ingest.pipeline import run_fhir_batch
+from health_ingest.batch.fhir import run_fhir_batch
 from health_ingest.warehouse.jurisdiction import JurisdictionRefused, check_warehouse
 
 AZURE_US = {"provider": "azure", "region": "francecentral", "jurisdiction": "US"}

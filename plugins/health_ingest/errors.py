@@ -1,12 +1,23 @@
-"""Named errors with exit codes, whose messages never carry record values."""
+"""Named errors with exit codes, whose messages never carry record values.
+
+Each says whether a retry can help (`retryable`): a bad configuration, a delivery that cannot be read and a batch a
+gate rejected fail the same way every time, so Airflow must not retry them; a lost connection or a server that did
+not answer may go better on the next try.
+"""
 
 from __future__ import annotations
 
 
 class HealthIngestError(Exception):
-    """Base of the project's errors; `exit_code` is what the CLI returns."""
+    """Base of the project's errors; `exit_code` is what the CLI returns, `retryable` whether a retry can help."""
 
     exit_code = 1
+    retryable = False
+
+    def __init__(self, *args: object, retryable: bool | None = None) -> None:
+        super().__init__(*args)
+        if retryable is not None:
+            self.retryable = retryable
 
 
 class ConfigurationError(HealthIngestError):
@@ -17,6 +28,14 @@ class KeyringError(ConfigurationError):
     pass
 
 
+class JurisdictionRefused(ConfigurationError):
+    """The hosting policy forbids this warehouse; the message names the rule."""
+
+
+class ViewDefinitionError(ConfigurationError, ValueError):
+    """A ViewDefinition is invalid, or a path returned what its column forbids."""
+
+
 class DeliveryError(HealthIngestError):
     """The delivery cannot be read as a whole (missing folder, no files): nothing was loaded."""
 
@@ -24,9 +43,11 @@ class DeliveryError(HealthIngestError):
 
 
 class LoadError(HealthIngestError):
-    """The batch was rolled back: the warehouse holds nothing of it."""
+    """The batch was rolled back: the warehouse holds nothing of it. Raised by the batch with its cause's
+    `retryable`; raised as such (a lost connection, counts that did not reconcile) a retry may help."""
 
     exit_code = 4
+    retryable = True
 
 
 class BatchRejected(LoadError):
@@ -36,9 +57,10 @@ class BatchRejected(LoadError):
     """
 
     exit_code = 5
+    retryable = False
 
-    def __init__(self, message: str, *, evidence: object = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, evidence: object = None, retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
         self.evidence = evidence
 
 
@@ -46,7 +68,16 @@ class ExportError(HealthIngestError):
     """A Bulk Data export could not be pulled whole (server answer, manifest, download): nothing was loaded."""
 
     exit_code = 6
+    retryable = True
 
 
 class ExportExpired(ExportError):
     """The server no longer knows the export (status URL gone, files expired): a new one must be kicked off."""
+
+
+def retryable(error: BaseException) -> bool:
+    """Whether a retry can help: the project's errors say so; an error from elsewhere (a lost connection, a full
+    disk, a bug) is given the benefit of the doubt, as Airflow would."""
+    if isinstance(error, HealthIngestError):
+        return error.retryable
+    return not isinstance(error, KeyboardInterrupt)

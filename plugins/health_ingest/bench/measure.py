@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from health_ingest import config
+from health_ingest.batch.load import load_delivery
 from health_ingest.bench.floor import bare_copy, bare_copy_csv, parse_only
-from health_ingest.pipeline import run_fhir_batch
 from health_ingest.quality.policy import QualityPolicy
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse.connection import connect
@@ -56,7 +56,7 @@ class BackendMemory(threading.Thread):
 
 def measure(url: str, dataset: Path) -> dict:
     """The FHIR batch path, then this machine's floor on the same records."""
-    result, wall, peaks = _run_batch(url, BENCH_SOURCE, dataset, run_fhir_batch)
+    result, wall, peaks = _run_batch(url, BENCH_SOURCE, dataset)
     parsed, parse_seconds = parse_only(dataset)
     conn = connect(url)
     copied, copy_seconds = bare_copy(conn, dataset)
@@ -81,9 +81,8 @@ def measure_claims(url: str, dataset: Path) -> dict:
     """The SNDS claims path end to end (read, pseudonymise, stage, type, merge, commit), then this machine's floor
     on the same files."""
     from health_ingest.formats.claims import load_profile
-    from health_ingest.pipeline_claims import run_claims_batch
 
-    result, wall, peaks = _run_batch(url, SNDS_SOURCE, dataset, run_claims_batch)
+    result, wall, peaks = _run_batch(url, SNDS_SOURCE, dataset)
     conn = connect(url)
     copied, copy_seconds = bare_copy_csv(conn, dataset, load_profile(SNDS_SOURCE.format).delimiter)
     conn.close()
@@ -98,12 +97,12 @@ def measure_claims(url: str, dataset: Path) -> dict:
     }
 
 
-def _run_batch(url: str, source: Source, dataset: Path, run) -> tuple:
+def _run_batch(url: str, source: Source, dataset: Path) -> tuple:
     """One timed batch, with the peak memory of this process and of the backend; its landing copy removed."""
     sampler = BackendMemory(url)
     sampler.start()
     started = time.perf_counter()
-    result = run(dataset, source, url=url)
+    result = load_delivery(source, dataset, url=url).result
     wall = time.perf_counter() - started
     sampler.stopped.set()
     sampler.join()

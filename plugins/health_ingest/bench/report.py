@@ -176,7 +176,7 @@ def _with_rates(run: dict) -> dict:
 
 
 def _server() -> str:
-    url = os.environ.get("HEALTH_INGEST_BENCH_DATABASE_URL")
+    url = os.environ.get(config.ENV_BENCH_DATABASE_URL)
     if url:
         return url
     from health_ingest.warehouse.embedded import start_embedded_warehouse

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from health_ingest import config
-from health_ingest.config import running_under_airflow
 from health_ingest.errors import KeyringError
 
 log = logging.getLogger(__name__)
@@ -21,7 +20,7 @@ log = logging.getLogger(__name__)
 KEY_ID = re.compile(r"^[a-z0-9]{1,11}$")
 MIN_SECRET_BYTES = 32
 DEMO_KEYRING_NAME = "keyring.demo.json"
-KEYRING_CONN_ID = "health_ingest_keyring"
+KEYRING_CONN_ID = config.KEYRING_CONN_ID
 
 
 @dataclass(frozen=True)
@@ -142,14 +141,9 @@ def _new_key_entry(key_id: str, *, demo: bool) -> dict:
 
 
 def _airflow_keyring_document() -> dict | None:
-    """The keyring JSON kept in the password (or extra) of an Airflow connection, when running under Airflow."""
-    if not running_under_airflow():
-        return None
-    try:
-        from airflow.sdk import Connection
-
-        connection = Connection.get(KEYRING_CONN_ID)
-    except Exception:  # not under Airflow, or no such connection
+    """The keyring JSON kept in the password (or extra) of the Airflow connection, when there is one."""
+    connection = config.connection(KEYRING_CONN_ID)
+    if connection is None:
         return None
     try:
         return json.loads(connection.password or connection.extra or "")

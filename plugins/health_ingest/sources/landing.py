@@ -8,9 +8,9 @@ import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
+from health_ingest.deliveries import LandedDelivery, LandedFile
 from health_ingest.errors import DeliveryError
 from health_ingest.formats.bundles import explode_bundle, index_bundles
 from health_ingest.formats.ndjson import is_ndjson, resource_type_of
@@ -20,66 +20,6 @@ READY_MARKER = "_READY"
 EXPORT_WORDS = {"log", "error", "errors", "deleted", "output"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class LandedFile:
-    """`name` is what the warehouse, logs and messages show (see `safe_label`); `path` is the landing copy."""
-
-    file_no: int
-    name: str
-    path: Path
-    bytes: int
-    digest: Future[str]  # the landed copy's SHA-256, computed while the batch reads it (see `sha256`)
-    resource_type: str | None
-    unpacked: bool = False  # a Bundle, whose entries were written to files derived from it
-    derived_from: str | None = None
-    role: str = "resources"  # or an export's "deleted" (Bundles of DELETE entries) or "error" (OperationOutcomes)
-
-    @property
-    def sha256(self) -> str:
-        """Waits for the digest, which only the batch's last writes need."""
-        return self.digest.result()
-
-    @property
-    def status(self) -> str:
-        if self.role != "resources":
-            return {"deleted": "deletions", "error": "errors"}[self.role]
-        return "unpacked" if self.unpacked else "skipped" if self.skip_reason else "loaded"
-
-    @property
-    def skip_reason(self) -> str | None:
-        if self.resource_type is None and not self.unpacked and self.role == "resources":
-            return "file name does not start with a FHIR resource type (e.g. Patient.000.ndjson)"
-        return None
-
-
-@dataclass(frozen=True)
-class LandedDelivery:
-    source_path: Path
-    folder: Path
-    files: list[LandedFile]
-
-    @property
-    def input_sha256(self) -> str:
-        """One digest for the whole delivery: the file names and their digests, in name order."""
-        digest = hashlib.sha256()
-        for landed in self.files:
-            digest.update(f"{landed.name}\0{landed.sha256}\n".encode())
-        return digest.hexdigest()
-
-    def of_role(self, role: str) -> list[LandedFile]:
-        return [f for f in self.files if f.role == role]
-
-    @property
-    def loadable(self) -> list[LandedFile]:
-        """Patients first: the checks of the other types look up their patients' birth dates. Then the largest
-        types: each type is merged once all its files are staged, so the batch ends on small ones."""
-        files = [f for f in self.files if f.resource_type is not None]
-        type_sizes: dict[str | None, int] = {}
-        for landed in files:
-            type_sizes[landed.resource_type] = type_sizes.get(landed.resource_type, 0) + landed.bytes
-        return sorted(files, key=lambda f: (f.resource_type != "Patient", -type_sizes[f.resource_type], f.file_no))
 
 
 def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:

@@ -13,12 +13,10 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
+from health_ingest.errors import ViewDefinitionError
+
 COLUMN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 SELECT_KEYS = {"column", "select", "forEach", "forEachOrNull", "repeat", "unionAll"}
-
-
-class ViewDefinitionError(ValueError):
-    """The ViewDefinition is invalid, or a path returned what its column forbids."""
 
 
 class ViewRunner:

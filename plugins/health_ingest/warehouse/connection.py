@@ -7,7 +7,6 @@ import os
 from urllib.parse import urlsplit, urlunsplit
 
 from health_ingest import config
-from health_ingest.config import running_under_airflow
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +15,8 @@ _DECLARED_BY_AIRFLOW: dict[str, dict] = {}
 
 
 def warehouse_url() -> str:
-    """`HEALTH_INGEST_WAREHOUSE_URL`, else the Airflow connection, else the embedded warehouse."""
+    """`HEALTH_INGEST_WAREHOUSE_URL`, else the Airflow connection `health_ingest_warehouse`, else the embedded
+    warehouse."""
     url = os.environ.get(config.ENV_WAREHOUSE_URL)
     if url:
         return url
@@ -46,15 +46,10 @@ def redact(url: str) -> str:
 
 
 def _airflow_connection_url() -> str | None:
-    if not running_under_airflow():
+    connection = config.connection(config.WAREHOUSE_CONN_ID)
+    if connection is None:
         return None
-    try:
-        from airflow.sdk import Connection
-
-        connection = Connection.get(config.WAREHOUSE_CONN_ID)
-    except Exception:  # no Airflow context, or no such connection
-        return None
-    extras = dict(connection.extra_dejson or {})
+    extras = connection.extra_dict()
     hosting = extras.pop("hosting", None)
     uri = _postgres_url(connection, extras)
     if hosting is not None:

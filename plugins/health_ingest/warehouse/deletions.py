@@ -9,11 +9,11 @@ from collections.abc import Iterator
 
 import orjson
 
+from health_ingest.deliveries import LandedFile
 from health_ingest.errors import DeliveryError
 from health_ingest.formats.ndjson import read_lines
 from health_ingest.formats.resource_types import RESOURCE_TYPES
 from health_ingest.privacy.tokens import Tokeniser
-from health_ingest.sources.landing import LandedFile
 
 log = logging.getLogger(__name__)
 

@@ -5,23 +5,17 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from health_ingest import config
-from health_ingest.errors import ConfigurationError
+from health_ingest.errors import ConfigurationError, JurisdictionRefused
 
 log = logging.getLogger(__name__)
 
-ENV_HOSTING = "HEALTH_INGEST_WAREHOUSE_HOSTING"
-ENV_POLICY = "HEALTH_INGEST_HOSTING_POLICY"
+ENV_HOSTING = config.ENV_WAREHOUSE_HOSTING
 ON_PREMISES = {"provider": "on-premises", "region": "local", "jurisdiction": "local"}
-
-
-class JurisdictionRefused(ConfigurationError):
-    """The hosting policy forbids this warehouse; the message names the rule."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +64,7 @@ class HostingDecision:
 def load_policy(path: Path | None = None) -> HostingPolicy:
     import yaml
 
-    path = path or Path(os.environ.get(ENV_POLICY) or config.project_root() / "dags" / "hosting-policy.yml")
+    path = path or config.hosting_policy_file()
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
@@ -130,7 +124,7 @@ def check_warehouse(url: str, declared: dict | None, policy: HostingPolicy | Non
 
 
 def declared_hosting_from_env() -> dict | None:
-    raw = os.environ.get(ENV_HOSTING)
+    raw = config.declared_hosting()
     if not raw:
         return None
     try:

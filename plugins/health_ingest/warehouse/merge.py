@@ -10,8 +10,7 @@ from health_ingest.warehouse.indexes import build_after_rows
 from health_ingest.warehouse.staging import staging_table
 
 if TYPE_CHECKING:
-    from health_ingest.pipeline import FileCounts
-    from health_ingest.sources.landing import LandedDelivery
+    from health_ingest.deliveries import FileCounts, LandedDelivery
 
 
 DUPLICATE_MESSAGE = "the same resource id appears again in this delivery; its newest version was loaded"

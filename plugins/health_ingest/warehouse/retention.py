@@ -4,7 +4,6 @@ is recorded in `ingest.purges`."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,9 +12,6 @@ from pathlib import Path
 from health_ingest import config
 
 log = logging.getLogger(__name__)
-
-ENV_RETENTION_DAYS = "HEALTH_INGEST_RETENTION_DAYS"
-DEFAULT_RETENTION_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -26,7 +22,7 @@ class PurgeReport:
 
 
 def retention_days() -> int:
-    return int(os.environ.get(ENV_RETENTION_DAYS, DEFAULT_RETENTION_DAYS))
+    return config.retention_days()
 
 
 def purge_raw_data(conn, *, older_than: timedelta, landing_root: Path | None = None) -> PurgeReport:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from health_ingest.config import running_under_airflow
+from health_ingest import config
 from health_ingest.errors import ConfigurationError, ExportError
 
 log = logging.getLogger(__name__)
@@ -43,15 +42,12 @@ def load_credentials(connection_id: str | None) -> Credentials:
     """The credentials of an Airflow connection (under Airflow) or of `AIRFLOW_CONN_<ID>` (elsewhere)."""
     if not connection_id:
         return Credentials("none")
-    document = _connection_document(connection_id)
-    extra = document.get("extra") or {}
-    if isinstance(extra, str):
-        try:
-            extra = json.loads(extra) if extra.strip() else {}
-        except ValueError:
-            raise ConfigurationError(f"connection {connection_id}: 'extra' is not JSON") from None
-    kind = extra.get("auth", "bearer" if document.get("password") else "none")
-    secret = document.get("password") or extra.get("private_key") or extra.get("token") or ""
+    connection = config.connection(connection_id)
+    if connection is None:
+        raise ConfigurationError(f"connection {connection_id} is not defined (Airflow connection or AIRFLOW_CONN_*)")
+    extra = connection.extra_dict()
+    kind = extra.get("auth", "bearer" if connection.password else "none")
+    secret = connection.password or extra.get("private_key") or extra.get("token") or ""
     if kind not in {"none", "bearer", "smart-backend-services"}:
         raise ConfigurationError(
             f"connection {connection_id}: auth must be none, bearer or smart-backend-services, not {kind!r}"
@@ -61,7 +57,7 @@ def load_credentials(connection_id: str | None) -> Credentials:
     credentials = Credentials(
         kind,
         secret,
-        client_id=str(extra.get("client_id") or document.get("login") or ""),
+        client_id=str(extra.get("client_id") or connection.login or ""),
         kid=str(extra.get("kid", "")),
         alg=str(extra.get("alg", "RS384")),
         scope=str(extra.get("scope", "system/*.read")),
@@ -195,33 +191,6 @@ def _oauth_error(response) -> str:
     except ValueError:
         return ""
     return str(body.get("error", ""))[:80] if isinstance(body, dict) else ""
-
-
-def _connection_document(connection_id: str) -> dict:
-    if running_under_airflow():
-        try:
-            from airflow.sdk import Connection
-
-            connection = Connection.get(connection_id)
-        except Exception:
-            connection = None
-        if connection is not None:
-            return {
-                "login": connection.login,
-                "password": connection.password,
-                "host": connection.host,
-                "extra": connection.extra_dejson or {},
-            }
-    raw = os.environ.get(f"AIRFLOW_CONN_{connection_id.upper()}")
-    if not raw:
-        raise ConfigurationError(f"connection {connection_id} is not defined (Airflow connection or AIRFLOW_CONN_*)")
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        raise ConfigurationError(f"connection {connection_id}: AIRFLOW_CONN_* must use Airflow's JSON form") from None
-    if not isinstance(document, dict):
-        raise ConfigurationError(f"connection {connection_id}: expected a JSON object")
-    return document
 
 
 def new_signing_key(alg: str = "RS384") -> tuple[bytes, dict]:

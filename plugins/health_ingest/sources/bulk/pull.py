@@ -1,6 +1,7 @@
-"""Pull a source's export and load it: resume or kick off, poll, download, then one batch that moves `_since`.
+"""Pull a source's export: resume or kick off, poll, download; then, for its batch, the commit hook that moves `_since`
+and the release of the server's files.
 
-The DAG, the CLI and the tests call `pull_export` then `load_export` (or `pull_and_load`). Every step leaves
+The DAG, the CLI and the tests call `pull_export`, then `batch.load.load_delivery` loads it. Every step leaves
 `ingest.source_state` so that a crash anywhere resumes where it stood: a run that finds an export in flight polls
 its status URL again instead of starting a new one, and one that finds it downloaded loads it.
 """
@@ -79,18 +80,6 @@ def status_wait(source: Source, status_url: str, attempt: int = 0) -> float | No
     return _client(source, _settings(source, None), None, None).status_wait(status_url, attempt)
 
 
-def load_export(source: Source, export: PulledExport | Path, *, warehouse: str | None = None, progress=None):
-    """One batch of the downloaded export; `_since` moves to its transactionTime in the batch's transaction."""
-    from health_ingest.pipeline import run_fhir_batch
-
-    delivery = export.delivery if isinstance(export, PulledExport) else Path(export)
-    result = run_fhir_batch(
-        delivery, source, url=warehouse, progress=progress, before_commit=commit_hook(source, delivery)
-    )
-    release_export(source, delivery)
-    return result
-
-
 def release_export(source: Source, delivery: Path) -> None:
     """After the commit: tell the server (DELETE) it may drop the files, and drop our download (landing keeps
     its own copy). A no-op for a delivery that is not a pulled export."""
@@ -102,21 +91,6 @@ def release_export(source: Source, delivery: Path) -> None:
         status = client.delete(record["status_url"])
         log.info("source %s: export's files released on the server (DELETE answered %s)", source.name, status)
     shutil.rmtree(delivery, ignore_errors=True)
-
-
-def pull_and_load(
-    source: Source,
-    *,
-    full_refresh: bool = False,
-    url: str | None = None,
-    progress=None,
-    warehouse: str | None = None,
-    session=None,
-):
-    export = pull_export(
-        source, full_refresh=full_refresh, url=url, progress=progress, warehouse=warehouse, session=session
-    )
-    return export, load_export(source, export, warehouse=warehouse)
 
 
 def download_once(url: str, folder: Path, *, progress: Progress | None = None, session=None) -> Path:

@@ -1,123 +1,67 @@
-"""One batch, end to end, without Airflow: land, read, check, pseudonymise, stage, verify, commit.
+"""The FHIR loader: a delivery's NDJSON lines checked, pseudonymised and encoded as COPY rows by worker processes,
+staged part by part, merged type by type into `fhir.<type>`, in the batch's one transaction (`lifecycle.run_batch`).
 
-DAG tasks, the CLI and the tests all call `run_fhir_batch`.
+Four stages run at once, a spool part (or a type) apart: the workers encode the next part into a spool, a thread
+copies the previous one into staging, the suites check each staged type on their own connection, and the load
+transaction merges each staged part.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import itertools
 import logging
+import os
 import queue
-import re
 import shutil
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from health_ingest import config
-from health_ingest.encoding import FileEncoder, release_free_memory
-from health_ingest.errors import BatchRejected, HealthIngestError, LoadError
-from health_ingest.privacy.gate import KAnonymityReport, check_k_anonymity, record_k_anonymity
-from health_ingest.privacy.keyring import Keyring, load_keyring
+import orjson
+
+from health_ingest.batch.lifecycle import (
+    BatchContext,
+    BatchResult,
+    BeforeCommit,
+    ProgressCallback,
+    StageFailure,
+    StepTimes,
+    commit_batch,
+    committed_result,
+    landing_folder,
+    run_batch,
+)
+from health_ingest.batch.workers import SavepointMerge, Stages, WorkerPool, release_free_memory
+from health_ingest.deliveries import FileCounts, LandedDelivery, LandedFile
+from health_ingest.errors import LoadError
+from health_ingest.formats.ndjson import read_lines
+from health_ingest.privacy.dates import DateShifter
+from health_ingest.privacy.escrow import EscrowCipher, encode_escrow_rows
+from health_ingest.privacy.gate import check_k_anonymity
+from health_ingest.privacy.keyring import Keyring
+from health_ingest.privacy.resources import ResourcePseudonymiser
 from health_ingest.privacy.tokens import Tokeniser
+from health_ingest.quality.checks import Rejection, check_line, last_updated
 from health_ingest.quality.reconcile import reconcile_part
-from health_ingest.quality.suites import evaluate_batch, quality_gate, record_outcomes
-from health_ingest.sources.landing import LandedDelivery, LandedFile, land_fhir_delivery
+from health_ingest.quality.strict import StrictRules, strict_problem
+from health_ingest.quality.suites import evaluate_batch, quality_gate
+from health_ingest.sources.landing import land_fhir_delivery
 from health_ingest.sources.registry import Source
-from health_ingest.warehouse import batches, merge, staging
-from health_ingest.warehouse.connection import connect, hosting_decision, warehouse_url
+from health_ingest.warehouse import merge, staging
+from health_ingest.warehouse.connection import connect
 from health_ingest.warehouse.deletions import apply_deletions, record_export_errors
-from health_ingest.warehouse.migrations import require_migrated
+from health_ingest.warehouse.staging import encode_loaded, encode_rejected
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, bool], None]  # file name, records so far, file done
-BeforeCommit = Callable[[object, str], None]  # (cursor, batch id): last writes of the load transaction
 ESCROW_SPOOL = "escrow.copy"
 SPOOL_BYTES = 16 << 20  # a file's spool is staged in parts of about this size, while the workers encode the next
-QUOTED = re.compile(r'"[^"]*"')
-
-
-@dataclass
-class FileCounts:
-    """What the reader saw in one file; each part of it is reconciled with what PostgreSQL staged."""
-
-    rows_read: int = 0
-    rows_quarantined: int = 0
-
-    @property
-    def rows_loaded(self) -> int:
-        return self.rows_read - self.rows_quarantined
-
-
-@dataclass
-class TypeCounts:
-    rows_read: int = 0
-    rows_loaded: int = 0
-    rows_quarantined: int = 0
-
-
-@dataclass
-class StepTimes:
-    """Seconds per step. Check and pseudonymise are CPU seconds summed over the workers; they overlap with
-    reading and with PostgreSQL's staging and merging, so the steps add up to more than the wall time."""
-
-    land: float = 0.0
-    read: float = 0.0
-    check: float = 0.0
-    pseudonymise: float = 0.0
-    stage: float = 0.0
-    verify: float = 0.0
-    suites: float = 0.0  # the quality suites (FHIR: on their own connection, beside the merges)
-    suites_waited: float = 0.0  # what the batch waited for them once its merges were done (part of verify)
-    commit: float = 0.0
-
-
-@dataclass
-class BatchResult:
-    batch_id: str
-    source: str
-    status: str
-    key_id: str
-    input_sha256: str
-    counts: dict[str, TypeCounts]
-    skipped_files: list[str]
-    elapsed: float
-    commit_seq: int | None = None
-    times: StepTimes = field(default_factory=StepTimes)
-
-    @property
-    def rows_read(self) -> int:
-        return sum(c.rows_read for c in self.counts.values())
-
-    @property
-    def rows_loaded(self) -> int:
-        return sum(c.rows_loaded for c in self.counts.values())
-
-    @property
-    def rows_quarantined(self) -> int:
-        return sum(c.rows_quarantined for c in self.counts.values())
-
-    def to_summary(self) -> dict:
-        """A JSON-safe summary with counts only (it travels through XCom and logs)."""
-        return {
-            "batch_id": self.batch_id,
-            "source": self.source,
-            "status": self.status,
-            "commit_seq": self.commit_seq,
-            "key_id": self.key_id,
-            "rows_read": self.rows_read,
-            "rows_loaded": self.rows_loaded,
-            "rows_quarantined": self.rows_quarantined,
-            "by_type": {t: vars(c) for t, c in sorted(self.counts.items())},
-            "skipped_files": self.skipped_files,
-            "elapsed_seconds": round(self.elapsed, 3),
-        }
+CHUNK_LINES = 2000
+CHUNK_BYTES = 1 << 19  # about 512 KiB of raw lines
 
 
 def run_fhir_batch(
@@ -136,7 +80,7 @@ def run_fhir_batch(
         delivery,
         source,
         "fhir",
-        _BatchLoader,
+        FhirLoader,
         url=url,
         keyring=keyring,
         progress=progress,
@@ -144,110 +88,30 @@ def run_fhir_batch(
     )
 
 
-def run_batch(
-    delivery: Path,
-    source: Source,
-    kind: str,
-    loader_class,
-    *,
-    url: str | None = None,
-    keyring: Keyring | None = None,
-    progress: ProgressCallback | None = None,
-    before_commit: BeforeCommit | None = None,
-) -> BatchResult:
-    """The life of any batch: the source's lock, the batch row, the loader's transaction, and on failure a
-    rollback, a 'failed' (or 'rejected') row with a message that quotes no record, and the staging dropped."""
-    started = time.perf_counter()
-    keyring = keyring or load_keyring()
-    warehouse = url or warehouse_url()
-    conn = connect(warehouse)
-    copy_conn = None
-    try:
-        conn.autocommit = True
-        require_migrated(conn)
-        batches.lock_source(conn, source.name)
-        abandoned = batches.fail_abandoned_batches(conn, source.name)
-        if abandoned:
-            log.warning("source %s: marked %d abandoned batch(es) as failed", source.name, len(abandoned))
-            with conn.cursor() as cur:
-                for abandoned_id in abandoned:
-                    staging.drop_staging_tables(cur, abandoned_id)
-        batch_id = batches.open_batch(
-            conn,
-            source=source.name,
-            kind=kind,
-            key_id=keyring.active_id,
-            delivery=Path(delivery).name,
-            hosting=hosting_decision(warehouse).describe(),
-        )
-        log.info("source %s: batch %s started (key %s)", source.name, batch_id, keyring.active_id)
-        loader = loader_class(batch_id, source, keyring, progress, warehouse)
-        loader.before_commit = before_commit
-        copy_conn = connect(warehouse)
-        copy_conn.autocommit = True
-        try:
-            result = loader.load(conn, copy_conn, Path(delivery))
-        except BaseException as error:
-            message = _safe_message(error, loader.position)
-            conn.rollback()
-            conn.autocommit = True
-            batches.mark_failed(conn, batch_id, message, status=_failure_status(error))
-            if isinstance(error, BatchRejected):
-                _record_rejection_evidence(conn, batch_id, error.evidence)
-            log.error(
-                "source %s: batch %s %s, nothing committed: %s", source.name, batch_id, _failure_status(error), message
-            )
-            if not isinstance(error, HealthIngestError):
-                log.error("where it failed:\n%s", "".join(traceback.format_tb(error.__traceback__)))
-            if isinstance(error, KeyboardInterrupt):
-                raise
-            failure = BatchRejected if isinstance(error, BatchRejected) else LoadError
-            raise failure(f"batch {batch_id} of source {source.name} {_failure_status(error)}: {message}") from None
-        result.elapsed = time.perf_counter() - started
-        log.info(
-            "source %s: batch %s committed: %d read = %d loaded + %d quarantined in %.1f s",
-            source.name,
-            batch_id,
-            result.rows_read,
-            result.rows_loaded,
-            result.rows_quarantined,
-            result.elapsed,
-        )
-        return result
-    finally:
-        if copy_conn is not None:
-            with copy_conn.cursor() as cur:
-                staging.drop_staging_tables(cur, batch_id)
-            copy_conn.close()
-        conn.close()
-
-
 # --- implementation details -------------------------------------------------------------------
 
 
-class _BatchLoader:
-    """The load transaction of one batch. Keeps its position so that errors can say where they happened."""
+class FhirLoader:
+    """The load transaction of one FHIR batch (a `lifecycle.Loader`). Keeps its position so that errors can say
+    where they happened."""
 
-    def __init__(
-        self, batch_id: str, source: Source, keyring: Keyring, progress: ProgressCallback | None, warehouse: str
-    ):
-        self.batch_id = batch_id
-        self.warehouse = warehouse
-        self.source = source
-        self.key_id = keyring.active_id
-        self.keyring = keyring
-        self.progress = progress
+    def __init__(self, context: BatchContext) -> None:
+        self.batch_id = context.batch_id
+        self.warehouse = context.warehouse
+        self.source = context.source
+        self.key_id = context.keyring.active_id
+        self.keyring = context.keyring
+        self.progress = context.progress
+        self.before_commit: BeforeCommit | None = context.before_commit
         self.position = "while landing the delivery"
         self._producer_position = "while reading the delivery"
         self.times = StepTimes()
         self.outcomes: list = []  # the quality suites' results, gathered type by type
-        self.before_commit: BeforeCommit | None = None
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         """`copy_conn` stages (autocommit); `conn` holds the load transaction that merges and commits."""
         clock = started = time.perf_counter()
-        landing = config.state_dir() / "landing" / self.source.name / self.batch_id
-        landed = land_fhir_delivery(delivery, landing)
+        landed = land_fhir_delivery(delivery, landing_folder(self.source, self.batch_id))
         self.times.land = time.perf_counter() - clock
         for skipped in landed.files:
             if skipped.skip_reason:
@@ -263,12 +127,13 @@ class _BatchLoader:
             self.position = "while committing"
             with_rejects = {f.resource_type for f in landed.loadable if file_counts[f.file_no].rows_quarantined}
             merge.quarantine_rejected(cur, self.batch_id, landed, with_rejects)
-            counts, commit_seq = mark_batch_committed(cur, self.batch_id, landed, file_counts, self.times, started)
-            if self.before_commit is not None:
-                self.before_commit(cur, self.batch_id)
+            counts, commit_seq = commit_batch(cur, self, landed, file_counts, started)
         conn.commit()
         self.times.commit += time.perf_counter() - clock
         return committed_result(self, landed, counts, commit_seq)
+
+    def warehouse_table(self, name: str) -> str:
+        return f"fhir.{name.lower()}"
 
     def _apply_export_files(self, cur, landed: LandedDelivery) -> None:
         """An export's deleted[] files delete by pseudonym; its error[] files are counted and recorded."""
@@ -291,24 +156,15 @@ class _BatchLoader:
         for resource_type in sorted({f.resource_type for f in landed.loadable}):
             staging.create_staging_table(copy_cur, self.batch_id, resource_type)
         file_counts = {f.file_no: FileCounts() for f in landed.loadable}
+        stages = Stages()
         handoff: queue.Queue = queue.Queue(maxsize=2)
         staged: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        producer = threading.Thread(
-            target=self._encode_into_spools,
-            args=(landed, file_counts, landed.folder / ".spool", handoff, stop),
-            name="encode",
-            daemon=True,
-        )
         suites = _SuiteRunner(self, landed)
-        stager = threading.Thread(
-            target=self._stage_spools, args=(copy_cur, landed, file_counts, handoff, staged, suites), name="stage"
-        )
-        producer.start()
-        stager.start()
+        stages.start("encode", self._encode_into_spools, landed, file_counts, landed.folder / ".spool", handoff, stages)
+        stages.start("stage", self._stage_spools, copy_cur, landed, file_counts, handoff, staged, suites, stages)
         merger = _TypeMerge(cur, self.batch_id, self.source.id_space)
         try:
-            while (item := staged.get()) is not None:
+            while (item := stages.next(staged)) is not None:
                 if isinstance(item, StageFailure):
                     self.position = item.position
                     raise item.error
@@ -332,36 +188,27 @@ class _BatchLoader:
             self.times.suites_waited = time.perf_counter() - clock  # what the merges did not hide of the suites
             self.times.verify += self.times.suites_waited
         finally:
-            stop.set()
-            while producer.is_alive():
-                with contextlib.suppress(queue.Empty):
-                    handoff.get_nowait()
-                producer.join(0.05)
-            while True:  # what the stager did not take is dropped with the spool folder
-                try:
-                    handoff.get_nowait()
-                except queue.Empty:
-                    break
-            handoff.put(None)  # the stager stops at the end of what it has
-            stager.join()
+            stages.close()  # what the stager did not take is dropped with the spool folder
             suites.close()
             shutil.rmtree(landed.folder / ".spool", ignore_errors=True)
         return file_counts
 
-    def _stage_spools(self, copy_cur, landed: LandedDelivery, file_counts, handoff, staged, suites) -> None:
+    def _stage_spools(
+        self, copy_cur, landed: LandedDelivery, file_counts, handoff, staged, suites, stages: Stages
+    ) -> None:
         """COPY each spool into a part of its type's staging table and hand the part to the merge; a type whose
         last part is staged goes to its suite and to the end of its merge."""
         last_file_of_type = {f.resource_type: f.file_no for f in landed.loadable}
         position = "while staging"
         try:
             for part_no in itertools.count():
-                item = handoff.get()
+                item = stages.next(handoff)
                 if item is None:
                     break
                 if isinstance(item, StageFailure):
-                    staged.put(item)
+                    stages.put(staged, item)
                     return
-                landed_file, spool = item
+                landed_file, spool = item.landed_file, item.spool
                 clock = time.perf_counter()
                 position = f"while staging {landed_file.name}"
                 part = staging.create_staging_part(copy_cur, self.batch_id, landed_file.resource_type, part_no)
@@ -370,7 +217,7 @@ class _BatchLoader:
                 for rows_file in spool.files:
                     rows_file.unlink()
                 self.times.stage += time.perf_counter() - clock
-                staged.put(_StagedPart(landed_file.resource_type, part, spool.good_rows))
+                stages.put(staged, _StagedPart(landed_file.resource_type, part, spool.good_rows))
                 if not spool.last:
                     continue
                 counts = file_counts[landed_file.file_no]
@@ -381,10 +228,10 @@ class _BatchLoader:
                     table = staging.staging_table(self.batch_id, landed_file.resource_type)
                     duplicates = merge.quarantine_duplicates(copy_cur, table)
                     suites.submit(landed_file.resource_type)
-                    staged.put(_TypeStaged(landed_file.resource_type, duplicates))
-            staged.put(None)
+                    stages.put(staged, _TypeStaged(landed_file.resource_type, duplicates))
+            stages.put(staged, None)
         except BaseException as error:
-            staged.put(StageFailure(error, position))
+            stages.put(staged, StageFailure(error, position))
 
     def _quality_gate(self, cur, landed: LandedDelivery) -> None:
         quality_gate(cur, self.batch_id, self.source, self.outcomes, self.times.suites)
@@ -416,7 +263,7 @@ class _BatchLoader:
         file_counts: dict[int, FileCounts],
         spool_folder: Path,
         handoff: queue.Queue,
-        stop: threading.Event,
+        stages: Stages,
     ) -> None:
         try:
             spool_folder.mkdir(mode=0o700)
@@ -425,17 +272,18 @@ class _BatchLoader:
                 (spool_folder / ESCROW_SPOOL).open("wb") as escrow,
             ):
                 for landed_file in landed.loadable:
-                    if stop.is_set():
+                    if stages.stop.is_set():
                         return
                     spools = self._encode_file(
-                        encoder, landed_file, file_counts[landed_file.file_no], spool_folder, escrow, stop
+                        encoder, landed_file, file_counts[landed_file.file_no], spool_folder, escrow, stages.stop
                     )
                     for spool in spools:
-                        handoff.put((landed_file, spool))
+                        if not stages.put(handoff, _SpoolReady(landed_file, spool)):
+                            return
                 self.times.read += encoder.read_seconds
-            handoff.put(None)
+            stages.put(handoff, None)
         except BaseException as error:
-            handoff.put(StageFailure(error, self._producer_position))
+            stages.put(handoff, StageFailure(error, self._producer_position))
 
     def _encode_file(
         self,
@@ -516,46 +364,49 @@ class _TypeStaged:
     duplicates: dict[int, int]
 
 
+@dataclass(frozen=True)
+class _SpoolReady:
+    """A spool of a file, encoded, for the stager to copy."""
+
+    landed_file: LandedFile
+    spool: _Spool
+
+
 class _TypeMerge:
-    """A type's merge, part by part as its parts are staged, under a savepoint: new ids go in as they come. When a
-    part meets ids that are there already (stored by an earlier batch, or twice in this delivery), what the parts
-    did is rolled back and the type is merged again at its end, as a whole, by the upsert rules. A type new to the
-    warehouse gets its table without key and indexes, which are built at the type's end, after its rows. Types come
-    one after the other (`LandedDelivery.loadable` keeps a type's files together)."""
+    """A type's merge, part by part as its parts are staged, under a savepoint (`workers.SavepointMerge`): new ids
+    go in as they come. When a part meets ids that are there already (stored by an earlier batch, or twice in this
+    delivery), what the parts did is rolled back and the type is merged again at its end, as a whole, by the upsert
+    rules. Types come one after the other (`LandedDelivery.loadable` keeps a type's files together)."""
 
     def __init__(self, cur, batch_id: str, id_space: str) -> None:
         self.cur, self.batch_id, self.id_space = cur, batch_id, id_space
         self.open_type: str | None = None
         self.table = ""
-        self.only_new_ids = True
-        self.new_table = False
+        self.savepoint: SavepointMerge | None = None
 
     def part(self, staged: _StagedPart) -> None:
         if staged.resource_type != self.open_type:
             if self.open_type is not None:
                 raise LoadError(f"{staged.resource_type} staged before the end of {self.open_type}")
-            self.cur.execute("SAVEPOINT type_merge")
-            self.open_type, self.only_new_ids = staged.resource_type, True
+            self.open_type = staged.resource_type
+            self.savepoint = SavepointMerge(self.cur, "type_merge")
             created = merge.create_unindexed_table(self.cur, staged.resource_type)
-            self.new_table = created is not None
+            self.savepoint.unindexed = created is not None
             self.table = created or merge.fhir_table(self.cur, staged.resource_type)
-        if self.only_new_ids:
-            insert = merge.insert_all if self.new_table else merge.insert_new
+        if self.savepoint.inserting:
+            insert = merge.insert_all if self.savepoint.unindexed else merge.insert_new
             inserted = insert(self.cur, self.batch_id, self.table, staged.table, self.id_space)
-            self.only_new_ids = inserted == staged.good_rows
+            self.savepoint.inserting = inserted == staged.good_rows
 
     def finish(self, resource_type: str, offered: int, had_duplicates: bool) -> None:
         if self.open_type != resource_type:
             raise LoadError(f"{resource_type} ended before its parts were merged")
-        merged = self.only_new_ids and not had_duplicates
-        if merged and self.new_table:
-            merged = merge.index_new_table(self.cur, self.table)
-        if merged:
-            self.cur.execute("RELEASE SAVEPOINT type_merge")
-        else:
-            self.cur.execute("ROLLBACK TO SAVEPOINT type_merge")
-            self.cur.execute("RELEASE SAVEPOINT type_merge")
-            merge.merge_resource_type(self.cur, self.batch_id, resource_type, self.id_space, offered)
+        cur, batch_id, id_space = self.cur, self.batch_id, self.id_space
+        self.savepoint.finish(
+            self.savepoint.inserting and not had_duplicates,
+            build_key=lambda: merge.index_new_table(cur, self.table),
+            merge_whole=lambda: merge.merge_resource_type(cur, batch_id, resource_type, id_space, offered),
+        )
         self.open_type = None
 
 
@@ -564,7 +415,7 @@ class _SuiteRunner:
     staging tables (committed at once) and the stored patients, so PostgreSQL checks one type on one core while
     it merges the next on the other."""
 
-    def __init__(self, loader: _BatchLoader, landed: LandedDelivery) -> None:
+    def __init__(self, loader: FhirLoader, landed: LandedDelivery) -> None:
         self.loader = loader
         self.types = sorted({f.resource_type for f in landed.loadable})
         self.pending: queue.Queue = queue.Queue()
@@ -622,88 +473,205 @@ class _SuiteRunner:
                 conn.close()
 
 
-@dataclass(frozen=True)
-class StageFailure:
-    """An error of a stage thread, handed down its queue to the load transaction with where the stage was."""
-
-    error: BaseException
-    position: str
+# --- the encoder: check, pseudonymise and encode lines as COPY rows, in chunks, on every core ------------
 
 
-def counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> dict[str, TypeCounts]:
-    """Per resource type (or claims table), the counts of its files."""
-    counts: dict[str, TypeCounts] = {}
-    for landed_file in landed.loadable:
-        per_file = file_counts[landed_file.file_no]
-        total = counts.setdefault(landed_file.resource_type, TypeCounts())
-        total.rows_read += per_file.rows_read
-        total.rows_loaded += per_file.rows_loaded
-        total.rows_quarantined += per_file.rows_quarantined
-    return counts
+@dataclass(frozen=True, slots=True)
+class EncodedChunk:
+    """COPY rows for a run of lines, good and rejected alike, with what the worker counted and spent."""
+
+    data: bytes  # the rows, unless a worker wrote them to `rows_file`
+    escrow: bytes  # COPY rows for the escrow, when the source keeps one
+    rows_read: int
+    rows_quarantined: int
+    first_line: int
+    check_seconds: float
+    pseudonymise_seconds: float
+    size: int = 0  # bytes of rows
+    rows_file: str | None = None  # where a worker appended the rows, with the other chunks of its `part`
+    part: int = 0
 
 
-def mark_batch_committed(
-    cur, batch_id: str, landed: LandedDelivery, file_counts: dict[int, FileCounts], times: StepTimes, started: float
-) -> tuple[dict[str, TypeCounts], int]:
-    """The end of every load transaction: the files recorded, the batch marked committed with its counts."""
-    merge.record_files(cur, batch_id, landed, file_counts)
-    counts = counts_by_type(landed, file_counts)
-    totals = TypeCounts(*(sum(getattr(c, k) for c in counts.values()) for k in vars(TypeCounts())))
-    commit_seq = batches.mark_committed(
-        cur,
-        batch_id,
-        rows_read=totals.rows_read,
-        rows_loaded=totals.rows_loaded,
-        rows_quarantined=totals.rows_quarantined,
-        input_sha256=landed.input_sha256,
-        step_seconds={
-            **{step: round(seconds, 4) for step, seconds in vars(times).items()},
-            "elapsed": round(time.perf_counter() - started, 4),
-        },
-    )
-    return counts, commit_seq
+class ChunkEncoder:
+    def __init__(
+        self,
+        pseudonymiser: ResourcePseudonymiser,
+        escrow: EscrowCipher | None = None,
+        *,
+        strict: bool = False,
+        rules: StrictRules | None = None,
+    ) -> None:
+        self._strict = strict
+        self._rules = rules
+        self.pseudonymiser = pseudonymiser
+        self._pseudonymise = pseudonymiser.pseudonymise
+        self._tokens = pseudonymiser.tokens
+        self._escrow = escrow
+
+    def encode(self, file_no: int, expected_type: str, lines: list[tuple[int, bytes]]) -> EncodedChunk:
+        rows, rejected = [], 0
+        pseudonymise, dumps, clock = self._pseudonymise, orjson.dumps, time.perf_counter
+        check_seconds = pseudonymise_seconds = 0.0
+        for line_no, raw in lines:
+            t0 = clock()
+            checked = check_line(raw, expected_type)
+            t1 = clock()
+            check_seconds += t1 - t0
+            if self._strict and type(checked) is not Rejection:
+                checked = strict_problem(checked, self._rules) or checked
+            if type(checked) is Rejection:
+                rejected += 1
+                rows.append(encode_rejected(file_no, line_no, checked.reason, checked.message))
+                continue
+            updated = last_updated(checked)
+            ids = pseudonymise(checked)
+            rows.append(encode_loaded(file_no, line_no, ids.resource_id, ids.patient_id, updated, dumps(checked)))
+            pseudonymise_seconds += clock() - t1
+        escrow = encode_escrow_rows(self._escrow, self._tokens.drain_new_tokens()) if self._escrow else b""
+        data = b"".join(rows)
+        return EncodedChunk(
+            data,
+            escrow,
+            len(lines),
+            rejected,
+            lines[0][0] if lines else 0,
+            check_seconds,
+            pseudonymise_seconds,
+            len(data),
+        )
 
 
-def committed_result(loader, landed: LandedDelivery, counts: dict[str, TypeCounts], commit_seq: int) -> BatchResult:
-    return BatchResult(
-        batch_id=loader.batch_id,
-        source=loader.source.name,
-        status="committed",
-        key_id=loader.key_id,
-        input_sha256=landed.input_sha256,
-        counts=counts,
-        skipped_files=[f.name for f in landed.files if f.skip_reason],
-        elapsed=0.0,
-        commit_seq=commit_seq,
-        times=loader.times,
-    )
+class FileEncoder(WorkerPool):
+    """Encodes whole files chunk by chunk, in worker processes when there is more than one core; chunks come back
+    in file order. Use as a context manager: the workers stop with it."""
+
+    def __init__(self, keyring: Keyring, source: Source, workers: int | None = None) -> None:
+        super().__init__(_start_worker, (keyring, source), workers)
+        self.read_seconds = 0.0
+        self._local = None if self.workers > 1 else chunk_encoder(keyring, source)
+
+    def encode(
+        self,
+        path: Path,
+        file_no: int,
+        expected_type: str,
+        rows_folder: Path | None = None,
+        part_bytes: int | None = None,
+    ) -> Iterator[EncodedChunk]:
+        """Chunks of the file, encoded, in file order. Workers read the byte ranges of a plain file themselves;
+        when `rows_folder` is given, each appends its chunks' rows to a file of its own per part (`part_bytes`
+        of the input; None: the whole file): neither the raw lines nor the rows pass through this process (a
+        gzip file, which cannot be read at an offset, is sent to them line by line and its rows come back)."""
+        if not self.parallel:
+            for lines in self._chunks(path):
+                yield self._local.encode(file_no, expected_type, lines)
+            return
+        if not path.name.lower().endswith(".gz"):
+            tasks = (
+                (
+                    _encode_range_in_worker,
+                    str(path),
+                    start,
+                    end,
+                    first_line,
+                    file_no,
+                    expected_type,
+                    str(rows_folder) if rows_folder else None,
+                    start // part_bytes if part_bytes else 0,
+                )
+                for start, end, first_line in self._ranges(path)
+            )
+        else:
+            tasks = ((_encode_in_worker, file_no, expected_type, lines) for lines in self._chunks(path))
+        yield from self.in_order(tasks)
+
+    def _ranges(self, path: Path) -> Iterator[tuple[int, int, int]]:
+        """(start, end, first line number) of runs of whole lines of about CHUNK_BYTES; one reused buffer counts
+        the newlines, so that line numbers stay exact."""
+        clock = time.perf_counter
+        buffer = bytearray(CHUNK_BYTES)
+        with path.open("rb") as handle:
+            offset, line = 0, 1
+            while True:
+                started = clock()
+                read = handle.readinto(buffer)
+                if not read:
+                    return
+                rest = handle.readline() if read == CHUNK_BYTES else b""  # to the end of the line cut
+                newlines = buffer.count(b"\n", 0, read) + rest.count(b"\n")
+                self.read_seconds += clock() - started
+                end = offset + read + len(rest)
+                yield offset, end, line
+                offset, line = end, line + newlines
+
+    def _chunks(self, path: Path) -> Iterator[list[tuple[int, bytes]]]:
+        """Chunks of at most CHUNK_LINES lines and about CHUNK_BYTES: large resources (notes, bundles) make
+        fewer lines per chunk, so that memory in flight does not depend on what the file holds."""
+        clock = time.perf_counter
+        started = clock()
+        chunk: list[tuple[int, bytes]] = []
+        size = 0
+        for entry in read_lines(path):
+            chunk.append(entry)
+            size += len(entry[1])
+            if len(chunk) >= CHUNK_LINES or size >= CHUNK_BYTES:
+                self.read_seconds += clock() - started
+                yield chunk
+                started = clock()
+                chunk, size = [], 0
+        self.read_seconds += clock() - started
+        if chunk:
+            yield chunk
 
 
-def _record_rejection_evidence(conn, batch_id: str, evidence: object) -> None:
-    """A rejected batch keeps why: the gate's report, written after the rollback, and its Data Docs."""
-    with conn.cursor() as cur:
-        if isinstance(evidence, KAnonymityReport):
-            record_k_anonymity(cur, batch_id, evidence)
-        elif isinstance(evidence, list):
-            record_outcomes(cur, batch_id, evidence)
-    if isinstance(evidence, list):
-        from health_ingest.quality.docs import publish_data_docs
+# --- the encoding workers' side ----------------------------------------------------------------
 
-        publish_data_docs(conn, batch_id)
+_worker: ChunkEncoder | None = None
 
 
-def _failure_status(error: BaseException) -> str:
-    return "rejected" if isinstance(error, BatchRejected) else "failed"
+def chunk_encoder(keyring: Keyring, source: Source) -> ChunkEncoder:
+    """The per-process encoder for a source: its id space, its privacy policy, its escrow."""
+    policy = source.privacy
+    tokeniser = Tokeniser(keyring, id_space=source.id_space, record_new=policy.escrow)
+    shifter = DateShifter(keyring, policy.date_shift_days) if policy.date_shift_days else None
+    pseudonymiser = ResourcePseudonymiser(tokeniser, policy, date_shifter=shifter)
+    escrow = EscrowCipher(keyring) if policy.escrow else None
+    return ChunkEncoder(pseudonymiser, escrow, strict=source.quality.strict, rules=source.quality.strict_rules)
 
 
-def _safe_message(error: BaseException, position: str) -> str:
-    """An error message that cannot quote a record: PostgreSQL's detail and context lines are left out."""
-    if isinstance(error, HealthIngestError):
-        return str(error)
-    pgcode = getattr(error, "pgcode", None)
-    if pgcode is not None:
-        diag = getattr(error, "diag", None)
-        # PostgreSQL quotes input values in some primary messages: keep the words, drop the quotes
-        primary = QUOTED.sub('"..."', getattr(diag, "message_primary", None) or "no message")
-        return f"PostgreSQL error {pgcode} ({primary}) {position}"
-    return f"{type(error).__name__} {position}"
+def _start_worker(keyring: Keyring, source: Source) -> None:
+    global _worker
+    _worker = chunk_encoder(keyring, source)
+
+
+def _encode_in_worker(file_no: int, expected_type: str, lines: list[tuple[int, bytes]]) -> EncodedChunk:
+    return _worker.encode(file_no, expected_type, lines)
+
+
+def _encode_range_in_worker(
+    path: str,
+    start: int,
+    end: int,
+    first_line: int,
+    file_no: int,
+    expected_type: str,
+    rows_folder: str | None,
+    part: int,
+) -> EncodedChunk:
+    """Read a run of whole lines of the file and encode them; the rows are appended to this worker's file of the
+    part when there is a folder for them."""
+    chunk = _worker.encode(file_no, expected_type, lines_of_range(path, start, end, first_line))
+    if rows_folder is None:
+        return chunk
+    rows_file = f"{rows_folder}/{file_no}.{part}.{os.getpid()}.rows"
+    with open(rows_file, "ab") as handle:
+        handle.write(chunk.data)
+    return dataclasses.replace(chunk, data=b"", rows_file=rows_file, part=part)
+
+
+def lines_of_range(path: str | Path, start: int, end: int, first_line: int) -> list[tuple[int, bytes]]:
+    """(line number, raw bytes) of the non-blank lines of a byte range that starts and ends at line breaks."""
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        data = handle.read(end - start)
+    return [(number, raw) for number, raw in enumerate(data.split(b"\n"), start=first_line) if raw.strip()]

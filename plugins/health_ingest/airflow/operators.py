@@ -1,4 +1,5 @@
-"""The pull task of a Bulk Data source: it waits for the server's export in the triggerer, not on a worker."""
+"""Operators: the pull task of a Bulk Data source, which waits for the server's export in the triggerer, not on a
+worker."""
 
 from __future__ import annotations
 
@@ -22,14 +23,16 @@ class PullExportOperator(BaseOperator):
         self.source_name = source_name
 
     def execute(self, context) -> list[str]:
+        from health_ingest.airflow.tasks import failing_without_retry
+        from health_ingest.airflow.triggers import ExportReadyTrigger
         from health_ingest.sources.bulk.pull import prepare_export
         from health_ingest.sources.registry import get_source
-        from health_ingest.sources.triggers import ExportReadyTrigger
 
         params = context["params"]
         if params.get("delivery_path"):
             return [str(Path(params["delivery_path"]).resolve())]
-        prepared = prepare_export(get_source(self.source_name), full_refresh=bool(params.get("full_refresh")))
+        with failing_without_retry():
+            prepared = prepare_export(get_source(self.source_name), full_refresh=bool(params.get("full_refresh")))
         if "delivery" in prepared:
             return self._deliveries(prepared["delivery"])
         self.defer(
@@ -39,6 +42,7 @@ class PullExportOperator(BaseOperator):
 
     def execute_complete(self, context, event: dict[str, Any]) -> list[str]:
         """The manifest is ready (or the export expired, which the pull starts again): download it."""
+        from health_ingest.airflow.tasks import failing_without_retry
         from health_ingest.errors import ExportError
         from health_ingest.sources.bulk.pull import pull_export
         from health_ingest.sources.registry import get_source
@@ -50,13 +54,14 @@ class PullExportOperator(BaseOperator):
                 f"source {self.source_name}: the export did not finish before its deadline; it stays recorded and "
                 "the next run polls it again"
             )
-        export = pull_export(get_source(self.source_name))
+        with failing_without_retry():
+            export = pull_export(get_source(self.source_name))
         log.info(
             "source %s: export of %s downloaded, %d records", self.source_name, export.transaction_time, export.records
         )
         return self._deliveries(str(export.delivery))
 
     def _deliveries(self, first: str) -> list[str]:
-        from health_ingest.orchestration import find_deliveries
+        from health_ingest.airflow.tasks import find_deliveries
 
         return [str(Path(first).resolve()), *find_deliveries(self.source_name, {})]

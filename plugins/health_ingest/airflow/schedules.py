@@ -1,0 +1,60 @@
+"""What the DAG files build from the sources file: which sources, their schedules, their documentation, their Asset
+alias. Airflow is imported inside the functions: Airflow parses DAG files every few seconds."""
+
+from __future__ import annotations
+
+from health_ingest.sources.registry import Source, load_sources
+
+
+def sources_of_kind(kind: str) -> list[Source]:
+    return [s for s in load_sources().values() if s.kind == kind]
+
+
+def schedule_for(source: Source):
+    """The source's cron schedule, or-ed with an Asset whose watcher fires when a delivery lands."""
+    from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable
+
+    from health_ingest.airflow.triggers import DeliveryReadyTrigger
+
+    assets = None
+    if source.inbox is not None:
+        assets = Asset(
+            name=f"{source.name}_deliveries",
+            uri=f"file://{source.inbox}",
+            watchers=[
+                AssetWatcher(name=f"{source.name}_delivery_ready", trigger=DeliveryReadyTrigger(str(source.inbox)))
+            ],
+        )
+    if source.schedule and assets is not None:
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(source.schedule, timezone="UTC"), assets=assets)
+    if source.schedule:
+        return CronTriggerTimetable(source.schedule, timezone="UTC")
+    return assets
+
+
+def tables_alias(source: Source):
+    """The alias through which a source's DAG emits one Asset event per warehouse table it wrote."""
+    from airflow.sdk import AssetAlias
+
+    return AssetAlias(f"{source.name}_warehouse_tables")
+
+
+def doc_md(source: Source) -> str:
+    inbox = f"`{source.inbox}`" if source.inbox else "none (deliveries are given as a parameter)"
+    return (
+        f"### {source.kind.upper()} source `{source.name}`\n\n{source.description}\n\n"
+        f"- **Runs**: on `{source.schedule or 'no schedule'}` (UTC), and as soon as a delivery's `_READY` "
+        f"marker appears in the inbox {inbox}.\n"
+        "- **One batch per delivery**: land, read, check, pseudonymise, stage, verify, commit. A batch commits "
+        "whole or not at all; bad records go to `ingest.quarantine` with file, line and reason.\n"
+        + (
+            f"- **Pulls** `$export` from `{source.bulk.url}` ({source.bulk.level} level): incremental from the last "
+            "committed export's transactionTime; *Trigger DAG* with `full_refresh` exports everything again. An "
+            "export in flight is resumed, never started twice.\n"
+            if source.bulk
+            else ""
+        )
+        + "- **Trigger a delivery by hand**: *Trigger DAG* with `delivery_path` set to a folder of NDJSON files.\n"
+        "- **After a failure**: `health-ingest warehouse status` shows the batch and its error; the delivery stays "
+        "pending and the next run takes it again.\n"
+    )

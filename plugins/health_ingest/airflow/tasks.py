@@ -1,0 +1,116 @@
+"""The bodies of the DAG files' tasks: each calls the package's one entry point for its action and turns what
+Airflow must know (retry or not, Asset events) into Airflow's terms.
+
+Heavy modules are imported inside the functions: Airflow parses DAG files every few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from health_ingest.sources.registry import Source
+
+log = logging.getLogger(__name__)
+
+
+def find_deliveries(source_name: str, params: dict[str, Any]) -> list[str]:
+    """The deliveries this run loads: the one given as a parameter, else every pending one in the inbox."""
+    from health_ingest.sources.inbox import pending_deliveries
+    from health_ingest.sources.registry import get_source
+
+    if params.get("delivery_path"):
+        return [str(Path(params["delivery_path"]).resolve())]
+    source = get_source(source_name)
+    found = [str(p) for p in pending_deliveries(source.inbox)] if source.inbox else []
+    log.info("source %s: %d pending deliveries", source_name, len(found))
+    return found
+
+
+def ingest_delivery(source_name: str, delivery: str, outlet_events=None) -> dict[str, Any]:
+    """Run one batch of a source; an error no retry can help (a rejection, a missing delivery, a configuration)
+    fails the task at once, any other lets Airflow retry."""
+    from health_ingest.batch.load import load_delivery
+    from health_ingest.sources.registry import get_source
+
+    with failing_without_retry():
+        source = get_source(source_name)
+        loaded = load_delivery(source, Path(delivery))
+    if outlet_events is not None:
+        publish_table_events(source, loaded.tables, loaded.result, outlet_events)
+    return loaded.result.to_summary()
+
+
+@contextmanager
+def failing_without_retry():
+    """The project's errors that say no retry can help become `AirflowFailException`, which Airflow does not
+    retry; the others are raised as they are."""
+    from health_ingest.errors import HealthIngestError
+
+    try:
+        yield
+    except HealthIngestError as error:
+        if error.retryable:
+            raise
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(str(error)) from None
+
+
+def publish_table_events(source: Source, tables, result, outlet_events) -> None:
+    """One Asset event per table the batch wrote, carrying the batch id consumers read by."""
+    from airflow.sdk import Asset
+
+    from health_ingest.airflow.schedules import tables_alias
+    from health_ingest.warehouse.consumers import table_asset_uri
+
+    alias = outlet_events[tables_alias(source)]
+    for written in tables:
+        alias.add(
+            Asset(table_asset_uri(written.schema, written.table)),
+            extra={"batch_id": result.batch_id, "commit_seq": result.commit_seq, "rows": written.rows},
+        )
+
+
+def refresh_flat_tables(summary: dict[str, Any]) -> dict[str, int]:
+    """After a commit: the flat tables follow the batch (off the load's hot path, in their own transaction)."""
+    from health_ingest.views.flat import refresh_batch
+    from health_ingest.warehouse.connection import connect, warehouse_url
+
+    with failing_without_retry():
+        conn = connect(warehouse_url())
+        try:
+            return refresh_batch(conn, summary["batch_id"])
+        finally:
+            conn.close()
+
+
+def publish_data_docs(summary: dict[str, Any]) -> str | None:
+    """After a commit: the batch's Data Docs (Great Expectations is imported here, not in the load)."""
+    from health_ingest.quality.docs import publish_data_docs as publish
+    from health_ingest.warehouse.connection import connect, warehouse_url
+
+    conn = connect(warehouse_url())
+    conn.autocommit = True
+    try:
+        index = publish(conn, summary["batch_id"])
+    finally:
+        conn.close()
+    return str(index) if index else None
+
+
+def purge_raw_data() -> dict[str, int]:
+    """Landing copies and quarantine records past their retention time, each purge recorded."""
+    from datetime import timedelta
+
+    from health_ingest.warehouse.connection import connect, warehouse_url
+    from health_ingest.warehouse.retention import purge_raw_data, retention_days
+
+    conn = connect(warehouse_url())
+    try:
+        report = purge_raw_data(conn, older_than=timedelta(days=retention_days()))
+    finally:
+        conn.close()
+    return {"landing_folders": report.landing_folders, "quarantine_records": report.quarantine_records}

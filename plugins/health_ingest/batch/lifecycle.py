@@ -1,0 +1,314 @@
+"""The life of every batch, whatever its format: the source's lock, the batch row, one load transaction, the counts,
+and on failure a rollback with a message that quotes no record.
+
+A format plugs in through a `Loader` (`fhir.FhirLoader`, `claims.ClaimsLoader`): `run_batch` opens the batch and
+hands the loader a `BatchContext`; the loader lands, reads, stages and merges, then ends its transaction with
+`commit_batch`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from health_ingest import config
+from health_ingest.deliveries import FileCounts, LandedDelivery
+from health_ingest.errors import BatchRejected, HealthIngestError, LoadError, retryable
+from health_ingest.privacy.gate import KAnonymityReport, record_k_anonymity
+from health_ingest.privacy.keyring import Keyring, load_keyring
+from health_ingest.quality.suites import record_outcomes
+from health_ingest.sources.registry import Source
+from health_ingest.warehouse import batches, merge, staging
+from health_ingest.warehouse.connection import connect, hosting_decision, warehouse_url
+from health_ingest.warehouse.migrations import require_migrated
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, bool], None]  # file name, records so far, file done
+BeforeCommit = Callable[[object, str], None]  # (cursor, batch id): last writes of the load transaction
+QUOTED = re.compile(r'"[^"]*"')
+
+
+@dataclass
+class TypeCounts:
+    rows_read: int = 0
+    rows_loaded: int = 0
+    rows_quarantined: int = 0
+
+
+@dataclass
+class StepTimes:
+    """Seconds per step. Check and pseudonymise are CPU seconds summed over the workers; they overlap with
+    reading and with PostgreSQL's staging and merging, so the steps add up to more than the wall time."""
+
+    land: float = 0.0
+    read: float = 0.0
+    check: float = 0.0
+    pseudonymise: float = 0.0
+    stage: float = 0.0
+    verify: float = 0.0
+    suites: float = 0.0  # the quality suites (FHIR: on their own connection, beside the merges)
+    suites_waited: float = 0.0  # what the batch waited for them once its merges were done (part of verify)
+    commit: float = 0.0
+
+
+@dataclass
+class BatchResult:
+    batch_id: str
+    source: str
+    status: str
+    key_id: str
+    input_sha256: str
+    counts: dict[str, TypeCounts]
+    skipped_files: list[str]
+    elapsed: float
+    commit_seq: int | None = None
+    times: StepTimes = field(default_factory=StepTimes)
+    tables: dict[str, str] = field(default_factory=dict)  # each key of `counts`: its warehouse table (schema.table)
+
+    @property
+    def rows_read(self) -> int:
+        return sum(c.rows_read for c in self.counts.values())
+
+    @property
+    def rows_loaded(self) -> int:
+        return sum(c.rows_loaded for c in self.counts.values())
+
+    @property
+    def rows_quarantined(self) -> int:
+        return sum(c.rows_quarantined for c in self.counts.values())
+
+    def to_summary(self) -> dict:
+        """A JSON-safe summary with counts only (it travels through XCom and logs)."""
+        return {
+            "batch_id": self.batch_id,
+            "source": self.source,
+            "status": self.status,
+            "commit_seq": self.commit_seq,
+            "key_id": self.key_id,
+            "rows_read": self.rows_read,
+            "rows_loaded": self.rows_loaded,
+            "rows_quarantined": self.rows_quarantined,
+            "by_type": {t: vars(c) for t, c in sorted(self.counts.items())},
+            "skipped_files": self.skipped_files,
+            "elapsed_seconds": round(self.elapsed, 3),
+        }
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """What a loader is given for one batch: which batch, of which source, under which key, into which warehouse."""
+
+    batch_id: str
+    source: Source
+    keyring: Keyring
+    warehouse: str
+    progress: ProgressCallback | None = None
+    before_commit: BeforeCommit | None = None  # runs last in the load transaction (a pulled export's `_since`)
+
+
+class Loader(Protocol):
+    """One format's load transaction. `position` says where it stands, so that a failure can say where it happened
+    without quoting a record; `before_commit` (from the context) runs in `commit_batch`."""
+
+    position: str
+    before_commit: BeforeCommit | None
+
+    def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
+        """Land, read, stage and merge the delivery; `copy_conn` stages (autocommit), `conn` holds the transaction
+        that ends with `commit_batch` and commits."""
+        ...
+
+    def warehouse_table(self, name: str) -> str:
+        """The warehouse table (`schema.table`) of a resource type or a file's table."""
+        ...
+
+
+LoaderFactory = Callable[[BatchContext], Loader]
+
+
+@dataclass(frozen=True)
+class StageFailure:
+    """An error of a stage thread, handed down its queue to the load transaction with where the stage was."""
+
+    error: BaseException
+    position: str
+
+
+def run_batch(
+    delivery: Path,
+    source: Source,
+    kind: str,
+    make_loader: LoaderFactory,
+    *,
+    url: str | None = None,
+    keyring: Keyring | None = None,
+    progress: ProgressCallback | None = None,
+    before_commit: BeforeCommit | None = None,
+) -> BatchResult:
+    """The life of any batch: the source's lock, the batch row, the loader's transaction, and on failure a
+    rollback, a 'failed' (or 'rejected') row with a message that quotes no record, and the staging dropped."""
+    started = time.perf_counter()
+    keyring = keyring or load_keyring()
+    warehouse = url or warehouse_url()
+    conn = connect(warehouse)
+    copy_conn = None
+    try:
+        conn.autocommit = True
+        require_migrated(conn)
+        batches.lock_source(conn, source.name)
+        abandoned = batches.fail_abandoned_batches(conn, source.name)
+        if abandoned:
+            log.warning("source %s: marked %d abandoned batch(es) as failed", source.name, len(abandoned))
+            with conn.cursor() as cur:
+                for abandoned_id in abandoned:
+                    staging.drop_staging_tables(cur, abandoned_id)
+        batch_id = batches.open_batch(
+            conn,
+            source=source.name,
+            kind=kind,
+            key_id=keyring.active_id,
+            delivery=Path(delivery).name,
+            hosting=hosting_decision(warehouse).describe(),
+        )
+        log.info("source %s: batch %s started (key %s)", source.name, batch_id, keyring.active_id)
+        loader = make_loader(BatchContext(batch_id, source, keyring, warehouse, progress, before_commit))
+        copy_conn = connect(warehouse)
+        copy_conn.autocommit = True
+        try:
+            result = loader.load(conn, copy_conn, Path(delivery))
+        except BaseException as error:
+            _fail(conn, source, batch_id, error, loader.position)
+        result.elapsed = time.perf_counter() - started
+        log.info(
+            "source %s: batch %s committed: %d read = %d loaded + %d quarantined in %.1f s",
+            source.name,
+            batch_id,
+            result.rows_read,
+            result.rows_loaded,
+            result.rows_quarantined,
+            result.elapsed,
+        )
+        return result
+    finally:
+        if copy_conn is not None:
+            with copy_conn.cursor() as cur:
+                staging.drop_staging_tables(cur, batch_id)
+            copy_conn.close()
+        conn.close()
+
+
+def landing_folder(source: Source, batch_id: str) -> Path:
+    """Where a batch's delivery is copied: the ingestion zone, one folder per source and batch."""
+    return config.state_dir() / "landing" / source.name / batch_id
+
+
+def commit_batch(
+    cur, loader, landed: LandedDelivery, file_counts: dict[int, FileCounts], started: float
+) -> tuple[dict[str, TypeCounts], int]:
+    """The end of every load transaction: the files recorded, the batch marked committed with its counts, then the
+    caller's last writes (`before_commit`)."""
+    merge.record_files(cur, loader.batch_id, landed, file_counts)
+    counts = counts_by_type(landed, file_counts)
+    totals = TypeCounts(*(sum(getattr(c, k) for c in counts.values()) for k in vars(TypeCounts())))
+    commit_seq = batches.mark_committed(
+        cur,
+        loader.batch_id,
+        rows_read=totals.rows_read,
+        rows_loaded=totals.rows_loaded,
+        rows_quarantined=totals.rows_quarantined,
+        input_sha256=landed.input_sha256,
+        step_seconds={
+            **{step: round(seconds, 4) for step, seconds in vars(loader.times).items()},
+            "elapsed": round(time.perf_counter() - started, 4),
+        },
+    )
+    if loader.before_commit is not None:
+        loader.before_commit(cur, loader.batch_id)
+    return counts, commit_seq
+
+
+def committed_result(loader, landed: LandedDelivery, counts: dict[str, TypeCounts], commit_seq: int) -> BatchResult:
+    return BatchResult(
+        batch_id=loader.batch_id,
+        source=loader.source.name,
+        status="committed",
+        key_id=loader.key_id,
+        input_sha256=landed.input_sha256,
+        counts=counts,
+        skipped_files=[f.name for f in landed.files if f.skip_reason],
+        elapsed=0.0,
+        commit_seq=commit_seq,
+        times=loader.times,
+        tables={name: loader.warehouse_table(name) for name in counts},
+    )
+
+
+def counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> dict[str, TypeCounts]:
+    """Per resource type (or claims table), the counts of its files."""
+    counts: dict[str, TypeCounts] = {}
+    for landed_file in landed.loadable:
+        per_file = file_counts[landed_file.file_no]
+        total = counts.setdefault(landed_file.resource_type, TypeCounts())
+        total.rows_read += per_file.rows_read
+        total.rows_loaded += per_file.rows_loaded
+        total.rows_quarantined += per_file.rows_quarantined
+    return counts
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+def _fail(conn, source: Source, batch_id: str, error: BaseException, position: str):
+    """Roll back, mark the batch, keep a rejection's evidence, and raise the batch's error (which says whether a
+    retry can help: that of the cause)."""
+    message = _safe_message(error, position)
+    status = _failure_status(error)
+    conn.rollback()
+    conn.autocommit = True
+    batches.mark_failed(conn, batch_id, message, status=status)
+    if isinstance(error, BatchRejected):
+        _record_rejection_evidence(conn, batch_id, error.evidence)
+    log.error("source %s: batch %s %s, nothing committed: %s", source.name, batch_id, status, message)
+    if not isinstance(error, HealthIngestError):
+        log.error("where it failed:\n%s", "".join(traceback.format_tb(error.__traceback__)))
+    if isinstance(error, KeyboardInterrupt):
+        raise error
+    failure = BatchRejected if isinstance(error, BatchRejected) else LoadError
+    raise failure(f"batch {batch_id} of source {source.name} {status}: {message}", retryable=retryable(error)) from None
+
+
+def _record_rejection_evidence(conn, batch_id: str, evidence: object) -> None:
+    """A rejected batch keeps why: the gate's report, written after the rollback, and its Data Docs."""
+    with conn.cursor() as cur:
+        if isinstance(evidence, KAnonymityReport):
+            record_k_anonymity(cur, batch_id, evidence)
+        elif isinstance(evidence, list):
+            record_outcomes(cur, batch_id, evidence)
+    if isinstance(evidence, list):
+        from health_ingest.quality.docs import publish_data_docs
+
+        publish_data_docs(conn, batch_id)
+
+
+def _failure_status(error: BaseException) -> str:
+    return "rejected" if isinstance(error, BatchRejected) else "failed"
+
+
+def _safe_message(error: BaseException, position: str) -> str:
+    """An error message that cannot quote a record: PostgreSQL's detail and context lines are left out."""
+    if isinstance(error, HealthIngestError):
+        return str(error)
+    pgcode = getattr(error, "pgcode", None)
+    if pgcode is not None:
+        diag = getattr(error, "diag", None)
+        # PostgreSQL quotes input values in some primary messages: keep the words, drop the quotes
+        primary = QUOTED.sub('"..."', getattr(diag, "message_primary", None) or "no message")
+        return f"PostgreSQL error {pgcode} ({primary}) {position}"
+    return f"{type(error).__name__} {position}"
