@@ -28,13 +28,10 @@ import psycopg2
 
 from health_ingest.batch.lifecycle import (
     BatchContext,
+    BatchLoader,
     BatchResult,
-    BeforeCommit,
-    ProgressCallback,
     StageFailure,
-    StepTimes,
     commit_batch,
-    committed_result,
     landing_folder,
     run_batch,
 )
@@ -72,41 +69,19 @@ log = logging.getLogger(__name__)
 QUEUE_DEPTH = 2  # chunks waiting between two stages (spools on disk, staged chunks in PostgreSQL)
 
 
-def run_claims_batch(
-    delivery: Path,
-    source: Source,
-    *,
-    url: str | None = None,
-    keyring: Keyring | None = None,
-    progress: ProgressCallback | None = None,
-    before_commit: BeforeCommit | None = None,
-) -> BatchResult:
-    """Load one claims delivery (CSV, pipe-delimited, gzip or zip files) with the source's format profile."""
-    return run_batch(
-        delivery,
-        source,
-        "claims",
-        ClaimsLoader,
-        url=url,
-        keyring=keyring,
-        progress=progress,
-        before_commit=before_commit,
-    )
+def run_claims_batch(delivery: Path, source: Source, **options) -> BatchResult:
+    """Load one claims delivery (CSV, pipe-delimited, gzip or zip files) with the source's format profile;
+    `options` are `run_batch`'s."""
+    return run_batch(delivery, source, "claims", ClaimsLoader, **options)
 
 
-class ClaimsLoader:
+class ClaimsLoader(BatchLoader):
     """The load transaction of one claims batch (a `lifecycle.Loader`)."""
 
     def __init__(self, context: BatchContext) -> None:
-        self.batch_id, self.source, self.warehouse = context.batch_id, context.source, context.warehouse
-        self.progress = context.progress
-        self.before_commit: BeforeCommit | None = context.before_commit
-        self.key_id = context.keyring.active_id
-        self.keyring = context.keyring
+        super().__init__(context)
         self.profile: ClaimsProfile = load_profile(self.source.format)
-        self.position = "while landing the delivery"
         self.stage_positions = {"read": "while reading the delivery", "copy": "while staging", "type": "while typing"}
-        self.times = StepTimes()
         self.suites_run: set[str] = set()
         self.file_names: dict[int, str] = {}  # by file number, for the quarantine
         self.routes: dict[str, Counter] = {}  # by table: rows copied as typed, rows typed from text, chunks retyped
@@ -161,14 +136,14 @@ class ClaimsLoader:
                 self.times.verify += time.perf_counter() - clock
                 clock = time.perf_counter()
                 self.position = "while committing"
-                counts, commit_seq = commit_batch(cur, self, landed, file_counts, started)
+                result = commit_batch(cur, self, landed, file_counts, started)
             conn.commit()
             self.times.commit += time.perf_counter() - clock
         finally:
             stages.close()
             typing_conn.close()
             remove_spools(landing)
-        return committed_result(self, landed, counts, commit_seq)
+        return result
 
     def warehouse_table(self, name: str) -> str:
         return f"claims.{self.profile.warehouse_table(name)}"

@@ -25,13 +25,10 @@ import orjson
 
 from health_ingest.batch.lifecycle import (
     BatchContext,
+    BatchLoader,
     BatchResult,
-    BeforeCommit,
-    ProgressCallback,
     StageFailure,
-    StepTimes,
     commit_batch,
-    committed_result,
     landing_folder,
     run_batch,
 )
@@ -64,48 +61,19 @@ CHUNK_LINES = 2000
 CHUNK_BYTES = 1 << 19  # about 512 KiB of raw lines
 
 
-def run_fhir_batch(
-    delivery: Path,
-    source: Source,
-    *,
-    url: str | None = None,
-    keyring: Keyring | None = None,
-    progress: ProgressCallback | None = None,
-    before_commit: BeforeCommit | None = None,
-) -> BatchResult:
+def run_fhir_batch(delivery: Path, source: Source, **options) -> BatchResult:
     """Load one FHIR delivery as one batch: all of it commits, or nothing does and the batch is marked failed.
-
-    `before_commit` runs inside the load transaction (a pulled export's next `_since` moves there)."""
-    return run_batch(
-        delivery,
-        source,
-        "fhir",
-        FhirLoader,
-        url=url,
-        keyring=keyring,
-        progress=progress,
-        before_commit=before_commit,
-    )
+    `options` are `run_batch`'s: `url`, `keyring`, `progress`, and `before_commit`, which runs inside the load
+    transaction (a pulled export's next `_since` moves there)."""
+    return run_batch(delivery, source, "fhir", FhirLoader, **options)
 
 
-# --- implementation details -------------------------------------------------------------------
-
-
-class FhirLoader:
-    """The load transaction of one FHIR batch (a `lifecycle.Loader`). Keeps its position so that errors can say
-    where they happened."""
+class FhirLoader(BatchLoader):
+    """The load transaction of one FHIR batch (a `lifecycle.Loader`)."""
 
     def __init__(self, context: BatchContext) -> None:
-        self.batch_id = context.batch_id
-        self.warehouse = context.warehouse
-        self.source = context.source
-        self.key_id = context.keyring.active_id
-        self.keyring = context.keyring
-        self.progress = context.progress
-        self.before_commit: BeforeCommit | None = context.before_commit
-        self.position = "while landing the delivery"
+        super().__init__(context)
         self._producer_position = "while reading the delivery"
-        self.times = StepTimes()
         self.outcomes: list = []  # the quality suites' results, gathered type by type
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
@@ -127,10 +95,10 @@ class FhirLoader:
             self.position = "while committing"
             with_rejects = {f.resource_type for f in landed.loadable if file_counts[f.file_no].rows_quarantined}
             merge.quarantine_rejected(cur, self.batch_id, landed, with_rejects)
-            counts, commit_seq = commit_batch(cur, self, landed, file_counts, started)
+            result = commit_batch(cur, self, landed, file_counts, started)
         conn.commit()
         self.times.commit += time.perf_counter() - clock
-        return committed_result(self, landed, counts, commit_seq)
+        return result
 
     def warehouse_table(self, name: str) -> str:
         return f"fhir.{name.lower()}"
@@ -336,6 +304,9 @@ class FhirLoader:
             self.progress(landed_file.name, counts.rows_read, True)
         release_free_memory()
         yield spool
+
+
+# --- implementation details -------------------------------------------------------------------
 
 
 @dataclass

@@ -133,6 +133,18 @@ class Loader(Protocol):
 LoaderFactory = Callable[[BatchContext], Loader]
 
 
+class BatchLoader:
+    """What every format's loader holds of its batch; a loader adds `load` and `warehouse_table`."""
+
+    def __init__(self, context: BatchContext) -> None:
+        self.batch_id, self.source, self.warehouse = context.batch_id, context.source, context.warehouse
+        self.keyring, self.key_id = context.keyring, context.keyring.active_id
+        self.progress = context.progress
+        self.before_commit: BeforeCommit | None = context.before_commit
+        self.position = "while landing the delivery"
+        self.times = StepTimes()
+
+
 @dataclass(frozen=True)
 class StageFailure:
     """An error of a stage thread, handed down its queue to the load transaction with where the stage was."""
@@ -210,10 +222,10 @@ def landing_folder(source: Source, batch_id: str) -> Path:
 
 
 def commit_batch(
-    cur, loader, landed: LandedDelivery, file_counts: dict[int, FileCounts], started: float
-) -> tuple[dict[str, TypeCounts], int]:
+    cur, loader: BatchLoader, landed: LandedDelivery, file_counts: dict[int, FileCounts], started: float
+) -> BatchResult:
     """The end of every load transaction: the files recorded, the batch marked committed with its counts, then the
-    caller's last writes (`before_commit`)."""
+    caller's last writes (`before_commit`). Returns the batch's result, for once the transaction commits."""
     merge.record_files(cur, loader.batch_id, landed, file_counts)
     counts = counts_by_type(landed, file_counts)
     totals = TypeCounts(*(sum(getattr(c, k) for c in counts.values()) for k in vars(TypeCounts())))
@@ -231,10 +243,6 @@ def commit_batch(
     )
     if loader.before_commit is not None:
         loader.before_commit(cur, loader.batch_id)
-    return counts, commit_seq
-
-
-def committed_result(loader, landed: LandedDelivery, counts: dict[str, TypeCounts], commit_seq: int) -> BatchResult:
     return BatchResult(
         batch_id=loader.batch_id,
         source=loader.source.name,
