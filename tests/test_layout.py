@@ -56,10 +56,7 @@ def test_the_floors_and_the_ground_import_nothing_from_above_them():
     )
     assert upward == []
     ground_up = sorted(
-        f"{module} imports {imported}"
-        for module in GROUND
-        for imported in graph[module]
-        if imported not in GROUND
+        f"{module} imports {imported}" for module in GROUND for imported in graph[module] if imported not in GROUND
     )
     assert ground_up == [], "the ground floor imports only itself"
 
