@@ -30,7 +30,8 @@ def test_a_us_jurisdiction_provider_is_refused_and_nothing_is_sent(db, smart_sou
         cur.execute("SELECT count(*) FROM ingest.batches")
         assert cur.fetchone()[0] == 0
         cur.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'health-ingest' AND pid <> pg_backend_pid()"
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'health-ingest'"
+            " AND datname = current_database() AND pid <> pg_backend_pid()"
         )
         assert cur.fetchone()[0] == 0, "no connection was even opened"
 
