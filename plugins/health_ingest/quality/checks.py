@@ -22,17 +22,23 @@ class Rejection:
     message: str
 
 
-def check_line(raw: bytes, expected_type: str | None) -> dict[str, Any] | Rejection:
+def check_line(raw: bytes, expected_type: str | None, *, allow_comments: bool = False) -> dict[str, Any] | Rejection:
     """Parse one line and return the resource, or the reason it cannot be loaded.
 
     `expected_type` is the type the file is named after; None accepts any valid type name (a mixed stream).
+    `allow_comments`: a line that is JSON once its `//` and `/* */` comments are dropped is read (a source option).
     """
     if b"\\u0000" in raw:
         return Rejection("nul_character", "contains a \\u0000 escape, which PostgreSQL jsonb cannot store")
     try:
         resource = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
-        return _parse_failure(raw, error)
+        if not allow_comments:
+            return _parse_failure(raw, error)
+        try:
+            resource = orjson.loads(strip_json_comments(raw))
+        except orjson.JSONDecodeError:
+            return _parse_failure(raw, error)
     if not isinstance(resource, dict):
         return Rejection("not_an_object", f"a JSON {_json_kind(resource)}, not a resource object")
     resource_type = resource.get("resourceType")
@@ -65,6 +71,35 @@ def last_updated(resource: dict[str, Any]) -> str | None:
     """meta.lastUpdated of a resource that passed `check_line` (so already validated)."""
     meta = resource.get("meta")
     return meta.get("lastUpdated") if meta else None
+
+
+def strip_json_comments(raw: bytes) -> bytes:
+    """The JSON text without its `//` (to the end of the line) and `/* */` comments; strings are kept whole."""
+    out, i, n = bytearray(), 0, len(raw)
+    while i < n:
+        c = raw[i]
+        if c == 0x22:  # a string, copied with its escapes
+            j = i + 1
+            while j < n and raw[j] != 0x22:
+                j += 2 if raw[j] == 0x5C else 1
+            out += raw[i : j + 1]
+            i = j + 1
+        elif raw.startswith(b"//", i):
+            j = raw.find(b"\n", i)
+            i = n if j < 0 else j
+        elif raw.startswith(b"/*", i):
+            j = raw.find(b"*/", i + 2)
+            i = n if j < 0 else j + 2
+            out += b" "
+        else:
+            j = i
+            while j < n and raw[j] not in (0x22, 0x2F):
+                j += 1
+            if j == i:  # a lone slash
+                j += 1
+            out += raw[i:j]
+            i = j
+    return bytes(out)
 
 
 # --- implementation details -------------------------------------------------------------------

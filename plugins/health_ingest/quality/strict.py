@@ -1,7 +1,10 @@
-"""Strict FHIR validation (a per-source option): the `fhir.resources` R4 model plus generic rules.
+"""Strict FHIR validation (a per-source option): the `fhir.resources` R4 model, the R4 specification's invariants,
+the integrity rules no invariant states (Bundles, ids, narrative links, extension value types) and generic rules.
 
 It runs in the worker processes, before pseudonymisation, and only when a source asks for it: building the
-pydantic models is far slower than the structural checks. Messages give the element and the rule, never the value.
+pydantic models and evaluating FHIRPath are far slower than the structural checks. Messages give the rule and the
+element's path, never a value. Out of scope: terminology (displays, value-set bindings) and the profiles of
+implementation guides.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ import base64
 import binascii
 import re
 import typing
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from health_ingest.quality import integrity, invariants
 from health_ingest.quality.checks import Rejection
 
 EMBEDDED_HTML = re.compile(r"<\s*/?\s*[A-Za-z][^<>]*>")
@@ -32,44 +37,44 @@ class StrictRules:
     example_urls: bool = True  # URLs on example.org, example.com, example.net
     known_extensions_only: bool = False  # extensions must be the core's (or of `extension_domains`)
     extension_domains: tuple[str, ...] = ()
+    allow_comments: bool = False  # JSON with // and /* */ comments is read (they are dropped)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extension_domains", tuple(self.extension_domains))
 
 
-# Invariants of the R4 definitions the model does not check, by resource type: (key, test, human text)
-INVARIANTS = {
-    "RiskAssessment": [
-        (
-            "ras-2",
-            lambda r: all(
-                not isinstance(p.get("probabilityDecimal"), int | float) or p["probabilityDecimal"] <= 100
-                for p in r.get("prediction") or []
-                if isinstance(p, dict)
-            ),
-            "prediction.probabilityDecimal must be <= 100",
-        )
-    ],
-}
+@dataclass(frozen=True, slots=True)
+class StrictOutcome:
+    """A record's verdict: why it is quarantined (None: it loads), and the warnings it raised, by rule."""
+
+    rejection: Rejection | None
+    warnings: Counter = field(default_factory=Counter)
+
+
+def strict_check(resource: dict[str, Any], rules: StrictRules | None = None) -> StrictOutcome:
+    """Every rule of strict mode on one resource: the first error rejects it; warnings are counted."""
+    rules = rules or StrictRules()
+    problem = _generic_problem(resource, resource["resourceType"], rules, resource["resourceType"])
+    if problem:
+        return StrictOutcome(problem)
+    model = _model(resource["resourceType"])
+    if model is None:
+        return StrictOutcome(Rejection("invalid_fhir", f"{resource['resourceType']} is not an R4 resource type"))
+    try:
+        model.model_validate(resource)
+    except Exception as error:  # pydantic.ValidationError, or the model's own checks
+        return StrictOutcome(Rejection("invalid_fhir", _describe(error)))
+    warnings: Counter = Counter()
+    for found in (*invariants.findings(resource), *integrity.findings(resource)):
+        if found.severity == "error":
+            return StrictOutcome(Rejection("invalid_fhir", f"rule {found.key} failed at {found.path}: {found.human}"))
+        warnings[found.key] += 1
+    return StrictOutcome(None, warnings)
 
 
 def strict_problem(resource: dict[str, Any], rules: StrictRules | None = None) -> Rejection | None:
     """None when the resource is valid; else why not."""
-    rules = rules or StrictRules()
-    problem = _generic_problem(resource, resource["resourceType"], rules, resource["resourceType"])
-    if problem:
-        return problem
-    for key, holds, text in INVARIANTS.get(resource["resourceType"], ()):
-        if not holds(resource):
-            return Rejection("invalid_fhir", f"constraint {key} failed: {text}")
-    model = _model(resource["resourceType"])
-    if model is None:
-        return Rejection("invalid_fhir", f"{resource['resourceType']} is not an R4 resource type")
-    try:
-        model.model_validate(resource)
-    except Exception as error:  # pydantic.ValidationError, or the model's own checks
-        return Rejection("invalid_fhir", _describe(error))
-    return None
+    return strict_check(resource, rules).rejection
 
 
 # --- implementation details -------------------------------------------------------------------
