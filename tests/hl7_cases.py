@@ -23,6 +23,7 @@ PROFILE = re.compile(r"\bprofile\b|slice|slicing|conform", re.IGNORECASE)
 # guide): `... v5.3.0-ballot is not allowed ...`
 LATER_DEFINITION = re.compile(r"\bv(?!4\.0\.1\b)\d+\.\d+\.\d+")
 CORE_CONTEXT = "http://hl7.org/fhir/StructureDefinition/"
+SUPPORTED_URL = re.compile(r'<url value="([^"]+)"|"url"\s*:\s*"([^"]+)"')
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,20 @@ def out_of_scope_finding(issue: dict) -> bool:
     return bool(PROFILE.search(text)) and CORE_CONTEXT not in text
 
 
-def options_of(entry: dict) -> dict:
-    """Strict mode's options for a manifest entry, as the reference validator reads it."""
+def options_of(entry: dict, folder: Path = CASES) -> dict:
+    """Strict mode's options for a manifest entry, as the reference validator reads it: the extensions that the
+    case's supporting definitions declare are known, as the reference loads them."""
+    supporting = [folder / "validator" / name for name in entry.get("supporting", []) + entry.get("supporting5", [])]
+    declared = [
+        next(u for u in m if u) for p in supporting if p.exists() for m in SUPPORTED_URL.findall(p.read_text())[:1]
+    ]
     return {
         "security_checks": bool(entry.get("security-checks", False)),
         "html_in_markdown": not entry.get("noHtmlInMarkdown", False),
         "example_urls": bool(entry.get("examples", True)),
         "allow_comments": bool(entry.get("allow-comments", False)),
         "known_extensions_only": True,  # the reference rejects extensions it cannot find
-        "extension_domains": ["http://hl7.org/fhir/"],
+        "extension_domains": declared,  # and the core's and the cross-version extensions
     }
 
 
@@ -87,7 +93,7 @@ def load_cases(part: str = "visible") -> list[Case]:
                 raw=(folder / "validator" / case["file"]).read_bytes(),
                 errors=tuple(_text(i) for i in errors),
                 in_scope_errors=tuple(_text(i) for i in in_scope),
-                options=options_of(entry),
+                options=options_of(entry, folder),
             )
         )
     return cases

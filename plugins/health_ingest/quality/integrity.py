@@ -85,17 +85,25 @@ def _bundle(bundle: dict[str, Any], where: str) -> Iterator[Finding]:
                     f"{where}.entry[{index}].resource.id",
                     "Two entries of a Bundle hold the same resource (type, id and version)",
                 )
+    if kind == "searchset":
+        for index, entry in enumerate(entries):
+            inner = entry.get("resource")
+            mode = (entry.get("search") or {}).get("mode") if isinstance(entry.get("search"), dict) else None
+            outcome = mode == "outcome" or (mode is None and inner.get("resourceType") == "OperationOutcome")
+            if isinstance(inner, dict) and not outcome and not inner.get("id"):
+                yield Finding(
+                    "bundle-search-id", "error", f"{where}.entry[{index}].resource", "Search results must have ids"
+                )
     if kind in RESOLVING_BUNDLES:
         yield from _bundle_references(entries, full_urls, where, kind)
 
 
 def _bundle_references(entries: list[dict], full_urls: list[str | None], where: str, kind: str) -> Iterator[Finding]:
-    by_url = Counter(url for url in full_urls if url)
-    by_identity = Counter(
-        f"{entry['resource'].get('resourceType')}/{entry['resource'].get('id')}"
-        for entry in entries
-        if isinstance(entry.get("resource"), dict) and entry["resource"].get("id")
-    )
+    targets = []  # (fullUrl, type, id, version) of each entry
+    for entry, url in zip(entries, full_urls, strict=True):
+        inner = entry.get("resource") if isinstance(entry.get("resource"), dict) else {}
+        meta = inner.get("meta") if isinstance(inner.get("meta"), dict) else {}
+        targets.append((url, inner.get("resourceType"), inner.get("id"), meta.get("versionId")))
     for index, entry in enumerate(entries):
         inner = entry.get("resource")
         if not isinstance(inner, dict):
@@ -104,15 +112,21 @@ def _bundle_references(entries: list[dict], full_urls: list[str | None], where: 
         for path, reference in _references(inner, f"{where}.entry[{index}].resource"):
             if reference.startswith("#"):
                 continue
+            restful = RESTFUL_URL.match(reference)
+            version = reference.split("/_history/")[1] if restful and "/_history/" in reference else None
+            unversioned = reference.split("/_history/")[0]
             if reference.startswith(("urn:uuid:", "urn:oid:")):
-                matches = by_url[reference]
-            elif RESTFUL_URL.match(reference) and not ABSOLUTE_URI.match(reference):
-                matches = by_url[base + reference] if base else 0
-                matches = matches or by_identity[reference.split("/_history/")[0]]
+                matches = sum(url == reference for url, *_ in targets)
+            elif restful and not ABSOLUTE_URI.match(reference):
+                matches = sum(
+                    ((bool(base) and url == base + unversioned) or (kind_, id_) == restful.group("type", "id"))
+                    and (version is None or version == version_)
+                    for url, kind_, id_, version_ in targets
+                )
                 if not matches and kind == "transaction":
                     continue  # a transaction may point at resources already on the server
             else:
-                matches = by_url[reference]
+                matches = sum(url == unversioned and (version is None or version == v) for url, _, _, v in targets)
                 if not matches:
                     continue  # an absolute URL outside the Bundle
             if matches == 0:

@@ -67,6 +67,12 @@ def source() -> dict[str, str]:
     return _specification().source
 
 
+def element_children(definition: str) -> dict[str, list]:
+    """The elements of a definition (a datatype, a resource, a backbone element's path) by JSON name, each as
+    [the definition of its content (None for a primitive, '#resource' for a resource), its element, its type]."""
+    return _specification().elements.get(definition, {}).get("children", {})
+
+
 def extension_value_types() -> dict[str, list[str]]:
     """For each core extension definition (by url), the value types it allows."""
     return _specification().extension_value_types
@@ -92,7 +98,8 @@ class _Specification:
         expression = self.constraints[ident].expression
         if not expression:
             return "no FHIRPath expression"
-        missing = sorted({name for name in FUNCTION_CALL.findall(expression) if name not in self._known_functions | OPERATOR_WORDS})
+        known = self._known_functions | OPERATOR_WORDS
+        missing = sorted({name for name in FUNCTION_CALL.findall(expression) if name not in known})
         if missing:
             return "uses " + ", ".join(f"{name}()" for name in missing) + ", which needs more than the record"
         return None
@@ -123,9 +130,9 @@ class _Specification:
         for ident in keys:
             try:
                 result = self._compiled[ident](focus, variables)
-            except Exception:  # noqa: BLE001 - an engine failure on one record is that rule's, not the batch's
+            except Exception:  # an engine failure on one record is counted, not the batch's end
                 result = None
-            if result == [False]:
+            if result == [False]:  # an empty result (a comparison of uncertain precision) is not a failure
                 constraint = self.constraints[ident]
                 yield Finding(constraint.key, constraint.severity, where, constraint.human)
             elif result is None:
@@ -141,7 +148,9 @@ class _Specification:
             from fhirpathpy.models import models
 
             function = fhirpathpy.compile(
-                AS_FUNCTION.sub(".ofType(", self.constraints[ident].expression), models["r4"], {"userInvocationTable": _USER_FUNCTIONS, "traceFn": _quiet}
+                AS_FUNCTION.sub(".ofType(", self.constraints[ident].expression),
+                models["r4"],
+                {"userInvocationTable": _USER_FUNCTIONS, "traceFn": _quiet},
             )
         self._compiled[ident] = function
         return function
@@ -156,7 +165,7 @@ class _Specification:
         for name, value in node.items():
             if name not in children:
                 continue
-            target, element_name = children[name]
+            target, element_name, _ = children[name]
             if target is None:
                 # a primitive: ele-1 holds for any JSON value; a few elements state a rule of their own (eld-3)
                 element_path = f"{definition}.{element_name}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cache
@@ -26,6 +25,13 @@ UNSAFE_NARRATIVE = re.compile(r"<\s*(script|iframe|object|embed|form)\b|\son[a-z
 EXAMPLE_URL = re.compile(r"^[a-z][a-z0-9+.-]*://([^/]*\.)?example\.(org|com|net)(:[0-9]+)?(/|$)", re.IGNORECASE)
 URL_KEYS = {"url", "reference", "system", "valueUri", "valueUrl", "valueCanonical", "profile", "source"}
 CORE_EXTENSIONS = "http://hl7.org/fhir/StructureDefinition/"
+# the specification's cross-version extensions (an element of another FHIR version, carried in R4)
+CROSS_VERSION_EXTENSIONS = re.compile(r"^http://hl7\.org/fhir/[0-9.]+/StructureDefinition/extension-")
+# the extensions HL7 publishes for validators and tools beside the core (valueset-parameter, ...)
+TOOLS_EXTENSIONS = "http://hl7.org/fhir/tools/StructureDefinition/"
+ABSOLUTE_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$")
+ABSOLUTE_SYSTEMS = {"Coding", "Identifier"}  # their `system` names a code system or namespace: never relative
+MAX_STRING = 1024 * 1024  # the R4 `string` datatype: at most 1 MB
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,8 @@ def _generic_problem(node: Any, path: str, rules: StrictRules, model: str | None
         markdown, children = _element_types(model) if model else (frozenset(), {})
         for key, value in node.items():
             where = f"{path}.{key}"
+            if value is None:
+                return Rejection("invalid_fhir", f"{where}: null is not a FHIR value (omit the element)")
             if isinstance(value, list) and not value:
                 return Rejection("invalid_fhir", f"{where}: an array must not be empty (omit the element)")
             if key == "data" and isinstance(value, str):
@@ -128,12 +136,14 @@ def _generic_problem(node: Any, path: str, rules: StrictRules, model: str | None
                 if problem:
                     return problem
             elif isinstance(value, str):
+                if key == "system" and model in ABSOLUTE_SYSTEMS and not ABSOLUTE_URI.match(value):
+                    return Rejection("invalid_fhir", f"{where}: {model}.system must be an absolute URI")
                 problem = _string_problem(key, value, where, key in markdown, rules)
                 if problem:
                     return problem
             else:
                 if key in ("extension", "modifierExtension") and isinstance(value, list):
-                    problem = _extension_problem(value, where, rules)
+                    problem = _extension_problem(value, where, rules, nested=model == "Extension")
                     if problem:
                         return problem
                 child = children.get(key)
@@ -165,6 +175,8 @@ def _xhtml_problem(div: str, where: str) -> Rejection | None:
 
 
 def _string_problem(key: str, value: str, where: str, markdown: bool, rules: StrictRules) -> Rejection | None:
+    if len(value) > MAX_STRING // 4 and len(value.encode()) > MAX_STRING:
+        return Rejection("invalid_fhir", f"{where}: a string of FHIR is at most 1 MB")
     if markdown:
         if not rules.html_in_markdown and EMBEDDED_HTML.search(value):
             return Rejection("invalid_fhir", f"{where}: the markdown holds what looks like an HTML tag")
@@ -175,7 +187,8 @@ def _string_problem(key: str, value: str, where: str, markdown: bool, rules: Str
     return None
 
 
-def _extension_problem(extensions: list, where: str, rules: StrictRules) -> Rejection | None:
+def _extension_problem(extensions: list, where: str, rules: StrictRules, *, nested: bool) -> Rejection | None:
+    """`nested`: the extensions of a complex extension, whose urls may be the names its definition gives them."""
     for index, extension in enumerate(extensions):
         url = extension.get("url") if isinstance(extension, dict) else None
         if not isinstance(url, str) or not url:
@@ -184,37 +197,25 @@ def _extension_problem(extensions: list, where: str, rules: StrictRules) -> Reje
             return Rejection("invalid_fhir", f"{where}[{index}]: an extension url must not carry a |version")
         if not rules.example_urls and EXAMPLE_URL.match(url):
             return Rejection("invalid_fhir", f"{where}[{index}]: example URLs are not allowed here")
-        known = url.startswith(CORE_EXTENSIONS) or any(url.startswith(d) for d in rules.extension_domains)
+        known = (
+            url.startswith((CORE_EXTENSIONS, TOOLS_EXTENSIONS))
+            or CROSS_VERSION_EXTENSIONS.match(url)
+            or (nested and not ABSOLUTE_URI.match(url))
+            or any(url.startswith(d) for d in rules.extension_domains)
+        )
         if rules.known_extensions_only and not known:
             return Rejection("invalid_fhir", f"{where}[{index}]: the extension's definition is unknown")
     return None
 
 
 @cache
-def _element_types(model_name: str) -> tuple[frozenset[str], dict[str, str]]:
-    """For a FHIR type: its markdown elements, and the FHIR type of each complex element (from the R4 model)."""
-    model = _model(model_name)
-    if model is None:
-        return frozenset(), {}
+def _element_types(definition: str) -> tuple[frozenset[str], dict[str, str]]:
+    """For a definition (Coding, Observation, Observation.component): its markdown elements, and the definition
+    of each complex element's content, from the specification's StructureDefinitions."""
     markdown, children = set(), {}
-    for name, field in model.model_fields.items():
-        key = field.alias or name
-        kind = _unwrap(field.annotation)
-        if typing.get_origin(kind) is typing.Annotated:
-            if any(type(m).__name__ == "Markdown" for m in typing.get_args(kind)[1:]):
-                markdown.add(key)
-            continue
-        type_name = getattr(kind, "__name__", "")
-        if type_name.endswith("Type") and type_name not in {"Type"}:
-            children[key] = type_name[: -len("Type")]
+    for key, (target, _, code) in invariants.element_children(definition).items():
+        if code == "markdown":
+            markdown.add(key)
+        elif target is not None and target != "#resource":
+            children[key] = target
     return frozenset(markdown), children
-
-
-def _unwrap(annotation):
-    """Optional[List[X]] -> X."""
-    while typing.get_origin(annotation) in (typing.Union, list, typing.List):  # noqa: UP006
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        annotation = args[0] if args else annotation
-        if not args:
-            break
-    return annotation

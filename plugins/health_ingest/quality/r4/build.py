@@ -71,7 +71,7 @@ def build(folder: Path, origin: str) -> dict[str, Any]:
             node["max"] = element.get("max", "*")
             children = elements.setdefault(parent, {"constraints": [], "children": {}})["children"]
             if "contentReference" in element:
-                children[name] = [element["contentReference"].lstrip("#"), name]
+                children[name] = [element["contentReference"].lstrip("#"), name, "BackboneElement"]
                 continue
             types = [t["code"] for t in element.get("type", ())]
             if not types:
@@ -88,7 +88,7 @@ def build(folder: Path, origin: str) -> dict[str, Any]:
                     target = None
                 else:
                     target = code
-                children[json_name] = [target, name]
+                children[json_name] = [target, name, code]  # where its definition is, its element, its type
     extensions = folder / "extension-definitions.json"
     if extensions.exists():
         for entry in json.loads(extensions.read_text(encoding="utf-8"))["entry"]:
