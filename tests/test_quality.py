@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT, SAMPLE, TEST_DATA, scans_of
+from conftest import PROJECT, SAMPLE, scans_of
 from health_ingest.batch.fhir import run_fhir_batch
 from health_ingest.errors import BatchRejected
 from health_ingest.quality.policy import QualityPolicy
@@ -213,85 +213,6 @@ def test_the_sample_passes_every_suite_and_the_suites_are_fast(db, smart_source)
         total, errors = cur.fetchone()
     assert total > 80 and errors == 0
     assert result.times.suites > 0, "the time spent in the suites is measured and recorded"
-
-
-def test_strict_mode_quarantines_invalid_hl7_cases_and_loads_valid_ones(tmp_path, db, smart_source):
-    """Each case is loaded under the validator options its manifest entry sets (security checks, HTML in
-    markdown, example URLs), extensions limited to the definitions of HL7's packages as the reference validator
-    resolves them; every case the reference validator rejects is quarantined with a reason, every one it accepts
-    loads. Cases without a reference verdict, and the one needing version-specific extension contexts, are listed
-    in NOT_DECIDABLE."""
-    cases_dir = TEST_DATA / "hl7-fhir-test-cases"
-    index = json.loads((cases_dir / "INDEX.json").read_text())
-    groups: dict[tuple, list[tuple[dict, str, bytes]]] = {}
-    seen_ids: set[tuple[str, str]] = set()
-    for number, case in enumerate(index):
-        raw = (cases_dir / "validator" / case["file"]).read_bytes()
-        try:
-            resource = json.loads(raw.decode("utf-8-sig"))
-            resource_type = resource["resourceType"]
-            resource.setdefault("id", f"case-{number}")  # the warehouse needs an id; exports always have one
-            if (resource_type, resource["id"]) in seen_ids:
-                resource["id"] = f"case-{number}"  # cases reuse ids; a delivery must not
-            seen_ids.add((resource_type, resource["id"]))
-            line = json.dumps(resource).encode()
-        except (ValueError, KeyError, TypeError):
-            resource_type, line = "Basic", raw.replace(b"\n", b" ")
-        entry = case["manifest_entry"]
-        options = (
-            bool(entry.get("security-checks", False)),
-            not entry.get("noHtmlInMarkdown", False),
-            bool(entry.get("examples", True)),
-        )
-        groups.setdefault(options, []).append((case, resource_type, line))
-
-    verdicts: dict[str, str] = {}
-    for (security_checks, html_in_markdown, example_urls), cases in sorted(groups.items()):
-        delivery = tmp_path / f"cases-{len(verdicts)}"
-        delivery.mkdir()
-        lines_of: dict[str, list[bytes]] = {}
-        where: dict[tuple[str, int], str] = {}
-        for case, resource_type, line in cases:
-            lines_of.setdefault(resource_type, []).append(line)
-            where[(f"{resource_type}.ndjson", len(lines_of[resource_type]))] = case["name"]
-        for resource_type, lines in lines_of.items():
-            (delivery / f"{resource_type}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
-        rules = {
-            "security_checks": security_checks,
-            "html_in_markdown": html_in_markdown,
-            "example_urls": example_urls,
-            "known_extensions_only": True,
-            "extension_domains": ["http://hl7.org/fhir/"],
-        }
-        # the validator's cases are single resources, not a patient record: clinical suites do not apply
-        strict = replace(smart_source, quality=QualityPolicy(strict=rules, suites=False))
-        result = run_fhir_batch(delivery, strict)
-        assert result.rows_read == len(cases)
-        with db.cursor() as cur:
-            cur.execute(
-                "SELECT file_name, line_number, reason, message FROM ingest.quarantine WHERE batch_id = %s",
-                (result.batch_id,),
-            )
-            for file_name, line_number, reason, message in cur.fetchall():
-                assert message and reason in {"invalid_fhir", "invalid_json", "invalid_id", "wrong_resource_type"}
-                verdicts[where[(file_name, line_number)]] = "quarantined"
-        for name in where.values():
-            verdicts.setdefault(name, "loaded")
-
-    expected = {
-        case["name"]: "quarantined" if case["java_error_count"] else "loaded"
-        for case in index
-        if case["name"] not in NOT_DECIDABLE and case["java_error_count"] is not None
-    }
-    assert {name: verdicts[name] for name in expected} == expected
-    assert len(expected) >= len(index) - len(NOT_DECIDABLE) - 5
-    assert sum(v == "quarantined" for v in expected.values()) >= 20
-
-
-NOT_DECIDABLE = {
-    # the context an extension may be used in changes between versions of its definition (5.3.0-ballot)
-    "maiden-name-extension",
-}
 
 
 def test_the_suites_are_valid_great_expectations_suites():
