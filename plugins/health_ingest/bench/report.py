@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] running the batch path and the floor on {size:,} resources", flush=True)
         runs.append({"target": size, **_measure(url, dataset)})
         _drop_database(admin_url, f"bench_{size}")
+    # strict validation beside the default, on the first size (its FHIRPath invariants make it far slower)
+    size = runs[0]["target"]
+    url = _fresh_database(admin_url, f"bench_strict_{size}")
+    print(f"[bench] running the batch path with strict validation on {size:,} resources", flush=True)
+    strict_run = {"target": size, **_measure(url, config.project_root() / ".bench" / f"fhir-{size}", "--strict")}
+    _drop_database(admin_url, f"bench_strict_{size}")
 
     claims_runs = []
     for size in QUICK_SIZES if args.quick else FULL_SIZES:
@@ -70,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
         "postgresql": _server_version(admin_url),
         "runs": [_with_rates(run) for run in runs],
+        "strict_run": _with_rates(strict_run),
         "snds_runs": claims_runs,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
@@ -106,6 +113,11 @@ def render(results: dict) -> str:
     ]
     title = f"FHIR batch path, {results['machine']['cpus']} cores, {results['postgresql']}"
     text = f"\n{title}\n\n" + table(headers, rows, right=set(range(1, len(headers))))
+    strict = results.get("strict_run")
+    default = next((run for run in runs if strict and run["resources"] == strict["resources"]), None)
+    if strict and default:
+        text += f"\n\nStrict validation beside the default, {strict['resources']:,} resources\n\n"
+        text += table(["", "default", "strict"], _strict_rows(default, strict), right={1, 2})
     claims = results.get("snds_runs") or []
     if claims:
         claims_headers = ["", *(f"{run['rows']:,} rows" for run in claims)]
@@ -141,6 +153,20 @@ def render(results: dict) -> str:
 
 
 # --- implementation details -------------------------------------------------------------------
+
+
+def _strict_rows(default: dict, strict: dict) -> list[list]:
+    """What strict validation costs: the workers' check time per resource (it runs there), and end to end."""
+
+    def per_resource(run: dict) -> str:
+        return f"{1e6 * run['steps_seconds']['check'] / run['resources']:,.0f}"
+
+    return [
+        ["check in the workers (µs of a worker per resource)", per_resource(default), per_resource(strict)],
+        ["end to end (resources/s)", default["rates"]["end_to_end"], strict["rates"]["end_to_end"]],
+        ["quarantined", default["quarantined"], strict["quarantined"]],
+        ["end to end (s)", f"{default['end_to_end_seconds']:.1f}", f"{strict['end_to_end_seconds']:.1f}"],
+    ]
 
 
 def _step_rate(run: dict, step: str) -> int | str | None:

@@ -127,7 +127,12 @@ class _Specification:
             return
         focus = ResourceNode.create_node(node, definition)
         variables = {"resource": resource, "rootResource": root}
+        # ele-1 (`hasValue() or (children().count() > id.count())`, on every element) holds on any object with a
+        # child besides its id: the engine is only asked about the others, which is most of strict mode's time
+        has_children = isinstance(node, dict) and any(key != "id" for key in node)
         for ident in keys:
+            if has_children and ident == "ele-1":
+                continue
             try:
                 result = self._compiled[ident](focus, variables)
             except Exception:  # an engine failure on one record is counted, not the batch's end
