@@ -14,11 +14,12 @@ from pathlib import Path
 
 CASES = Path(__file__).parent / "data" / "hl7-fhir-test-cases"
 TERMINOLOGY = re.compile(
-    r"value ?set|code ?system|\bdisplay\b|terminology|unknown code|not found in the|is not in the|"
-    r"snomed|loinc|ucum|\bcode '[^']*' .*system|could not be validated",
+    r"\bvalue ?set\b(?!\.)|\bcode ?system\b(?!\.)|\bdisplay\b|terminology|unknown code|not found in the|"
+    r"is not in the|snomed|loinc|ucum|\bcode '[^']*' .*system|could not be validated",
     re.IGNORECASE,
 )
-PROFILE = re.compile(r"\bprofile\b|slice|slicing|conform", re.IGNORECASE)
+# a profile named by its url (not an element called `profile`), its slices, its snapshot or differential
+PROFILE = re.compile(r"\bprofile (?:https?://|')|\bslic(?:e|es|ing)\b|snapshot|differential|conform", re.IGNORECASE)
 # a finding made against a later version of a definition than R4's (the extensions package of an implementation
 # guide): `... v5.3.0-ballot is not allowed ...`
 LATER_DEFINITION = re.compile(r"\bv(?!4\.0\.1\b)\d+\.\d+\.\d+")
