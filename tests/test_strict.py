@@ -58,7 +58,7 @@ def test_strict_mode_on_the_suites_other_cases(tmp_path, db, smart_source):
     wrongly_rejected = [c.name for c in in_scope if c.expected == "loaded" and verdicts[c.name] != "loaded"]
     print(f"\nheld-out cases: {agree} of {len(in_scope)} in scope agree ({len(cases) - len(in_scope)} out of scope)")
     assert wrongly_rejected == [], "strict mode rejects nothing the reference accepts"
-    assert agree >= 55
+    assert agree >= 56
 
 
 # A valid Patient and a valid document Bundle; each fault below breaks one rule of one kind.
@@ -267,6 +267,7 @@ def _line_of(case: Case, number: int, seen: set) -> tuple[str, bytes]:
     except (ValueError, KeyError, TypeError):
         text = case.raw.decode("utf-8-sig", "replace")
         text = re.sub(r"(?m)^(\s*)//(.*)$", lambda m: m.group(1) + "/*" + m.group(2).replace("*/", "") + "*/", text)
+        text = re.sub(r'"id"\s*:\s*"[^"]*"', f'"id": "case-{number}"', text, count=1)  # cases reuse ids
         named = re.search(r'"resourceType"\s*:\s*"([A-Za-z]+)"', text)
         return (named.group(1) if named else "Basic"), text.replace("\r", " ").replace("\n", " ").encode()
 

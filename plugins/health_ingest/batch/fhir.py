@@ -16,6 +16,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from health_ingest.privacy.resources import ResourcePseudonymiser
 from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.checks import Rejection, check_line, last_updated
 from health_ingest.quality.reconcile import reconcile_part
-from health_ingest.quality.strict import StrictRules, strict_problem
+from health_ingest.quality.strict import StrictRules, strict_check
 from health_ingest.quality.suites import evaluate_batch, quality_gate
 from health_ingest.sources.landing import land_fhir_delivery
 from health_ingest.sources.registry import Source
@@ -75,6 +76,7 @@ class FhirLoader(BatchLoader):
         super().__init__(context)
         self._producer_position = "while reading the delivery"
         self.outcomes: list = []  # the quality suites' results, gathered type by type
+        self.strict_warnings: Counter = Counter()  # strict validation's warnings, by rule: counted, not quarantined
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         """`copy_conn` stages (autocommit); `conn` holds the load transaction that merges and commits."""
@@ -98,6 +100,9 @@ class FhirLoader(BatchLoader):
             result = commit_batch(cur, self, landed, file_counts, started)
         conn.commit()
         self.times.commit += time.perf_counter() - clock
+        if self.strict_warnings:
+            result.strict_warnings = dict(sorted(self.strict_warnings.items()))
+            log.info("strict validation: warnings by rule %s", result.strict_warnings)
         return result
 
     def warehouse_table(self, name: str) -> str:
@@ -296,6 +301,7 @@ class FhirLoader(BatchLoader):
             spool.rows += chunk.rows_read
             spool.good_rows += chunk.rows_read - chunk.rows_quarantined
             self.times.check += chunk.check_seconds
+            self.strict_warnings.update(dict(chunk.strict_warnings))
             self.times.pseudonymise += chunk.pseudonymise_seconds
             self._producer_position = f"after {landed_file.name} line {chunk.first_line}"
             if self.progress:
@@ -461,6 +467,7 @@ class EncodedChunk:
     size: int = 0  # bytes of rows
     rows_file: str | None = None  # where a worker appended the rows, with the other chunks of its `part`
     part: int = 0
+    strict_warnings: tuple[tuple[str, int], ...] = ()  # strict validation's warnings in the chunk, by rule
 
 
 class ChunkEncoder:
@@ -473,7 +480,8 @@ class ChunkEncoder:
         rules: StrictRules | None = None,
     ) -> None:
         self._strict = strict
-        self._rules = rules
+        self._rules = rules or StrictRules()
+        self._allow_comments = strict and self._rules.allow_comments
         self.pseudonymiser = pseudonymiser
         self._pseudonymise = pseudonymiser.pseudonymise
         self._tokens = pseudonymiser.tokens
@@ -483,13 +491,16 @@ class ChunkEncoder:
         rows, rejected = [], 0
         pseudonymise, dumps, clock = self._pseudonymise, orjson.dumps, time.perf_counter
         check_seconds = pseudonymise_seconds = 0.0
+        strict, rules, allow_comments, warnings = self._strict, self._rules, self._allow_comments, Counter()
         for line_no, raw in lines:
             t0 = clock()
-            checked = check_line(raw, expected_type)
+            checked = check_line(raw, expected_type, allow_comments=allow_comments)
+            if strict and type(checked) is not Rejection:
+                outcome = strict_check(checked, rules)
+                warnings.update(outcome.warnings)
+                checked = outcome.rejection or checked
             t1 = clock()
             check_seconds += t1 - t0
-            if self._strict and type(checked) is not Rejection:
-                checked = strict_problem(checked, self._rules) or checked
             if type(checked) is Rejection:
                 rejected += 1
                 rows.append(encode_rejected(file_no, line_no, checked.reason, checked.message))
@@ -509,6 +520,7 @@ class ChunkEncoder:
             check_seconds,
             pseudonymise_seconds,
             len(data),
+            strict_warnings=tuple(warnings.items()),
         )
 
 

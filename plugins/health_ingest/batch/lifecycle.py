@@ -71,6 +71,7 @@ class BatchResult:
     commit_seq: int | None = None
     times: StepTimes = field(default_factory=StepTimes)
     tables: dict[str, str] = field(default_factory=dict)  # each key of `counts`: its warehouse table (schema.table)
+    strict_warnings: dict[str, int] = field(default_factory=dict)  # strict validation's warnings, by rule
 
     @property
     def rows_read(self) -> int:
@@ -98,6 +99,7 @@ class BatchResult:
             "by_type": {t: vars(c) for t, c in sorted(self.counts.items())},
             "skipped_files": self.skipped_files,
             "elapsed_seconds": round(self.elapsed, 3),
+            **({"strict_warnings": self.strict_warnings} if self.strict_warnings else {}),
         }
 
 
