@@ -219,6 +219,9 @@ def test_each_fault_kind_is_quarantined_with_its_rule_and_path_and_the_same_reso
     result = run_fhir_batch(delivery, source)
     assert result.rows_loaded == len(good)
     assert result.rows_quarantined == len(FAULTS)
+    # a warning is counted, not quarantined: the good Bundle's entries have no narrative (dom-6)
+    assert result.strict_warnings.get("dom-6", 0) >= 2
+    assert result.to_summary()["strict_warnings"] == result.strict_warnings
     with db.cursor() as cur:
         cur.execute(
             "SELECT file_name, line_number, reason, message FROM ingest.quarantine WHERE batch_id = %s",
