@@ -85,6 +85,7 @@ class _Specification:
     def __init__(self, data: dict[str, Any]) -> None:
         from fhirpathpy.engine.invocations import invocation_registry
 
+        _compare_dates_as_dates()
         self.source = data["source"]
         self.constraints = {ident: Constraint(**c) for ident, c in data["constraints"].items()}
         self.elements: dict[str, dict[str, Any]] = data["elements"]
@@ -195,6 +196,31 @@ class _Specification:
 
 def _has_value(inputs: list) -> list[bool]:
     return [len(inputs) == 1 and inputs[0] is not None and not isinstance(inputs[0], dict | list)]
+
+
+def _compare_dates_as_dates() -> None:
+    """The engine orders two dates or date-times read from a record as strings (its inequality operators take the
+    raw value, not the typed one), so `start <= end` of per-1 fails across time zones (01:52-04:00 is before
+    01:07-05:00). Its operators are given the typed values, as FHIRPath says, as its other operators have them."""
+    from fhirpathpy.engine.invocations import equality
+    from fhirpathpy.engine.nodes import FP_TimeBase, ResourceNode
+
+    original = equality.typecheck
+    if getattr(original, "typed", False):
+        return
+
+    def typed(node):
+        if isinstance(node, ResourceNode) and isinstance(node.data, str):
+            value = node.convert_data()
+            if isinstance(value, FP_TimeBase):
+                return value
+        return node
+
+    def typecheck(a, b):
+        return original([typed(x) for x in a], [typed(x) for x in b])
+
+    typecheck.typed = True
+    equality.typecheck = typecheck
 
 
 def _quiet(*_args) -> None:
