@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -71,16 +72,11 @@ def strict_check(resource: dict[str, Any], rules: StrictRules | None = None) -> 
     except Exception as error:  # pydantic.ValidationError, or the model's own checks
         return StrictOutcome(Rejection("invalid_fhir", _describe(error)))
     warnings: Counter = Counter()
-    for found in (*invariants.findings(resource), *integrity.findings(resource)):
+    for found in itertools.chain(invariants.findings(resource), integrity.findings(resource)):
         if found.severity == "error":
             return StrictOutcome(Rejection("invalid_fhir", f"rule {found.key} failed at {found.path}: {found.human}"))
         warnings[found.key] += 1
     return StrictOutcome(None, warnings)
-
-
-def strict_problem(resource: dict[str, Any], rules: StrictRules | None = None) -> Rejection | None:
-    """None when the resource is valid; else why not."""
-    return strict_check(resource, rules).rejection
 
 
 # --- implementation details -------------------------------------------------------------------
