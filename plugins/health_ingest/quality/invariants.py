@@ -92,8 +92,7 @@ class _Specification:
         self.extension_value_types: dict[str, list[str]] = data["extension_value_types"]
         self._known_functions = set(invocation_registry) | SUPPLIED_FUNCTIONS
         self._compiled: dict[str, Callable | None] = {}
-        self._model = None
-        self._keys_at: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._keys_at: dict[tuple[str, str, bool], tuple[str, ...]] = {}
 
     def why_not(self, ident: str) -> str | None:
         expression = self.constraints[ident].expression
@@ -107,7 +106,7 @@ class _Specification:
 
     def keys_at(self, definition: str, element: str, primitive: bool = False) -> tuple[str, ...]:
         """The constraints on an element: its type's and its own, once each, in scope."""
-        found = self._keys_at.get((definition, element))
+        found = self._keys_at.get((definition, element, primitive))
         if found is None:
             keys = list(self.elements.get(definition, {}).get("constraints", ()))
             if element != definition:
@@ -115,7 +114,7 @@ class _Specification:
             if primitive:
                 keys = [k for k in keys if self.constraints[k].key != "ele-1"]
             found = tuple(dict.fromkeys(k for k in keys if self.compiled(k) is not None))
-            self._keys_at[(definition, element)] = found
+            self._keys_at[(definition, element, primitive)] = found
         return found
 
     def evaluate(
