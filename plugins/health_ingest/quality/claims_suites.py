@@ -53,10 +53,12 @@ AMOUNTS = {
     "snds": r"_MNT$|_QTE$",
     "cms-rif": r"_AMT$|_CNT$|_CLAIMS$|_QTY_DSPNSD_NUM$|_DAYS_SUPLY_NUM$",
     "synthea": r"^(AMOUNT|AMOUNT_COVERED|AMOUNT_UNCOVERED|REVENUE|UNITS|UNITAMOUNT|PAYMENTS|HEALTHCARE_EXPENSES|"
-    r"HEALTHCARE_COVERAGE|INCOME|OUTSTANDING[1-9P]?|(UN)?COVERED_[A-Z]+|UNIQUE_CUSTOMERS|MEMBER_MONTHS)$",
+    r"HEALTHCARE_COVERAGE|INCOME|OUTSTANDING[1-9P]?|(UN)?COVERED_[A-Z]+|UNIQUE_CUSTOMERS|MEMBER_MONTHS|"
+    r"BASE_ENCOUNTER_COST|TOTAL_CLAIM_COST|PAYER_COVERAGE|BASE_COST|TOTALCOST|DISPENSES|QUANTITY|UTILIZATION|"
+    r"ENCOUNTERS|PROCEDURES)$",
 }
 LIFE = {  # profile -> (patients table, birth column, death column, service date columns)
-    "synthea": ("patients", "BIRTHDATE", "DEATHDATE", ("SERVICEDATE", "FROMDATE")),
+    "synthea": ("patients", "BIRTHDATE", "DEATHDATE", ("SERVICEDATE", "FROMDATE", "START", "DATE")),
 }
 
 
@@ -77,7 +79,7 @@ def scaffold(root: Path, *, force: bool = False) -> list[Path]:
 
 def table_suite(profile: ClaimsProfile, schema: TableSchema) -> dict:
     """The suite of one claims table, in Great Expectations 1.x JSON."""
-    descriptor = _descriptor(profile, schema.name)
+    descriptor = profile.tables.descriptor(schema.name)
     plan, persons = plan_columns(schema, list(schema.column_names), profile.privacy, PrivacyPolicy().providers)
     kept = {c.name: c for c in plan}
     typed = {c.name: c.type for c in schema.columns if c.name in kept and kept[c.name].action == "keep"}
@@ -201,25 +203,21 @@ def table_suite(profile: ClaimsProfile, schema: TableSchema) -> dict:
             f"a detail row without its {header} header",
         )
     _life_events(profile, schema, typed, columns, expect)
+    settings: dict = {"table": warehouse_table, "volume_key": schema.name, "columns": columns}
+    if template := profile.tables.year_template(schema.name):
+        # one suite for every year's table (`T_MCO19B`, `T_MCO23B`): see `TableSuites`
+        settings["yearly"] = {"table": f"claims.{profile.warehouse_table(template)}", "volume_key": template}
     return {
         "name": warehouse_table,
         "expectations": expectations,
         "meta": {
-            "health_ingest": {"table": warehouse_table, "volume_key": schema.name, "columns": columns},
+            "health_ingest": settings,
             "notes": f"Scaffolded from the {profile.name} Table Schema of {schema.name}; edit freely.",
         },
     }
 
 
 # --- implementation details -------------------------------------------------------------------
-
-
-def _descriptor(profile: ClaimsProfile, table: str) -> dict:
-    from importlib import resources
-
-    folder = resources.files("health_ingest.formats") / "claims_profiles" / profile.name
-    path = folder / f"{table}.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _periods(typed: dict[str, str]) -> list[tuple[str, str]]:
