@@ -5,7 +5,11 @@ SNDS and of the SNDS schema repository), each field given the privacy class the 
 
 Each `<TABLE>.json` found under the products' folders is written beside `profile.json` unchanged but for a
 `classification` on every field (identifier, quasi-identifier, code, amount, date, free text), so that no column
-is left unclassified. Running it again on the same schemas writes the same files.
+is left unclassified, and for the stay keys: `ETA_NUM` (a FINESS number, `2A...` in Corsica) and the stay numbers
+are text in most PMSI schemas and integers in a few; they are text in all, so that every table joins on them. Two
+date formats of the PMSI are not dates the Table Schema standard can type: a month alone (`%m`: `SOR_MOI`,
+`ADM_MOIS`) becomes an integer from 1 to 12, and a day-month-year date without separators (`%d%m%Y`: `ENT_DAT`,
+`SOR_DAT`) text of eight digits, kept as written. Running it again on the same schemas writes the same files.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ PROFILE_FOLDER = Path(__file__).parent / "claims_profiles" / "snds"
 DATE_TYPES = {"date", "datetime", "year", "yearmonth", "time"}
 AMOUNT_NAME = re.compile(r"_MNT$|_QTE$|_MNT_|^MNT_|^NBR_|_NBR$|_NBJ$|^NB_|^DUR_|_DUR$|^QTE_|_PRI$|^PRI_")
 AMOUNT_WORDS = re.compile(r"\b(montant|nombre|quantit|prix|tarif|dur[ée]e|co[uû]t|valoris|d[ée]lai)", re.IGNORECASE)
+STAY_KEYS = {"ETA_NUM", "ETA_NUM_EPMSI", "RSA_NUM", "RHA_NUM", "RHS_NUM", "RHAD_NUM", "RIP_NUM", "SEQ_NUM", "SEJ_NUM"}
 QUASI_IDENTIFIERS = re.compile(r"^(AGE_|COD_SEX$|SEX_COD$|BEN_SEX_COD$|BDI_DEP$|BEN_RES_DPT$|AGE$|POI_|BEN_NAI_)")
 
 
@@ -51,8 +56,22 @@ def profile_tables(schemas: Path, products: list[str], roles: dict) -> dict[str,
             descriptor = json.loads(path.read_text(encoding="utf-8"))
             for field in descriptor["fields"]:
                 field["classification"] = classify(field, roles)
+                if field["name"].upper() in STAY_KEYS and field.get("type") in {"integer", "number"}:
+                    _as_text(field)
+                elif field.get("type") == "date" and field.get("format") == "%m":
+                    field.update(type="integer", format="default", constraints={"minimum": 1, "maximum": 12})
+                elif field.get("type") == "date" and field.get("format") == "%d%m%Y":
+                    field.update(type="string", format="default", constraints={"pattern": "[0-9]{8}"})
             tables[path.name] = descriptor
     return tables
+
+
+def _as_text(field: dict) -> None:
+    field["type"] = "string"
+    constraints = {k: v for k, v in (field.get("constraints") or {}).items() if k not in {"minimum", "maximum"}}
+    if str(field.get("length") or "").isdigit():
+        constraints["maxLength"] = int(field["length"])
+    field["constraints"] = constraints
 
 
 def write_profile_tables(schemas: Path, products: list[str], folder: Path = PROFILE_FOLDER) -> list[Path]:

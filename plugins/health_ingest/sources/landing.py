@@ -75,10 +75,12 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
 def land_files(
     delivery: Path, landing_folder: Path, accepts: Callable[[Path], bool], holds: Callable[[Path], str], *, what: str
 ) -> LandedDelivery:
-    """Copy and checksum the files of a delivery that `accepts` takes; `holds` names what each holds (a table)."""
+    """Copy and checksum the files of a delivery that `accepts` takes; `holds` names what each holds (a table). A
+    folder's sub-folders are part of it: an extract published as one folder per product (SNDS `DCIR/`,
+    `PMSI/PMSI MCO/`...) is one delivery, as a flat folder is."""
     delivery = delivery.resolve()
     if delivery.is_dir():
-        candidates = sorted(p for p in delivery.iterdir() if p.is_file() and accepts(p))
+        candidates = _files_of_tree(delivery, accepts)
     elif delivery.is_file() and accepts(delivery):
         candidates = [delivery]
     else:
@@ -89,8 +91,12 @@ def land_files(
     landing_folder.mkdir(parents=True, exist_ok=False)
     files = []
     digests = _Digests()
+    landed_names: set[str] = set()
     for file_no, source_file in enumerate(candidates, start=1):
-        target = landing_folder / source_file.name
+        # two folders of a tree may hold files of one name: the second is landed under its number
+        landed_name = source_file.name if source_file.name not in landed_names else f"{file_no}-{source_file.name}"
+        landed_names.add(landed_name)
+        target = landing_folder / landed_name
         size = _private_copy(source_file, target)
         # a file named after a known table is an export's name, not a person's
         plain = SAFE_NAME.match(source_file.name) and len(source_file.name) <= 80
@@ -98,6 +104,19 @@ def land_files(
         files.append(LandedFile(file_no, name, target, size, digests.of(target), kinds[source_file]))
     digests.close()
     return LandedDelivery(delivery, landing_folder, files)
+
+
+def _files_of_tree(folder: Path, accepts: Callable[[Path], bool]) -> list[Path]:
+    """The files of a folder and its sub-folders, in path order; names starting with `_` or `.` (markers, a
+    pulled export's record, hidden files and folders) are never input."""
+    found = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = sorted(f for f in folders if not f.startswith(("_", ".")))
+        for name in names:
+            path = Path(root) / name
+            if not name.startswith(("_", ".")) and path.is_file() and accepts(path):
+                found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
 def safe_label(file_name: str, file_no: int) -> str:
