@@ -52,9 +52,7 @@ def test_the_published_snds_tree_loads_as_one_batch_and_pmsi_stays_join_their_pe
         # the stays of the link table join their discharge summaries on ETA_NUM + RSA_NUM
         summaries = {(r["ETA_NUM"], r["RSA_NUM"]) for r in _loaded_rows(cur, MCO / "T_MCOaaB.csv")}
         links = _loaded_rows(cur, MCO / "T_MCOaaC.csv")
-        cur.execute(
-            "SELECT count(*) FROM claims.snds_t_mcoaac c JOIN claims.snds_t_mcoaab b USING (eta_num, rsa_num)"
-        )
+        cur.execute("SELECT count(*) FROM claims.snds_t_mcoaac c JOIN claims.snds_t_mcoaab b USING (eta_num, rsa_num)")
         assert cur.fetchone()[0] == sum((r["ETA_NUM"], r["RSA_NUM"]) in summaries for r in links) > 0
 
         # NIR_ANO_17 is DCIR's BEN_NIR_PSA (the schema's foreign key to IR_BEN_R): one person, one pseudonym
@@ -90,8 +88,7 @@ def test_each_year_of_a_pmsi_table_is_a_table_of_its_own_with_its_suite(tmp_path
             )
             assert cur.fetchone()[0] > 0
         cur.execute(
-            "SELECT DISTINCT table_name FROM ingest.dq_results WHERE table_name LIKE 'claims.snds_t_mco__b' "
-            "ORDER BY 1"
+            "SELECT DISTINCT table_name FROM ingest.dq_results WHERE table_name LIKE 'claims.snds_t_mco__b' ORDER BY 1"
         )
         assert [row[0] for row in cur.fetchall()] == ["claims.snds_t_mco19b", "claims.snds_t_mco23b"]
 
@@ -102,7 +99,9 @@ def test_the_whole_synthea_csv_export_loads_every_table_and_leaks_no_patient_ide
     files = sorted(SYNTHEA_CSV.glob("*.csv"))
     assert len(files) == 18 and set(result.counts) == {p.stem for p in files}
     for table, counts in result.counts.items():
-        assert counts.rows_read == counts.rows_loaded + counts.rows_quarantined == len(_rows(SYNTHEA_CSV / f"{table}.csv"))
+        assert (
+            counts.rows_read == counts.rows_loaded + counts.rows_quarantined == len(_rows(SYNTHEA_CSV / f"{table}.csv"))
+        )
     with db.cursor() as cur:
         cur.execute(
             "SELECT count(DISTINCT o.patient_id) FROM claims.synthea_observations o "
