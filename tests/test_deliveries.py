@@ -4,10 +4,14 @@ run's whole CSV export, NDJSON files named anyhow."""
 from __future__ import annotations
 
 import csv
+import gzip
 import shutil
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE as SAMPLE_FOLDER
 from conftest import TEST_DATA, pg_dump
 from health_ingest.formats.claims import load_profile
 from health_ingest.pipeline_claims import run_claims_batch
@@ -118,3 +122,80 @@ def test_the_whole_synthea_csv_export_loads_every_table_and_leaks_no_patient_ide
     assert len(planted) > 60
     found = sorted(value for value in planted if value in dump or value.lower() in dump.lower())
     assert found == [], "patient identity in the warehouse"
+
+
+def test_ndjson_files_named_anyhow_load_by_their_content(tmp_path, db):
+    from conftest import sample_line_counts
+    from health_ingest.pipeline import run_fhir_batch
+
+    delivery = tmp_path / "export"
+    delivery.mkdir()
+    patients = (SAMPLE_FOLDER / "Patient.000.ndjson").read_bytes().splitlines(keepends=True)
+    (delivery / "Patient1.ndjson").write_bytes(b"".join(patients[:5]))
+    (delivery / "1.Patient.ndjson").write_bytes(b"".join(patients[5:]))
+    (delivery / "x.ndjson.gz").write_bytes(gzip.compress((SAMPLE_FOLDER / "Encounter.000.ndjson").read_bytes()))
+    (delivery / "5d41402abc4b2a76b9719d911017c592.ndjson").write_bytes(
+        (SAMPLE_FOLDER / "Condition.000.ndjson").read_bytes()
+    )
+
+    result = run_fhir_batch(delivery, get_source("smart_sample"))
+
+    expected = sample_line_counts()
+    assert {t: c.rows_loaded for t, c in result.counts.items()} == {
+        t: expected[t] for t in ("Patient", "Encounter", "Condition")
+    }
+    with db.cursor() as cur:
+        cur.execute("SELECT file_name, resource_type, status FROM ingest.batch_files ORDER BY file_name")
+        files = cur.fetchall()
+        cur.execute("SELECT count(*) FROM fhir.encounter e JOIN fhir.patient p ON p.patient_id = e.patient_id")
+        assert cur.fetchone()[0] == expected["Encounter"], "every encounter's subject resolves"
+    assert set(files) == {
+        ("1.Patient.ndjson", "Patient", "loaded"),
+        ("Patient1.ndjson", "Patient", "loaded"),
+        ("file-002.ndjson", "Condition", "loaded"),  # a hash may be an id: shown under its number
+        ("file-004.ndjson.gz", "Encounter", "loaded"),
+    }
+
+
+def test_a_file_mixing_two_resource_types_is_refused_with_its_name_and_line(tmp_path, db):
+    from health_ingest.errors import LoadError
+    from health_ingest.pipeline import run_fhir_batch
+
+    delivery = tmp_path / "export"
+    delivery.mkdir()
+    patients = (SAMPLE_FOLDER / "Patient.000.ndjson").read_bytes().splitlines(keepends=True)
+    encounter = (SAMPLE_FOLDER / "Encounter.000.ndjson").read_bytes().splitlines(keepends=True)[0]
+    (delivery / "Patient-0001.ndjson").write_bytes(b"".join([*patients[:2], encounter, *patients[2:4]]))
+
+    with pytest.raises(LoadError, match=r"Patient-0001\.ndjson: line 3: a resource of type Encounter in a file of"):
+        run_fhir_batch(delivery, get_source("smart_sample"))
+    with db.cursor() as cur:
+        cur.execute("SELECT status, error FROM ingest.batches")
+        status, error = cur.fetchone()
+        cur.execute("SELECT to_regclass('fhir.patient') IS NULL OR NOT EXISTS (SELECT 1 FROM fhir.patient)")
+        assert cur.fetchone()[0], "nothing of the delivery is visible"
+    assert status == "failed" and "Patient-0001.ndjson: line 3" in error
+
+
+def test_an_incremental_pull_with_nothing_new_commits_an_empty_batch_and_moves_since(db):
+    from bulk_server import BulkDataServer, Scenario
+    from health_ingest.sources.bulk.pull import pull_and_load
+    from health_ingest.sources.bulk.settings import BulkSettings
+    from health_ingest.sources.registry import Source
+
+    with BulkDataServer(SAMPLE_FOLDER, Scenario(polls_before_ready=0)) as server:
+        settings = BulkSettings(url=server.base_url, types=("Patient",), min_poll_seconds=0.01)
+        source = Source(name="quiet_day", kind="fhir", format="ndjson", bulk=settings)
+        first, loaded = pull_and_load(source)
+        time.sleep(0.01)  # the second export's transaction time comes after the first's
+        second, empty = pull_and_load(source)
+
+        assert loaded.rows_loaded == server.count("Patient") and server.kickoff_requests[1]["params"]["_since"]
+        assert second.files == [] and empty.status == "committed" and empty.rows_read == 0
+        with db.cursor() as cur:
+            cur.execute("SELECT status, rows_read, commit_seq FROM ingest.batches ORDER BY commit_seq")
+            assert [row[:2] for row in cur.fetchall()] == [("committed", server.count("Patient")), ("committed", 0)]
+            cur.execute("SELECT since, export_status_url FROM ingest.source_state WHERE source = 'quiet_day'")
+            since, in_flight = cur.fetchone()
+        assert since == datetime.fromisoformat(second.transaction_time.replace("Z", "+00:00")) and in_flight is None
+        assert second.transaction_time > first.transaction_time
