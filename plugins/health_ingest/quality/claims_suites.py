@@ -32,6 +32,8 @@ CODES = {
     "snds": {
         r"PHA_PRS_C13|PHA_CIP_C13": ("^[0-9]{13}$", "CIP13"),
         r"CAM_PRS_IDE": ("^[A-Z]{4}[0-9]{3}$", "CCAM"),
+        # PMSI establishments: a FINESS number, its département first (2A and 2B in Corsica)
+        r"ETA_NUM(_EPMSI|_GEO[12]?|_JUR|_TWO|_ENT|_EHPA|_ESMS|_SMUR)?": ("^([0-9]{2}|2A|2B)[0-9]{7}$", "FINESS"),
     },
     "cms-rif": {
         r"(PRNCPAL|ADMTG|ICD)_DGNS(_E)?_CD[0-9]*|FST_DGNS_E_CD|LINE_ICD_DGNS_CD": (
@@ -50,7 +52,7 @@ CODES = {
 # dates a format writes for "none": Synthea writes the Unix epoch where a transaction has no end
 NO_DATE = {"synthea": "1970-01-01"}
 AMOUNTS = {
-    "snds": r"_MNT$|_QTE$",
+    "snds": r"_MNT$|_QTE$|^NBR_|_NBR$|_NBJ$",
     "cms-rif": r"_AMT$|_CNT$|_CLAIMS$|_QTY_DSPNSD_NUM$|_DAYS_SUPLY_NUM$",
     "synthea": r"^(AMOUNT|AMOUNT_COVERED|AMOUNT_UNCOVERED|REVENUE|UNITS|UNITAMOUNT|PAYMENTS|HEALTHCARE_EXPENSES|"
     r"HEALTHCARE_COVERAGE|INCOME|OUTSTANDING[1-9P]?|(UN)?COVERED_[A-Z]+|UNIQUE_CUSTOMERS|MEMBER_MONTHS|"
@@ -187,7 +189,8 @@ def table_suite(profile: ClaimsProfile, schema: TableSchema) -> dict:
                     f"not a {system} code",
                 )
     for header, on in _headers(profile, schema, descriptor, kept):
-        header_table = f"claims.{profile.warehouse_table(header)}"
+        # a yearly table's header is the same year's (`T_MCO19D` -> `T_MCO19B`): see `TableSuites`
+        header_table = f"claims.{profile.warehouse_table(profile.tables.year_template(header) or header)}"
         match = " AND ".join(f'h."{h.lower()}" = s."{d.lower()}"' for d, h in on.items())
         name = f"has_{header.lower()}"
         columns[name] = {
@@ -238,11 +241,20 @@ def _headers(profile: ClaimsProfile, schema: TableSchema, descriptor: dict, kept
         if foreign_key.get("description") == "Nomenclature":
             continue
         header = foreign_key["reference"]["resource"]
-        if header not in profile.tables or header == schema.name or not header.endswith(("_PRS_F", "_IDE_AAAA_GN")):
-            continue
+        header = header.upper() if profile.table_names == "upper" else header
         fields, targets = foreign_key["fields"], foreign_key["reference"]["fields"]
         fields = [fields] if isinstance(fields, str) else fields
         targets = [targets] if isinstance(targets, str) else targets
+        if header not in profile.tables or header == schema.name:
+            continue
+        # DCIR's claim headers, and the PMSI's stay (or establishment) tables, referenced by their own key
+        stay = (
+            bool(profile.tables.year_template(header))
+            and len(targets) > 1  # a stay, not the establishment table (`T_MCOaaE`) an extract may not hold
+            and set(targets) <= set(profile.tables[header].primary_key)  # an SSR stay spans weekly summaries
+        )
+        if not (header.endswith(("_PRS_F", "_IDE_AAAA_GN")) or stay):
+            continue
         if all(f in kept and kept[f].action == "keep" for f in fields):
             found.append((header, dict(zip(fields, targets, strict=True))))
     known = HEADERS.get((profile.name, schema.name))

@@ -131,9 +131,10 @@ def load_table_suites(root: Path | None = None) -> TableSuites:
             settings.get("volume_key"),
             path,
         )
-        suites[suite.table] = suite
         if settings.get("yearly"):
             suites.add_yearly(suite, settings["yearly"]["table"], settings["yearly"]["volume_key"])
+            suite = _of_year(suite, "aa")  # the schema's own name: a file named `T_MCOaaB.csv`
+        suites[suite.table] = suite
     return suites
 
 
@@ -157,7 +158,9 @@ class TableSuites(dict):
         for pattern, suite, volume_template in self._yearly:
             if match := pattern.match(table):
                 year = match.group(1)
-                return replace(suite, name=table, table=table, volume_key=volume_template.format(year=year))
+                return replace(
+                    _of_year(suite, year), name=table, table=table, volume_key=volume_template.format(year=year)
+                )
         return default
 
     def __getitem__(self, table: str) -> TableSuite:
@@ -168,6 +171,12 @@ class TableSuites(dict):
 
     def __contains__(self, table: object) -> bool:
         return isinstance(table, str) and self.get(table) is not None
+
+
+def _of_year(suite: TableSuite, year: str) -> TableSuite:
+    """A yearly suite whose columns read the same year's other tables (a detail's stay header)."""
+    columns = json.loads(json.dumps(suite.columns).replace("{year}", year))
+    return replace(suite, columns=columns)
 
 
 def evaluate_tables(
