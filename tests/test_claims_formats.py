@@ -57,7 +57,7 @@ def test_every_snds_column_is_classified_and_direct_identifiers_never_kept_raw()
     from health_ingest.privacy.claims import plan_columns
 
     profile = load_profile("snds")
-    classes = {"identifier", "quasi-identifier", "code", "amount", "date", "free text"}
+    classes = {"identifier", "quasi_identifier", "code", "amount", "date", "free_text"}
     for table in profile.tables:
         descriptor = profile.tables.descriptor(table)
         if not table.startswith("T_"):
@@ -66,7 +66,7 @@ def test_every_snds_column_is_classified_and_direct_identifiers_never_kept_raw()
         assert set(fields.values()) <= classes, table
         plan, _ = plan_columns(profile.tables[table], list(fields), profile.privacy, "tokenise")
         kept_raw = {c.name for c in plan if c.action == "keep"}
-        assert not {n for n, c in fields.items() if c in {"identifier", "free text"}} & kept_raw, table
+        assert not {n for n, c in fields.items() if c in {"identifier", "free_text"}} & kept_raw, table
 
 
 @pytest.mark.parametrize(
@@ -161,3 +161,22 @@ def test_a_quote_free_range_is_not_read_by_the_csv_reader(tmp_path, monkeypatch)
         )
     )
     assert rows and rows[0][0] == 2
+
+
+def test_every_column_of_the_synthea_export_is_classified_and_identity_never_kept_raw():
+    from health_ingest.privacy.claims import plan_columns
+
+    profile = load_profile("synthea")
+    classes = profile.privacy.classes
+    for table in profile.tables:
+        schema = profile.tables[table]
+        for column in schema.column_names:
+            found = {c for c, columns in classes.items() if column in columns or f"{table}.{column}" in columns}
+            assert len(found) == 1, (table, column)
+        plan, persons = plan_columns(schema, list(schema.column_names), profile.privacy, "tokenise")
+        kept_raw = {c.name for c in plan if c.action == "keep"}
+        raw_classes = {
+            c for c, columns in classes.items() for n in kept_raw if n in columns or f"{table}.{n}" in columns
+        }
+        assert raw_classes <= {"code", "amount", "date", "quasi_identifier"}, table
+        assert persons or table in {"payers", "organizations", "providers"}, f"{table} rows name their patient"

@@ -68,6 +68,9 @@ class PrivacyRoles:
     zip3: frozenset[str] = frozenset()
     providers: frozenset[str] = frozenset()
     numbers_only: frozenset[str] = frozenset()  # values kept when they read as a number, free text otherwise
+    # what each column is (identifier, quasi_identifier, code, amount, date, free_text), by `COLUMN` or
+    # `table.COLUMN`: the `classification` of the schema files' fields (`field_classes`)
+    classes: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,9 +131,28 @@ def load_profile(name: str) -> ClaimsProfile:
             zip3=frozenset(roles.get("zip3", ())),
             providers=frozenset(roles.get("providers", ())),
             numbers_only=frozenset(roles.get("numbers_only", ())),
+            classes=field_classes(descriptors, settings.get("table_names", "lower")),
         ),
         tables=tables,
     )
+
+
+def field_classes(descriptors: dict[str, dict], case: str = "lower") -> dict[str, frozenset[str]]:
+    """The privacy class of each classified field of a profile's schema files, by class: under the column's name
+    when every table says the same of it, else under `table.COLUMN`."""
+    found: dict[str, dict[str, str]] = {}
+    for table, descriptor in descriptors.items():
+        for f in descriptor.get("fields", []):
+            if f.get("classification"):
+                found.setdefault(f["name"], {})[_in_case(table, case)] = f["classification"]
+    classes: dict[str, set[str]] = {}
+    for column, by_table in found.items():
+        if len(set(by_table.values())) == 1:
+            classes.setdefault(next(iter(by_table.values())), set()).add(column)
+            continue
+        for table, class_name in by_table.items():
+            classes.setdefault(class_name, set()).add(f"{table}.{column}")
+    return {class_name: frozenset(columns) for class_name, columns in classes.items()}
 
 
 def is_claims_file(path: Path) -> bool:

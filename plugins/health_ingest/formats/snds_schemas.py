@@ -4,7 +4,7 @@ SNDS and of the SNDS schema repository), each field given the privacy class the 
     python -m health_ingest.formats.snds_schemas SCHEMAS_FOLDER [PRODUCT ...]    # default product: PMSI
 
 Each `<TABLE>.json` found under the products' folders is written beside `profile.json` unchanged but for a
-`classification` on every field (identifier, quasi-identifier, code, amount, date, free text), so that no column
+`classification` on every field (identifier, quasi_identifier, code, amount, date, free_text), so that no column
 is left unclassified, and for the stay keys: `ETA_NUM` (a FINESS number, `2A...` in Corsica) and the stay numbers
 are text in most PMSI schemas and integers in a few; they are text in all, so that every table joins on them. Two
 date formats of the PMSI are not dates the Table Schema standard can type: a month alone (`%m`: `SOR_MOI`,
@@ -24,6 +24,7 @@ DATE_TYPES = {"date", "datetime", "year", "yearmonth", "time"}
 AMOUNT_NAME = re.compile(r"_MNT$|_QTE$|_MNT_|^MNT_|^NBR_|_NBR$|_NBJ$|^NB_|^DUR_|_DUR$|^QTE_|_PRI$|^PRI_")
 AMOUNT_WORDS = re.compile(r"\b(montant|nombre|quantit|prix|tarif|dur[ée]e|co[uû]t|valoris|d[ée]lai)", re.IGNORECASE)
 STAY_KEYS = {"ETA_NUM", "ETA_NUM_EPMSI", "RSA_NUM", "RHA_NUM", "RHS_NUM", "RHAD_NUM", "RIP_NUM", "SEQ_NUM", "SEJ_NUM"}
+DATE_WORDS = re.compile(r"^(date|mois|ann[ée]e)\b", re.IGNORECASE)  # dates the schema types as text
 QUASI_IDENTIFIERS = re.compile(r"^(AGE_|COD_SEX$|SEX_COD$|BEN_SEX_COD$|BDI_DEP$|BEN_RES_DPT$|AGE$|POI_|BEN_NAI_)")
 
 
@@ -34,12 +35,12 @@ def classify(field: dict, roles: dict) -> str:
     if name in identifiers or name in {p.upper() for p in roles.get("providers", [])}:
         return "identifier"
     if any(re.search(pattern, name) for pattern in roles.get("drop_patterns", [])):
-        return "free text"
+        return "free_text"
     if name in {d.upper() for d in roles.get("drop", [])}:
-        return "quasi-identifier"
+        return "quasi_identifier"
     if QUASI_IDENTIFIERS.match(name):
-        return "quasi-identifier"
-    if field.get("type") in DATE_TYPES:
+        return "quasi_identifier"
+    if field.get("type") in DATE_TYPES or DATE_WORDS.match(field.get("description") or ""):
         return "date"
     if field.get("type") in {"integer", "number"} and (
         AMOUNT_NAME.search(name) or AMOUNT_WORDS.search(field.get("description") or "")
