@@ -22,7 +22,7 @@ def test_bad_lines_are_quarantined_with_line_numbers_and_the_rest_loads(tmp_path
         _patient("good-1"),  # 1
         b'{"resourceType": "Patient", "id": "broken", "name": [{"family": "' + SECRET_NAME.encode(),  # 2
         b"[" + _patient("in-an-array") + b"]",  # 3
-        json.dumps({"resourceType": "Observation", "id": "obs-1", "status": "final"}).encode(),  # 4
+        json.dumps({"resourceType": "observation-1", "id": "obs-1", "status": "final"}).encode(),  # 4: no type name
         json.dumps({"resourceType": "Patient", "name": [{"family": SECRET_NAME}]}).encode(),  # 5
         b'{"resourceType": "Patient", "id": "latin1", "name": [{"family": "Ren\xe9e"}]}',  # 6
         b"",  # 7: blank, not a record
@@ -59,7 +59,9 @@ def test_bad_lines_are_quarantined_with_line_numbers_and_the_rest_loads(tmp_path
         (12, "duplicate_in_batch"),
     ]
     assert {name for name, *_ in quarantined} == {"Patient.000.ndjson"}
-    assert "'Observation' in a file of Patient" in quarantined[2][3]
+    assert "resourceType not a valid type name in a file of Patient" in quarantined[2][3]
+    # a record of another resource type is not quarantined: the file mixes types and the batch refuses it
+    # (tests/test_deliveries.py)
     for *_, message in quarantined:
         assert SECRET_NAME not in message and "broken" not in message and "obs-1" not in message
 

@@ -88,7 +88,8 @@ def test_redelivery_replaces_and_never_duplicates(tmp_path, db):
 def test_synthea_claims_join_the_fhir_patients_of_the_same_run(db):
     run_fhir_batch(TEST_DATA / "synthea-ma11" / "fhir", get_source("synthea_fhir"))
     result = run_claims_batch(TEST_DATA / "synthea-ma11" / "csv", get_source("synthea_claims"))
-    assert result.rows_quarantined == 0
+    # supplies.csv repeats one row word for word: a table without a key keeps it once and quarantines the copy
+    assert {t: c.rows_quarantined for t, c in result.counts.items() if c.rows_quarantined} == {"supplies": 1}
     with db.cursor() as cur:
         cur.execute("SELECT count(DISTINCT patient_id) FROM fhir.patient")
         fhir_patients = cur.fetchone()[0]

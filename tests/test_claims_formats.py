@@ -20,7 +20,8 @@ def _descriptors(profile: str) -> dict[str, dict]:
     for entry in folder.iterdir():
         if entry.name.endswith(".json") and entry.name != "profile.json":
             descriptor = json.loads(entry.read_text(encoding="utf-8"))
-            found[descriptor.get("name") or entry.name.removesuffix(".json")] = descriptor
+            name = descriptor.get("name") or entry.name.removesuffix(".json")
+            found[name.upper() if load_profile(profile).table_names == "upper" else name] = descriptor
     return found
 
 
@@ -36,6 +37,36 @@ def test_every_bundled_table_schema_is_valid_and_read_as_the_standard_reads_it(p
         schema = profile.tables[table]
         assert [(c.name, c.type) for c in schema.columns] == [(f.name, f.type) for f in standard.fields], table
         assert list(schema.primary_key) == list(standard.primary_key or []), table
+
+
+def test_a_yearly_snds_schema_serves_every_year_as_a_table_of_its_own():
+    """`T_MCOaaB` is the schema of `T_MCO19B`, `T_MCO23B`... and of a file named as the schema itself."""
+    profile = load_profile("snds")
+    for name, table in [("T_MCO19B.csv", "T_MCO19B"), ("t_mco23c.csv.gz", "T_MCO23C"), ("T_MCOaaB.csv", "T_MCOAAB")]:
+        assert profile.table_for(Path(name)) == table
+        schema = profile.tables[table]
+        assert schema.name == table and schema.primary_key == (("ETA_NUM", "RSA_NUM"))
+    assert profile.tables.schema_name("T_HAD07A") == "T_HADAAA"
+    assert profile.warehouse_table("T_MCO19B") == "snds_t_mco19b"
+    for not_a_year in ["T_MCO9B", "T_MCO2019B", "T_MCOXXB"]:
+        assert not_a_year not in profile.tables
+    assert "T_MCO19B" not in set(profile.tables), "each yearly schema is listed once"
+
+
+def test_every_snds_column_is_classified_and_direct_identifiers_never_kept_raw():
+    from health_ingest.privacy.claims import plan_columns
+
+    profile = load_profile("snds")
+    classes = {"identifier", "quasi_identifier", "code", "amount", "date", "free_text"}
+    for table in profile.tables:
+        descriptor = profile.tables.descriptor(table)
+        if not table.startswith("T_"):
+            continue  # the PMSI tables, made by `health_ingest.formats.snds_schemas`
+        fields = {f["name"]: f.get("classification") for f in descriptor["fields"]}
+        assert set(fields.values()) <= classes, table
+        plan, _ = plan_columns(profile.tables[table], list(fields), profile.privacy, "tokenise")
+        kept_raw = {c.name for c in plan if c.action == "keep"}
+        assert not {n for n, c in fields.items() if c in {"identifier", "free_text"}} & kept_raw, table
 
 
 @pytest.mark.parametrize(
@@ -130,3 +161,22 @@ def test_a_quote_free_range_is_not_read_by_the_csv_reader(tmp_path, monkeypatch)
         )
     )
     assert rows and rows[0][0] == 2
+
+
+def test_every_column_of_the_synthea_export_is_classified_and_identity_never_kept_raw():
+    from health_ingest.privacy.claims import plan_columns
+
+    profile = load_profile("synthea")
+    classes = profile.privacy.classes
+    for table in profile.tables:
+        schema = profile.tables[table]
+        for column in schema.column_names:
+            found = {c for c, columns in classes.items() if column in columns or f"{table}.{column}" in columns}
+            assert len(found) == 1, (table, column)
+        plan, persons = plan_columns(schema, list(schema.column_names), profile.privacy, "tokenise")
+        kept_raw = {c.name for c in plan if c.action == "keep"}
+        raw_classes = {
+            c for c, columns in classes.items() for n in kept_raw if n in columns or f"{table}.{n}" in columns
+        }
+        assert raw_classes <= {"code", "amount", "date", "quasi_identifier"}, table
+        assert persons or table in {"payers", "organizations", "providers"}, f"{table} rows name their patient"

@@ -162,6 +162,11 @@ def _planted_row(profile, table: str, suite) -> tuple[str, dict[str, str]]:
             return label, row
         if kind == "expect_column_values_to_be_in_set" and kwargs["column"].startswith("has_"):
             return label, row  # a detail delivered without any header
+        if kind == "expect_column_values_to_match_regex" and kwargs["column"].endswith("_code"):
+            coded = by_lower.get(kwargs["column"].removesuffix("_code"))
+            if coded is not None and coded.type == "string":
+                row[coded.name] = "not a code"
+                return label, row
     raise AssertionError(f"suite {suite.name} has no error expectation a planted row can break")
 
 

@@ -39,7 +39,7 @@ class LandedFile:
     @property
     def skip_reason(self) -> str | None:
         if self.resource_type is None and not self.unpacked and self.role == "resources":
-            return "file name does not start with a FHIR resource type (e.g. Patient.000.ndjson)"
+            return "holds no FHIR resource (no record with a resourceType among its first lines)"
         return None
 
 

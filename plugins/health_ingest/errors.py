@@ -42,6 +42,11 @@ class DeliveryError(HealthIngestError):
     exit_code = 3
 
 
+class MixedResourceTypes(DeliveryError):
+    """A file holds records of two resource types (`line N: a resource of type X in a file of Y`): the batch
+    refuses it whole, naming the file. Raised by the workers, which know the line but not the file's label."""
+
+
 class LoadError(HealthIngestError):
     """The batch was rolled back: the warehouse holds nothing of it. Raised by the batch with its cause's
     `retryable`; raised as such (a lost connection, counts that did not reconcile) a retry may help."""

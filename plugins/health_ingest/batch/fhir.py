@@ -35,7 +35,7 @@ from health_ingest.batch.lifecycle import (
 )
 from health_ingest.batch.workers import SavepointMerge, Stages, WorkerPool, release_free_memory
 from health_ingest.deliveries import FileCounts, LandedDelivery, LandedFile
-from health_ingest.errors import LoadError
+from health_ingest.errors import DeliveryError, LoadError, MixedResourceTypes
 from health_ingest.formats.ndjson import read_lines
 from health_ingest.privacy.dates import DateShifter
 from health_ingest.privacy.escrow import EscrowCipher, encode_escrow_rows
@@ -43,7 +43,7 @@ from health_ingest.privacy.gate import check_k_anonymity
 from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.resources import ResourcePseudonymiser
 from health_ingest.privacy.tokens import Tokeniser
-from health_ingest.quality.checks import Rejection, check_line, last_updated
+from health_ingest.quality.checks import MIXED_TYPES, Rejection, check_line, last_updated
 from health_ingest.quality.reconcile import reconcile_part
 from health_ingest.quality.strict import StrictRules, strict_check
 from health_ingest.quality.suites import evaluate_batch, quality_gate
@@ -274,6 +274,15 @@ class FhirLoader(BatchLoader):
         chunks = encoder.encode(
             landed_file.path, landed_file.file_no, landed_file.resource_type, spool_folder, SPOOL_BYTES
         )
+        try:
+            yield from self._spools_of(landed_file, chunks, counts, spool_folder, escrow, stop)
+        except MixedResourceTypes as error:
+            raise DeliveryError(
+                f"{landed_file.name}: {error}; a file holds one resource type, nothing of the delivery was loaded"
+            ) from None
+
+    def _spools_of(self, landed_file, chunks, counts, spool_folder, escrow, stop) -> Iterator[_Spool]:
+        """The file's encoded chunks gathered into spools (see `_encode_file`)."""
         spool, part, written = _Spool(), None, 0
         for number, chunk in enumerate(chunks, start=1):
             if stop.is_set():
@@ -502,6 +511,8 @@ class ChunkEncoder:
             t1 = clock()
             check_seconds += t1 - t0
             if type(checked) is Rejection:
+                if checked.reason == MIXED_TYPES:
+                    raise MixedResourceTypes(f"line {line_no}: {checked.message}")
                 rejected += 1
                 rows.append(encode_rejected(file_no, line_no, checked.reason, checked.message))
                 continue

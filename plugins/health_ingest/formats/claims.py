@@ -67,6 +67,10 @@ class PrivacyRoles:
     year_month: frozenset[str] = frozenset()
     zip3: frozenset[str] = frozenset()
     providers: frozenset[str] = frozenset()
+    numbers_only: frozenset[str] = frozenset()  # values kept when they read as a number, free text otherwise
+    # what each column is (identifier, quasi_identifier, code, amount, date, free_text), by `COLUMN` or
+    # `table.COLUMN`: the `classification` of the schema files' fields (`field_classes`)
+    classes: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class ClaimsProfile:
     table_suffix: str | None
     trailing_delimiter: bool
     privacy: PrivacyRoles
-    tables: Mapping[str, TableSchema]
+    tables: _TableSchemas
 
     def table_for(self, path: Path) -> str:
         """The table a file belongs to, from its name (`ER_PRS_F.csv`, `carrier_2019.csv.gz`)."""
@@ -108,7 +112,7 @@ def load_profile(name: str) -> ClaimsProfile:
             continue
         descriptor = json.loads(entry.read_text(encoding="utf-8"))
         descriptors[descriptor.get("name") or entry.name.removesuffix(".json")] = descriptor
-    tables = _TableSchemas(descriptors)
+    tables = _TableSchemas(descriptors, settings.get("table_names", "lower"), settings.get("year_placeholder"))
     roles = settings.get("privacy", {})
     return ClaimsProfile(
         name=settings["name"],
@@ -126,9 +130,29 @@ def load_profile(name: str) -> ClaimsProfile:
             year_month=frozenset(roles.get("year_month", ())),
             zip3=frozenset(roles.get("zip3", ())),
             providers=frozenset(roles.get("providers", ())),
+            numbers_only=frozenset(roles.get("numbers_only", ())),
+            classes=field_classes(descriptors, settings.get("table_names", "lower")),
         ),
         tables=tables,
     )
+
+
+def field_classes(descriptors: dict[str, dict], case: str = "lower") -> dict[str, frozenset[str]]:
+    """The privacy class of each classified field of a profile's schema files, by class: under the column's name
+    when every table says the same of it, else under `table.COLUMN`."""
+    found: dict[str, dict[str, str]] = {}
+    for table, descriptor in descriptors.items():
+        for f in descriptor.get("fields", []):
+            if f.get("classification"):
+                found.setdefault(f["name"], {})[_in_case(table, case)] = f["classification"]
+    classes: dict[str, set[str]] = {}
+    for column, by_table in found.items():
+        if len(set(by_table.values())) == 1:
+            classes.setdefault(next(iter(by_table.values())), set()).add(column)
+            continue
+        for table, class_name in by_table.items():
+            classes.setdefault(class_name, set()).add(f"{table}.{column}")
+    return {class_name: frozenset(columns) for class_name, columns in classes.items()}
 
 
 def is_claims_file(path: Path) -> bool:
@@ -270,24 +294,62 @@ def first_undecodable_line(path: Path, encoding: str) -> int | None:
 
 
 class _TableSchemas(Mapping):
-    """A profile's table schemas by name, each validated when first asked for: a batch uses two or three of SNDS's
-    sixty tables, and validating all of them cost about a second per batch."""
+    """A profile's table schemas by name, each validated when first asked for: a batch uses a few of SNDS's two
+    hundred tables, and validating all of them cost seconds per batch.
 
-    def __init__(self, descriptors: dict[str, dict]):
-        self._descriptors = descriptors
+    A schema whose name holds the profile's year placeholder (SNDS's `aa` in `T_MCOaaB`) serves every year: it is
+    listed once, under its own name in the profile's case (`T_MCOAAB`), and also answers for each year's table
+    (`T_MCO19B`), which is a table of its own, as the SNDS names it."""
+
+    def __init__(self, descriptors: dict[str, dict], case: str = "lower", year_placeholder: str | None = None):
+        self._descriptors = {_in_case(name, case): d for name, d in descriptors.items()}
         self._schemas: dict[str, TableSchema] = {}
+        self._yearly: list[tuple[re.Pattern, str, str]] = []  # (pattern, schema name, template)
+        for name in descriptors:
+            if year_placeholder and year_placeholder in name:
+                before, _, after = name.partition(year_placeholder)
+                template = _in_case(before, case) + "{year}" + _in_case(after, case)
+                pattern = _year_pattern(template, _in_case(year_placeholder, case))
+                self._yearly.append((pattern, _in_case(name, case), template))
 
     def __getitem__(self, table: str) -> TableSchema:
         schema = self._schemas.get(table)
         if schema is None:
-            schema = self._schemas[table] = _table_schema(table, self._descriptors[table])
+            schema = self._schemas[table] = _table_schema(table, self.descriptor(table))
         return schema
+
+    def descriptor(self, table: str) -> dict:
+        """The Table Schema descriptor of a table, a yearly table's being its schema's (KeyError if none)."""
+        return self._descriptors[self.schema_name(table)]
+
+    def schema_name(self, table: str) -> str:
+        """The name of the schema a table is read with: its own, or the yearly schema it is a year of."""
+        if table in self._descriptors:
+            return table
+        for pattern, name, _ in self._yearly:
+            if pattern.match(table):
+                return name
+        raise KeyError(table)
+
+    def year_template(self, table: str) -> str | None:
+        """`T_MCO{year}B` for a yearly schema's name (`T_MCOAAB`), None for a table of its own."""
+        return next((template for _, name, template in self._yearly if name == table), None)
 
     def __iter__(self):
         return iter(self._descriptors)
 
     def __len__(self) -> int:
         return len(self._descriptors)
+
+
+def _in_case(name: str, case: str) -> str:
+    return name.upper() if case == "upper" else name.lower() if case == "lower" else name
+
+
+def _year_pattern(template: str, placeholder: str) -> re.Pattern:
+    """`T_MCO{year}B` matches `T_MCO19B` and the schema's own `T_MCOAAB` (a file named as the schema is)."""
+    before, _, after = template.partition("{year}")
+    return re.compile(f"^{re.escape(before)}(?:[0-9]{{2}}|{re.escape(placeholder)}){re.escape(after)}$")
 
 
 def _table_schema(table: str, descriptor: dict) -> TableSchema:

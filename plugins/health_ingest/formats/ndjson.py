@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+import orjson
 
 from health_ingest.formats.resource_types import RESOURCE_TYPES
 
 NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
+TYPE_LOOKAHEAD = 1000  # lines read for a file's first record, past blank and unreadable ones
 
 
 def is_ndjson(path: Path) -> bool:
@@ -26,6 +30,28 @@ def resource_type_of(path: Path) -> str | None:
         if part in RESOURCE_TYPES:
             return part
     return None
+
+
+def resource_type_in(path: Path) -> str | None:
+    """The resource type of a file's first record: servers name their files anyhow (`Patient1.ndjson`,
+    `1.Patient.ndjson`, `patient_0.ndjson.gz`, a hash), so the records say what a file holds. Blank and unreadable
+    lines before it are passed (the batch quarantines them); the other lines are checked against it as they are
+    read. A file without such a record is of the type its name gives (its unreadable lines are quarantined under
+    it), else of none (an export's log, say)."""
+    try:
+        for number, raw in read_lines(path):
+            if number > TYPE_LOOKAHEAD:
+                break
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            found = record.get("resourceType") if isinstance(record, dict) else None
+            if isinstance(found, str) and found in RESOURCE_TYPES:
+                return found
+    except (OSError, EOFError, zlib.error):  # a damaged compressed file: the batch says so when it reads it
+        pass
+    return resource_type_of(path)
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:

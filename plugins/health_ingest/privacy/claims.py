@@ -16,6 +16,7 @@ MONTHS = {
     m: f"{i:02d}"
     for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], start=1)
 }
+NUMBER = re.compile(r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$")
 DAY_MONTH_YEAR = re.compile(r"^(\d{2})-?([A-Za-z]{3})-?(\d{4})")
 
 
@@ -25,7 +26,7 @@ class ColumnPlan:
 
     name: str
     index: int
-    action: str  # keep | token | year | year_month | zip3
+    action: str  # keep | token | year | year_month | zip3 | number
     system: str = ""
 
 
@@ -63,6 +64,8 @@ def plan_columns(
             plan.append(ColumnPlan(name, index, "year_month"))
         elif has(roles.zip3, name):
             plan.append(ColumnPlan(name, index, "zip3"))
+        elif has(roles.numbers_only, name):
+            plan.append(ColumnPlan(name, index, "number"))
         else:
             plan.append(ColumnPlan(name, index, "keep"))
     persons = []
@@ -164,6 +167,8 @@ def _changed_value(column: ColumnPlan, value: str) -> str | None:
         return match.group(1) if match else None
     if column.action == "year_month":
         return _year_month(value)
+    if column.action == "number":  # a value that is free text (an answer, an address) is not kept
+        return value if NUMBER.match(value) else None
     return value[:3]  # zip3
 
 

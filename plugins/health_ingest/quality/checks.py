@@ -14,6 +14,9 @@ TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
 
 
+MIXED_TYPES = "mixed_resource_types"
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """Why a record goes to quarantine: a stable code for queries, a message for people."""
@@ -46,6 +49,9 @@ def check_line(raw: bytes, expected_type: str | None, *, allow_comments: bool = 
         return Rejection("missing_resource_type", "no resourceType")
     if expected_type is None and isinstance(resource_type, str) and TYPE_NAME.match(resource_type):
         expected_type = resource_type
+    if resource_type != expected_type and isinstance(resource_type, str) and TYPE_NAME.match(resource_type):
+        # a record of another type: the file mixes types (`MIXED_TYPES`), which its batch refuses whole
+        return Rejection(MIXED_TYPES, f"a resource of type {resource_type} in a file of {expected_type}")
     if resource_type != expected_type:
         shown = (
             f"'{resource_type}'"

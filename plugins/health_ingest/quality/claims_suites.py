@@ -32,6 +32,8 @@ CODES = {
     "snds": {
         r"PHA_PRS_C13|PHA_CIP_C13": ("^[0-9]{13}$", "CIP13"),
         r"CAM_PRS_IDE": ("^[A-Z]{4}[0-9]{3}$", "CCAM"),
+        # PMSI establishments: a FINESS number, its département first (2A and 2B in Corsica)
+        r"ETA_NUM(_EPMSI|_GEO[12]?|_JUR|_TWO|_ENT|_EHPA|_ESMS|_SMUR)?": ("^([0-9]{2}|2A|2B)[0-9]{7}$", "FINESS"),
     },
     "cms-rif": {
         r"(PRNCPAL|ADMTG|ICD)_DGNS(_E)?_CD[0-9]*|FST_DGNS_E_CD|LINE_ICD_DGNS_CD": (
@@ -50,13 +52,15 @@ CODES = {
 # dates a format writes for "none": Synthea writes the Unix epoch where a transaction has no end
 NO_DATE = {"synthea": "1970-01-01"}
 AMOUNTS = {
-    "snds": r"_MNT$|_QTE$",
+    "snds": r"_MNT$|_QTE$|^NBR_|_NBR$|_NBJ$",
     "cms-rif": r"_AMT$|_CNT$|_CLAIMS$|_QTY_DSPNSD_NUM$|_DAYS_SUPLY_NUM$",
     "synthea": r"^(AMOUNT|AMOUNT_COVERED|AMOUNT_UNCOVERED|REVENUE|UNITS|UNITAMOUNT|PAYMENTS|HEALTHCARE_EXPENSES|"
-    r"HEALTHCARE_COVERAGE|INCOME|OUTSTANDING[1-9P]?|(UN)?COVERED_[A-Z]+|UNIQUE_CUSTOMERS|MEMBER_MONTHS)$",
+    r"HEALTHCARE_COVERAGE|INCOME|OUTSTANDING[1-9P]?|(UN)?COVERED_[A-Z]+|UNIQUE_CUSTOMERS|MEMBER_MONTHS|"
+    r"BASE_ENCOUNTER_COST|TOTAL_CLAIM_COST|PAYER_COVERAGE|BASE_COST|TOTALCOST|DISPENSES|QUANTITY|UTILIZATION|"
+    r"ENCOUNTERS|PROCEDURES)$",
 }
 LIFE = {  # profile -> (patients table, birth column, death column, service date columns)
-    "synthea": ("patients", "BIRTHDATE", "DEATHDATE", ("SERVICEDATE", "FROMDATE")),
+    "synthea": ("patients", "BIRTHDATE", "DEATHDATE", ("SERVICEDATE", "FROMDATE", "START", "DATE")),
 }
 
 
@@ -77,7 +81,7 @@ def scaffold(root: Path, *, force: bool = False) -> list[Path]:
 
 def table_suite(profile: ClaimsProfile, schema: TableSchema) -> dict:
     """The suite of one claims table, in Great Expectations 1.x JSON."""
-    descriptor = _descriptor(profile, schema.name)
+    descriptor = profile.tables.descriptor(schema.name)
     plan, persons = plan_columns(schema, list(schema.column_names), profile.privacy, PrivacyPolicy().providers)
     kept = {c.name: c for c in plan}
     typed = {c.name: c.type for c in schema.columns if c.name in kept and kept[c.name].action == "keep"}
@@ -185,7 +189,8 @@ def table_suite(profile: ClaimsProfile, schema: TableSchema) -> dict:
                     f"not a {system} code",
                 )
     for header, on in _headers(profile, schema, descriptor, kept):
-        header_table = f"claims.{profile.warehouse_table(header)}"
+        # a yearly table's header is the same year's (`T_MCO19D` -> `T_MCO19B`): see `TableSuites`
+        header_table = f"claims.{profile.warehouse_table(profile.tables.year_template(header) or header)}"
         match = " AND ".join(f'h."{h.lower()}" = s."{d.lower()}"' for d, h in on.items())
         name = f"has_{header.lower()}"
         columns[name] = {
@@ -201,25 +206,21 @@ def table_suite(profile: ClaimsProfile, schema: TableSchema) -> dict:
             f"a detail row without its {header} header",
         )
     _life_events(profile, schema, typed, columns, expect)
+    settings: dict = {"table": warehouse_table, "volume_key": schema.name, "columns": columns}
+    if template := profile.tables.year_template(schema.name):
+        # one suite for every year's table (`T_MCO19B`, `T_MCO23B`): see `TableSuites`
+        settings["yearly"] = {"table": f"claims.{profile.warehouse_table(template)}", "volume_key": template}
     return {
         "name": warehouse_table,
         "expectations": expectations,
         "meta": {
-            "health_ingest": {"table": warehouse_table, "volume_key": schema.name, "columns": columns},
+            "health_ingest": settings,
             "notes": f"Scaffolded from the {profile.name} Table Schema of {schema.name}; edit freely.",
         },
     }
 
 
 # --- implementation details -------------------------------------------------------------------
-
-
-def _descriptor(profile: ClaimsProfile, table: str) -> dict:
-    from importlib import resources
-
-    folder = resources.files("health_ingest.formats") / "claims_profiles" / profile.name
-    path = folder / f"{table}.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _periods(typed: dict[str, str]) -> list[tuple[str, str]]:
@@ -240,11 +241,20 @@ def _headers(profile: ClaimsProfile, schema: TableSchema, descriptor: dict, kept
         if foreign_key.get("description") == "Nomenclature":
             continue
         header = foreign_key["reference"]["resource"]
-        if header not in profile.tables or header == schema.name or not header.endswith(("_PRS_F", "_IDE_AAAA_GN")):
-            continue
+        header = header.upper() if profile.table_names == "upper" else header
         fields, targets = foreign_key["fields"], foreign_key["reference"]["fields"]
         fields = [fields] if isinstance(fields, str) else fields
         targets = [targets] if isinstance(targets, str) else targets
+        if header not in profile.tables or header == schema.name:
+            continue
+        # DCIR's claim headers, and the PMSI's stay (or establishment) tables, referenced by their own key
+        stay = (
+            bool(profile.tables.year_template(header))
+            and len(targets) > 1  # a stay, not the establishment table (`T_MCOaaE`) an extract may not hold
+            and set(targets) <= set(profile.tables[header].primary_key)  # an SSR stay spans weekly summaries
+        )
+        if not (header.endswith(("_PRS_F", "_IDE_AAAA_GN")) or stay):
+            continue
         if all(f in kept and kept[f].action == "keep" for f in fields):
             found.append((header, dict(zip(fields, targets, strict=True))))
     known = HEADERS.get((profile.name, schema.name))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -117,10 +117,10 @@ def load_suites(folder: Path | None = None) -> dict[str, Suite]:
 
 
 @lru_cache(maxsize=1)
-def load_table_suites(root: Path | None = None) -> dict[str, TableSuite]:
+def load_table_suites(root: Path | None = None) -> TableSuites:
     """Suites of the claims and flat tables (`expectations/claims/<profile>/`, `expectations/flat/`), by table."""
     root = root or config.project_root() / "expectations"
-    suites = {}
+    suites = TableSuites()
     for path in sorted([*root.glob("claims/*/*.json"), *root.glob("flat/*.json")]):
         document, settings = _read_suite(path)
         suite = TableSuite(
@@ -131,8 +131,52 @@ def load_table_suites(root: Path | None = None) -> dict[str, TableSuite]:
             settings.get("volume_key"),
             path,
         )
+        if settings.get("yearly"):
+            suites.add_yearly(suite, settings["yearly"]["table"], settings["yearly"]["volume_key"])
+            suite = _of_year(suite, "aa")  # the schema's own name: a file named `T_MCOaaB.csv`
         suites[suite.table] = suite
     return suites
+
+
+class TableSuites(dict):
+    """Suites by warehouse table. The suite of a yearly table's schema (SNDS `claims.snds_t_mcoaab`) also answers
+    for each year's table (`claims.snds_t_mco19b`), on that table and its own previous volume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._yearly: list[tuple[re.Pattern, TableSuite, str]] = []
+
+    def add_yearly(self, suite: TableSuite, table_template: str, volume_template: str) -> None:
+        before, _, after = table_template.partition("{year}")
+        pattern = re.compile(f"^{re.escape(before)}([0-9]{{2}}){re.escape(after)}$")
+        self._yearly.append((pattern, suite, volume_template))
+
+    def get(self, table: str, default: Any = None) -> Any:
+        found = super().get(table)
+        if found is not None:
+            return found
+        for pattern, suite, volume_template in self._yearly:
+            if match := pattern.match(table):
+                year = match.group(1)
+                return replace(
+                    _of_year(suite, year), name=table, table=table, volume_key=volume_template.format(year=year)
+                )
+        return default
+
+    def __getitem__(self, table: str) -> TableSuite:
+        found = self.get(table)
+        if found is None:
+            raise KeyError(table)
+        return found
+
+    def __contains__(self, table: object) -> bool:
+        return isinstance(table, str) and self.get(table) is not None
+
+
+def _of_year(suite: TableSuite, year: str) -> TableSuite:
+    """A yearly suite whose columns read the same year's other tables (a detail's stay header)."""
+    columns = json.loads(json.dumps(suite.columns).replace("{year}", year))
+    return replace(suite, columns=columns)
 
 
 def evaluate_tables(

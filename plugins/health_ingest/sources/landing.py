@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -13,10 +14,11 @@ from pathlib import Path
 from health_ingest.deliveries import LandedDelivery, LandedFile
 from health_ingest.errors import DeliveryError
 from health_ingest.formats.bundles import explode_bundle, index_bundles
-from health_ingest.formats.ndjson import is_ndjson, resource_type_of
+from health_ingest.formats.ndjson import is_ndjson, resource_type_in, resource_type_of
 from health_ingest.formats.resource_types import RESOURCE_TYPES
 
 READY_MARKER = "_READY"
+EXPORT_RECORD = "_export.json"  # a pulled export's record: its manifest's files, as downloaded
 EXPORT_WORDS = {"log", "error", "errors", "deleted", "output"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 CHUNK = 1 << 20
@@ -32,7 +34,7 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
         candidates = [delivery]
     else:
         raise DeliveryError(f"{delivery}: no such delivery folder, NDJSON file or Bundle")
-    if not candidates:
+    if not candidates and not _empty_export(delivery):
         raise DeliveryError(f"{delivery}: holds no NDJSON file (*.ndjson, *.ndjson.gz) and no Bundle (*.json)")
     landing_folder.mkdir(parents=True, exist_ok=False)
     files: list[LandedFile] = []
@@ -40,13 +42,12 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
     for source_file in candidates:
         target = landing_folder / source_file.name
         size = _private_copy(source_file, target)
-        bundle = _is_bundle(source_file)
-        resource_type = None if bundle else resource_type_of(source_file)
+        bundle, role = _is_bundle(source_file), _role(source_file)
+        # what a file holds is read from its first record: servers name files anyhow
+        resource_type = resource_type_in(target) if not bundle and role == "resources" else None
         file_no = len(files) + 1
         label = safe_label(source_file.name, file_no)
-        files.append(
-            LandedFile(file_no, label, target, size, digests.of(target), resource_type, bundle, role=_role(source_file))
-        )
+        files.append(LandedFile(file_no, label, target, size, digests.of(target), resource_type, bundle, role=role))
     bundles = [f for f in files if f.unpacked]
     if bundles:
         entries = landing_folder / "entries"
@@ -75,10 +76,12 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
 def land_files(
     delivery: Path, landing_folder: Path, accepts: Callable[[Path], bool], holds: Callable[[Path], str], *, what: str
 ) -> LandedDelivery:
-    """Copy and checksum the files of a delivery that `accepts` takes; `holds` names what each holds (a table)."""
+    """Copy and checksum the files of a delivery that `accepts` takes; `holds` names what each holds (a table). A
+    folder's sub-folders are part of it: an extract published as one folder per product (SNDS `DCIR/`,
+    `PMSI/PMSI MCO/`...) is one delivery, as a flat folder is."""
     delivery = delivery.resolve()
     if delivery.is_dir():
-        candidates = sorted(p for p in delivery.iterdir() if p.is_file() and accepts(p))
+        candidates = _files_of_tree(delivery, accepts)
     elif delivery.is_file() and accepts(delivery):
         candidates = [delivery]
     else:
@@ -89,8 +92,12 @@ def land_files(
     landing_folder.mkdir(parents=True, exist_ok=False)
     files = []
     digests = _Digests()
+    landed_names: set[str] = set()
     for file_no, source_file in enumerate(candidates, start=1):
-        target = landing_folder / source_file.name
+        # two folders of a tree may hold files of one name: the second is landed under its number
+        landed_name = source_file.name if source_file.name not in landed_names else f"{file_no}-{source_file.name}"
+        landed_names.add(landed_name)
+        target = landing_folder / landed_name
         size = _private_copy(source_file, target)
         # a file named after a known table is an export's name, not a person's
         plain = SAFE_NAME.match(source_file.name) and len(source_file.name) <= 80
@@ -100,17 +107,45 @@ def land_files(
     return LandedDelivery(delivery, landing_folder, files)
 
 
+def _files_of_tree(folder: Path, accepts: Callable[[Path], bool]) -> list[Path]:
+    """The files of a folder and its sub-folders, in path order; names starting with `_` or `.` (markers, a
+    pulled export's record, hidden files and folders) are never input."""
+    found = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = sorted(f for f in folders if not f.startswith(("_", ".")))
+        for name in names:
+            path = Path(root) / name
+            if not name.startswith(("_", ".")) and path.is_file() and accepts(path):
+                found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
 def safe_label(file_name: str, file_no: int) -> str:
-    """The file's name when it is an export's usual name (`Patient.000.ndjson`, `1.Encounter.ndjson.gz`, `log.ndjson`),
-    else `file-<n>` with its suffix: a delivered name (`Jane_Doe_<patient id>.json`) may itself identify someone."""
+    """The file's name when it is an export's usual name (`Patient.000.ndjson`, `1.Encounter.ndjson.gz`,
+    `Patient1.ndjson`, `patient_0.ndjson.gz`, `log.ndjson`), else `file-<n>` with its suffix: a delivered name
+    (`Jane_Doe_<patient id>.json`, a hash that may be an id) may itself identify someone."""
     suffixes = file_name.partition(".")[2]
-    parts = file_name.split(".")
-    words = [p for p in parts if not p.isdigit() and p.lower() not in {"ndjson", "jsonl", "json", "gz", "from"}]
-    known = all(p in RESOURCE_TYPES or p in EXPORT_WORDS or re.fullmatch(r"file-\d{3,}", p) for p in words)
+    words = [w for w in re.split(r"[._\-]", file_name) if w.lower() not in {"ndjson", "jsonl", "json", "gz", "from"}]
+    known = all(w.isdigit() or _TYPE_WORD.fullmatch(w) or w.lower() in EXPORT_WORDS or w == "file" for w in words)
     if known and len(file_name) <= 80 and SAFE_NAME.match(file_name):
         return file_name
     suffix = "." + suffixes if suffixes and SAFE_NAME.match(suffixes) else ""
     return f"file-{file_no:03d}{suffix}"
+
+
+_TYPE_WORD = re.compile(f"(?i:{'|'.join(sorted(RESOURCE_TYPES, key=len, reverse=True))})[0-9]*")
+
+
+def _empty_export(delivery: Path) -> bool:
+    """A pulled export whose manifest listed no file: nothing changed since `_since` (a quiet day). Its batch
+    commits empty and moves `_since` on."""
+    record = delivery / EXPORT_RECORD
+    if not delivery.is_dir() or not record.is_file():
+        return False
+    try:
+        return json.loads(record.read_text(encoding="utf-8")).get("files") == []
+    except (ValueError, AttributeError):
+        return False
 
 
 def _role(path: Path) -> str:

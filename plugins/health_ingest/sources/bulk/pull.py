@@ -23,11 +23,11 @@ from health_ingest.errors import ConfigurationError, ExportError, ExportExpired
 from health_ingest.sources.bulk import state as export_state
 from health_ingest.sources.bulk.auth import Authoriser, load_credentials
 from health_ingest.sources.bulk.client import BulkClient, DownloadedFile, Progress
+from health_ingest.sources.landing import EXPORT_RECORD
 from health_ingest.sources.registry import Source
 
 log = logging.getLogger(__name__)
 
-EXPORT_RECORD = "_export.json"
 PULL_LOCK_PREFIX = "health_ingest:pull:"
 
 
