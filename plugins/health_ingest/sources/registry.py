@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from health_ingest import config
@@ -15,6 +16,7 @@ from health_ingest.sources.bulk.settings import BulkSettings, parse_bulk
 SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 KINDS = {"fhir", "claims"}
 FORMATS = {"fhir": {"ndjson"}, "claims": {"snds", "synthea", "cms-rif"}}
+DURATION = re.compile(r"^(?:(?P<w>\d+)w)?(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?$")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Source:
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     quality: QualityPolicy = field(default_factory=QualityPolicy)
     bulk: BulkSettings | None = None  # a FHIR server this source pulls `$export`s from
+    expect_every: timedelta | None = None  # a committed batch is expected at least this often (none: no cadence)
 
     @property
     def dag_id(self) -> str:
@@ -104,6 +107,7 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         "privacy",
         "quality",
         "bulk",
+        "expect_every",
     }
     if unknown:
         raise ConfigurationError(f"{where}: unknown keys {sorted(unknown)}")
@@ -130,7 +134,29 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         privacy=_parse_privacy(where, entry),
         quality=_parse_quality(where, entry),
         bulk=_parse_bulk(where, kind, entry),
+        expect_every=_parse_expect_every(where, entry.get("expect_every")),
     )
+
+
+def parse_duration(text: str) -> timedelta:
+    """`26h`, `7d`, `1w`, `1d12h`, `90m`: weeks, days, hours and minutes, each at most once, in that order."""
+    match = DURATION.match(text.strip()) if isinstance(text, str) else None
+    if not match or not any(match.groupdict().values()):
+        raise ValueError(f"{text!r} is not a duration such as 26h, 7d, 1w or 1d12h")
+    weeks, days, hours, minutes = (int(match[unit] or 0) for unit in "wdhm")
+    duration = timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes)
+    if not duration:
+        raise ValueError(f"{text!r} is no time at all")
+    return duration
+
+
+def _parse_expect_every(where: str, value: object) -> timedelta | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise ConfigurationError(f"{where}: expect_every: {error}") from None
 
 
 def _parse_bulk(where: str, kind: str, entry: dict) -> BulkSettings | None:

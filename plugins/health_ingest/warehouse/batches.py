@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,15 +57,30 @@ def fail_abandoned_batches(conn, source: str) -> list[str]:
 
 def open_batch(conn, *, source: str, kind: str, key_id: str, delivery: str, hosting: str) -> str:
     batch_id = str(uuid.uuid4())
+    task = airflow_task()
     with conn.cursor() as cur:
         cur.execute(
             """
-            INSERT INTO ingest.batches (batch_id, source, kind, status, key_id, delivery, hosting)
-            VALUES (%s, %s, %s, 'loading', %s, %s, %s)
+            INSERT INTO ingest.batches (batch_id, source, kind, status, key_id, delivery, hosting,
+                                        airflow_dag_id, airflow_run_id, airflow_task_id, airflow_try_number)
+            VALUES (%s, %s, %s, 'loading', %s, %s, %s, %s, %s, %s, %s)
             """,
-            (batch_id, source, kind, key_id, delivery, hosting),
+            (batch_id, source, kind, key_id, delivery, hosting, *task),
         )
     return batch_id
+
+
+def airflow_task() -> tuple[str | None, str | None, str | None, int | None]:
+    """(dag id, run id, task id, try number) of the Airflow task running this process, from the variables Airflow
+    exports to its task processes; all None outside Airflow (the CLI, the bench), so the UI can link a batch to its
+    run and task log."""
+    try_number = os.environ.get("AIRFLOW_CTX_TRY_NUMBER", "")
+    return (
+        os.environ.get("AIRFLOW_CTX_DAG_ID") or None,
+        os.environ.get("AIRFLOW_CTX_DAG_RUN_ID") or None,
+        os.environ.get("AIRFLOW_CTX_TASK_ID") or None,
+        int(try_number) if try_number.isdigit() else None,
+    )
 
 
 def mark_committed(
