@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one small size, for CI")
     parser.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench-results.json"))
     parser.add_argument("--render", metavar="FILE", help="print the table of an earlier run's JSON and stop")
+    parser.add_argument(
+        "--ingestion-view-only", action="store_true", help="only the Ingestion view's queries on 100,000 batches"
+    )
     args = parser.parse_args(argv)
     if args.render:
         print(render(json.loads(Path(args.render).read_text())))
@@ -41,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     admin_url = _server()
+    if args.ingestion_view_only:
+        view = _measure_ingestion_view(admin_url)
+        print(render_ingestion_view(view))
+        return 0
     runs = []
     for size in QUICK_SIZES if args.quick else FULL_SIZES:
         dataset = config.project_root() / ".bench" / f"fhir-{size}"
@@ -71,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         run["ratio_to_floor"] = run["rows_per_second"] / run["floor_rows_per_second"]
         claims_runs.append({"target": size, **run})
 
+    view = _measure_ingestion_view(admin_url)
+
     results = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
@@ -78,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [_with_rates(run) for run in runs],
         "strict_run": _with_rates(strict_run),
         "snds_runs": claims_runs,
+        "ingestion_view": view,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +159,23 @@ def render(results: dict) -> str:
         ]
         text += "\n\nSNDS claims path (DCIR ER_PRS_F + ER_PHA_F)\n\n"
         text += table(claims_headers, claims_rows, right=set(range(1, len(claims_headers))))
+    if results.get("ingestion_view"):
+        text += "\n\n" + render_ingestion_view(results["ingestion_view"])
     return text
+
+
+def render_ingestion_view(view: dict) -> str:
+    rows = [
+        [label, view[key]["median"], view[key]["max"]]
+        for key, label in (
+            ("overview_ms", "overview: sources' last batches, 30 days per day"),
+            ("batch_page_ms", "batch page: batch, files, quarantine by reason, quality, privacy"),
+            ("batches_list_ms", "batches list: newest 50"),
+            ("consumers_feed_ms", "consumers feed: newest 100 committed, tables written"),
+        )
+    ]
+    title = f"Ingestion view queries on {view['batches']:,} batches since {view['oldest'][:10]} (ms)"
+    return f"{title}\n\n" + table(["", "median", "slowest"], rows, right={1, 2})
 
 
 # --- implementation details -------------------------------------------------------------------
@@ -182,6 +208,23 @@ def _ratio(run: dict) -> str | None:
 
 def _rate(rows: int, seconds: float) -> int | None:
     return round(rows / seconds) if seconds > 0 else None
+
+
+def _measure_ingestion_view(admin_url: str, batches: int = 100_000) -> dict:
+    """The Ingestion view's queries on a warehouse of ten years of batches (built with SQL, no batch run)."""
+    from health_ingest.bench.ingestion_view import fill_warehouse, measure_queries
+    from health_ingest.warehouse.connection import connect
+
+    print(f"[bench] Ingestion view: a warehouse of {batches:,} batches over ten years", flush=True)
+    url = _fresh_database(admin_url, "bench_ingestion_view")
+    conn = connect(url)
+    fill_warehouse(conn, batches=batches)
+    conn.close()
+    _quiet(admin_url)
+    try:
+        return measure_queries(url)
+    finally:
+        _drop_database(admin_url, "bench_ingestion_view")
 
 
 def _measure(url: str, dataset: Path, *options: str) -> dict:

@@ -146,10 +146,12 @@ def sources_activity(conn, sources: list[str]) -> list[SourceActivity]:
             SELECT s.name, {_columns("l")}, {_columns("c")}
               FROM unnest(%s::text[]) WITH ORDINALITY AS s(name, position)
               LEFT JOIN LATERAL (
-                    SELECT * FROM ingest.batches b WHERE b.source = s.name ORDER BY b.started_at DESC LIMIT 1
+                    SELECT {_columns("b", plain=True)} FROM ingest.batches b WHERE b.source = s.name
+                     ORDER BY b.started_at DESC LIMIT 1
                    ) l ON true
               LEFT JOIN LATERAL (
-                    SELECT * FROM ingest.batches b WHERE b.source = s.name AND b.status = 'committed'
+                    SELECT {_columns("b", plain=True)} FROM ingest.batches b
+                     WHERE b.source = s.name AND b.status = 'committed'
                      ORDER BY b.committed_at DESC LIMIT 1
                    ) c ON true
              ORDER BY s.position
@@ -332,7 +334,10 @@ _SUMMARY_COLUMNS = (
 )
 
 
-def _columns(alias: str) -> str:
+def _columns(alias: str, *, plain: bool = False) -> str:
+    """The summary's columns of a table alias; `plain` names them as they are, for a subquery to select."""
+    if plain:
+        return ", ".join(f"{alias}.{column.split('::')[0]}" for column in _SUMMARY_COLUMNS)
     return ", ".join(f"{alias}.{column}" for column in _SUMMARY_COLUMNS)
 
 

@@ -24,3 +24,5 @@ CREATE INDEX batches_started ON ingest.batches (started_at DESC);
 CREATE INDEX batches_status_started ON ingest.batches (status, started_at DESC);
 -- a batch's quarantine grouped by reason, from the index alone
 CREATE INDEX quarantine_batch_reason ON ingest.quarantine (batch_id, reason);
+-- a batch's re-identification checks
+CREATE INDEX privacy_checks_batch ON ingest.privacy_checks (batch_id);
