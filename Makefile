@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-integration lint format bench clean
+.PHONY: install browser demo test test-integration test-browser lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,15 @@ install: $(STAMP)
 demo: install
 	$(BIN)/health-ingest demo
 
-test: install
+# Debian's chromium, which the UI test drives through Playwright (no browser build is downloaded)
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
+
+test: install browser
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-browser: install browser
+	$(BIN)/pytest -m browser $(PYTEST_ARGS)
 
 test-integration: install
 	$(BIN)/pytest -m integration $(PYTEST_ARGS)

@@ -16,5 +16,8 @@ class HealthIngestPlugin(AirflowPlugin):
             "href": URL_PREFIX + "/",
             "destination": "nav",
             "url_route": "ingestion",
+            "nav_top_level": True,
+            "icon": URL_PREFIX + "/static/icon.svg",
+            "icon_dark_mode": URL_PREFIX + "/static/icon-dark.svg",
         }
     ]

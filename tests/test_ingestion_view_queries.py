@@ -50,7 +50,9 @@ class ExplainingCursor:
 
 
 def seq_scans(plan: dict) -> list[str]:
-    own = [plan["Relation Name"]] if plan["Node Type"] == "Seq Scan" and plan.get("Relation Name") in VIEW_TABLES else []
+    own = (
+        [plan["Relation Name"]] if plan["Node Type"] == "Seq Scan" and plan.get("Relation Name") in VIEW_TABLES else []
+    )
     return own + [name for child in plan.get("Plans", []) for name in seq_scans(child)]
 
 
@@ -81,7 +83,7 @@ def test_every_query_of_the_view_uses_an_index_on_ten_years_of_batches(db, wareh
     assert activity[-1].last is None and all(a.last_committed for a in activity[:-1])
     assert 25 * 30 <= sum(d.batches for d in daily) <= 30 * 31
     assert record.summary.status == "rejected" and [q.reason for q in record.quarantine]
-    assert [r.success for r in record.quality][0] is False, "failed expectations come first"
+    assert record.quality[0].success is False, "failed expectations come first"
     assert listed and {(b.source, b.status) for b in listed} == {("snds_extract", "rejected")}
     assert [e.summary.commit_seq for e in feed] == sorted((e.summary.commit_seq for e in feed), reverse=True)
     assert feed[0].rows_by_type and after[0].summary.commit_seq > 99_000

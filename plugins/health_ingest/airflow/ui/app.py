@@ -1,5 +1,7 @@
 """The Ingestion view's FastAPI app, mounted by the Airflow API server: pages and JSON read from the warehouse as
-`health_ingest_reader`, every route behind Airflow's own authentication and authorisation."""
+`health_ingest_reader`, every route behind Airflow's own authentication and authorisation.
+
+Imported only when the app is built (`mount.LazyApp`), in the API server, where Airflow's API modules are loaded."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Annotated, Any
 
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
@@ -18,7 +22,12 @@ from health_ingest.airflow.ui.mount import URL_PREFIX
 from health_ingest.warehouse import monitoring
 
 CHART_DAYS = 30
-STATIC_FILES = {"ingestion.css": "text/css; charset=utf-8", "theme.js": "text/javascript; charset=utf-8"}
+STATIC_FILES = {
+    "ingestion.css": "text/css; charset=utf-8",
+    "theme.js": "text/javascript; charset=utf-8",
+    "icon.svg": "image/svg+xml",
+    "icon-dark.svg": "image/svg+xml",
+}
 
 
 class SourceOut(BaseModel):
@@ -71,9 +80,6 @@ class FeedOut(BaseModel):
 
 
 def create_app() -> FastAPI:
-    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
-    from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
-
     # viewer level: reading DAG runs; an anonymous request gets 401, a user without the right 403
     app = FastAPI(
         title="health-ingest: Ingestion",

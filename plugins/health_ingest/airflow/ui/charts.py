@@ -7,7 +7,7 @@ from datetime import date
 from html import escape
 
 
-def bar_chart(days: list[date], values: list[float], *, title: str, unit: str, css_class: str, width: int = 380) -> str:
+def bar_chart(days: list[date], values: list[float], *, title: str, unit: str, css_class: str, width: int = 360) -> str:
     """One bar per day, with the largest value and the first and last days written on the axes."""
     height, left, bottom, top = 140, 46, 20, 18
     plot_w, plot_h = width - left - 6, height - bottom - top

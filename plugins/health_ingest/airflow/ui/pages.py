@@ -384,7 +384,8 @@ def _quality(record: BatchRecord) -> str:
         groups[(result.category, result.table_name)].append(result)
     order = {c: i for i, c in enumerate(KAHN_CATEGORIES)}
     blocks = []
-    for category in sorted({c for c, _ in groups}, key=lambda c: order.get(c, 9)):
+    failing = {c for (c, _), results in groups.items() if not all(r.success for r in results)}
+    for category in sorted({c for c, _ in groups}, key=lambda c: (c not in failing, order.get(c, 9))):
         tables = sorted(
             (t for c, t in groups if c == category), key=lambda t: (all(r.success for r in groups[(category, t)]), t)
         )
