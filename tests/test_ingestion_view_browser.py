@@ -117,7 +117,8 @@ def test_a_data_engineer_finds_the_rejected_batch_its_failed_expectation_and_its
                 "--no-first-run",
             ],
         )
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
         outside = []
         page.on(
             "request",
@@ -152,7 +153,7 @@ def test_a_data_engineer_finds_the_rejected_batch_its_failed_expectation_and_its
         expect(failed_row).to_contain_text("expect_column_values_to_be_between(years_after_birth)")
         expect(failed_row).to_contain_text("1 of 1 values unexpected")
         expect(frame.locator("table.quality").first).to_have_attribute("data-category", "plausibility")
-        batch_url = next(f.url for f in page.frames if "/ingestion/batches/" in f.url)
+        batch_url = next(f.url for f in page.frames if f.url.startswith(api_server + "/ingestion/batches/"))
         page.screenshot(path=str(ARTEFACTS / "batch-in-airflow.png"), full_page=True)
 
         frame.get_by_role("link", name="quality results of this batch").click()
@@ -162,8 +163,7 @@ def test_a_data_engineer_finds_the_rejected_batch_its_failed_expectation_and_its
         expect(frame.locator("dl.facts")).to_contain_text("batch-")
         assert "$PARAMETER" not in frame.locator("main").inner_text()
         page.screenshot(path=str(ARTEFACTS / "data-docs.png"), full_page=True)
-        whole = page.context.new_page()  # the batch page on its own, at its full height
-        whole.set_viewport_size({"width": 1280, "height": 900})
+        whole = context.new_page()  # the batch page on its own (the session's cookie), at its full height
         whole.goto(batch_url)
         expect(whole.locator("table.quality tr.failed").first).to_be_visible()
         whole.screenshot(path=str(ARTEFACTS / "batch.png"), full_page=True)
