@@ -33,6 +33,11 @@ def test_dag_run_loads_the_sample_into_the_warehouse(airflow_db, db):
     with db.cursor() as cur:
         cur.execute("SELECT status, rows_read, rows_loaded, rows_quarantined FROM ingest.batches")
         assert cur.fetchall() == [("committed", 7160, 7160, 0)]
+        cur.execute(
+            "SELECT airflow_dag_id, airflow_run_id, airflow_task_id, airflow_try_number, airflow_map_index "
+            "FROM ingest.batches"
+        )
+        assert cur.fetchone() == ("fhir_smart_sample", run.run_id, "ingest", 1, 0), "the UI links to the task's log"
         for resource_type, expected in sample_line_counts().items():
             cur.execute(f"SELECT count(*) FROM fhir.{resource_type.lower()}")
             assert cur.fetchone()[0] == expected, resource_type

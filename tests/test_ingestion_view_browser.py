@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import PROJECT
+from health_ingest.batch.fhir import run_fhir_batch
 from health_ingest.errors import BatchRejected, LoadError
-from health_ingest.pipeline import run_fhir_batch
 from health_ingest.sources.registry import Source
 
 pytestmark = pytest.mark.browser

@@ -34,6 +34,9 @@ ENV_WORKERS = "HEALTH_INGEST_WORKERS"
 ENV_WORKER_NICENESS = "HEALTH_INGEST_WORKER_NICENESS"
 ENV_COMPAT_KEY = "HEALTH_INGEST_COMPAT_KEY"
 ENV_BENCH_DATABASE_URL = "HEALTH_INGEST_BENCH_DATABASE_URL"
+# The map index of the Airflow task loading a batch, which Airflow does not export to the task's environment as it
+# does its dag, run and task ids (AIRFLOW_CTX_*): set by the task adapter, recorded on the batch for the UI's links.
+ENV_AIRFLOW_MAP_INDEX = "HEALTH_INGEST_AIRFLOW_MAP_INDEX"
 
 WAREHOUSE_CONN_ID = "health_ingest_warehouse"
 KEYRING_CONN_ID = "health_ingest_keyring"

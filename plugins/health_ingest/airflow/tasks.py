@@ -35,12 +35,28 @@ def ingest_delivery(source_name: str, delivery: str, outlet_events=None) -> dict
     from health_ingest.batch.load import load_delivery
     from health_ingest.sources.registry import get_source
 
+    _export_map_index()
     with failing_without_retry():
         source = get_source(source_name)
         loaded = load_delivery(source, Path(delivery))
     if outlet_events is not None:
         publish_table_events(source, loaded.tables, loaded.result, outlet_events)
     return loaded.result.to_summary()
+
+
+def _export_map_index() -> None:
+    """The batch row records which task instance loaded it (the UI links to its log); Airflow exports the dag, run
+    and task ids to the environment, the map index is added here."""
+    import os
+
+    from airflow.sdk import get_current_context
+
+    from health_ingest import config
+
+    try:
+        os.environ[config.ENV_AIRFLOW_MAP_INDEX] = str(get_current_context()["ti"].map_index)
+    except Exception:  # called outside a running task
+        os.environ.pop(config.ENV_AIRFLOW_MAP_INDEX, None)
 
 
 @contextmanager

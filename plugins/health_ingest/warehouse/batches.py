@@ -8,6 +8,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
+from health_ingest import config
+
 SOURCE_LOCK_PREFIX = "health_ingest:source:"
 COMMIT_LOCK = 0x436F6D6D  # serialises commits so that commit_seq order is commit order
 NOTIFY_CHANNEL = "health_ingest_batches"
@@ -62,25 +64,33 @@ def open_batch(conn, *, source: str, kind: str, key_id: str, delivery: str, host
         cur.execute(
             """
             INSERT INTO ingest.batches (batch_id, source, kind, status, key_id, delivery, hosting,
-                                        airflow_dag_id, airflow_run_id, airflow_task_id, airflow_try_number)
-            VALUES (%s, %s, %s, 'loading', %s, %s, %s, %s, %s, %s, %s)
+                                        airflow_dag_id, airflow_run_id, airflow_task_id, airflow_try_number,
+                                        airflow_map_index)
+            VALUES (%s, %s, %s, 'loading', %s, %s, %s, %s, %s, %s, %s, %s)
             """,
             (batch_id, source, kind, key_id, delivery, hosting, *task),
         )
     return batch_id
 
 
-def airflow_task() -> tuple[str | None, str | None, str | None, int | None]:
-    """(dag id, run id, task id, try number) of the Airflow task running this process, from the variables Airflow
-    exports to its task processes; all None outside Airflow (the CLI, the bench), so the UI can link a batch to its
-    run and task log."""
-    try_number = os.environ.get("AIRFLOW_CTX_TRY_NUMBER", "")
+def airflow_task() -> tuple[str | None, str | None, str | None, int | None, int | None]:
+    """(dag id, run id, task id, try number, map index) of the Airflow task running this process, from the
+    variables Airflow exports to its task processes; all None outside Airflow (the CLI, the bench). The UI links a
+    batch to its run and task log with them."""
     return (
         os.environ.get("AIRFLOW_CTX_DAG_ID") or None,
         os.environ.get("AIRFLOW_CTX_DAG_RUN_ID") or None,
         os.environ.get("AIRFLOW_CTX_TASK_ID") or None,
-        int(try_number) if try_number.isdigit() else None,
+        _integer(os.environ.get("AIRFLOW_CTX_TRY_NUMBER")),
+        _integer(os.environ.get(config.ENV_AIRFLOW_MAP_INDEX)) if os.environ.get("AIRFLOW_CTX_DAG_ID") else None,
     )
+
+
+def _integer(text: str | None) -> int | None:
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
 
 
 def mark_committed(

@@ -112,6 +112,7 @@ class BatchRecord:
     airflow_run_id: str | None
     airflow_task_id: str | None
     airflow_try_number: int | None
+    airflow_map_index: int | None
     files: list[FileCounts] = field(default_factory=list)
     quarantine: list[QuarantineReason] = field(default_factory=list)
     quality: list[QualityResult] = field(default_factory=list)
@@ -208,7 +209,8 @@ def batch_record(conn, batch_id: str) -> BatchRecord | None:
         cur.execute(
             f"""
             SELECT {_columns("b")}, b.key_id, b.hosting, b.error, b.step_seconds, b.rekeyed_from,
-                   b.airflow_dag_id, b.airflow_run_id, b.airflow_task_id, b.airflow_try_number
+                   b.airflow_dag_id, b.airflow_run_id, b.airflow_task_id, b.airflow_try_number,
+                   b.airflow_map_index
               FROM ingest.batches b WHERE b.batch_id = %s
             """,
             (batch_id,),
@@ -217,7 +219,7 @@ def batch_record(conn, batch_id: str) -> BatchRecord | None:
         if row is None:
             return None
         width = len(_SUMMARY_COLUMNS)
-        key_id, hosting, error, steps, rekeyed_from, dag_id, run_id, task_id, try_number = row[width:]
+        key_id, hosting, error, steps, rekeyed_from, dag_id, run_id, task_id, try_number, map_index = row[width:]
         cur.execute(
             """
             SELECT file_no, file_name, resource_type, status, skip_reason, bytes, rows_read, rows_loaded,
@@ -255,6 +257,7 @@ def batch_record(conn, batch_id: str) -> BatchRecord | None:
         airflow_run_id=run_id,
         airflow_task_id=task_id,
         airflow_try_number=try_number,
+        airflow_map_index=map_index,
         files=files,
         quarantine=quarantine,
         quality=quality,

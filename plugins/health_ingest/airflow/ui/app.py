@@ -204,6 +204,7 @@ def create_app() -> FastAPI:
                     "run_id": record.airflow_run_id,
                     "task_id": record.airflow_task_id,
                     "try_number": record.airflow_try_number,
+                    "map_index": record.airflow_map_index,
                 }
                 if record.airflow_dag_id
                 else None

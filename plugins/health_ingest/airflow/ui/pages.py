@@ -30,8 +30,12 @@ class Links:
     def airflow_run(self, dag_id: str, run_id: str) -> str:
         return f"{self.airflow}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
 
-    def airflow_task(self, dag_id: str, run_id: str, task_id: str, try_number: int | None) -> str:
+    def airflow_task(
+        self, dag_id: str, run_id: str, task_id: str, try_number: int | None, map_index: int | None
+    ) -> str:
         link = self.airflow_run(dag_id, run_id) + f"/tasks/{quote(task_id, safe='')}"
+        if map_index is not None and map_index >= 0:
+            link += f"/mapped/{map_index}"
         return link + (f"?try_number={try_number}" if try_number else "")
 
     def airflow_dag_runs(self, dag_id: str) -> str:
@@ -101,7 +105,11 @@ def batch_page(links: Links, record: BatchRecord, dag_id: str) -> str:
         )
         if record.airflow_task_id:
             task_link = links.airflow_task(
-                record.airflow_dag_id, record.airflow_run_id, record.airflow_task_id, record.airflow_try_number
+                record.airflow_dag_id,
+                record.airflow_run_id,
+                record.airflow_task_id,
+                record.airflow_try_number,
+                record.airflow_map_index,
             )
             airflow_links.append(f'<a target="_top" href="{escape(task_link)}">task log</a>')
     else:

@@ -6,10 +6,11 @@ ALTER TABLE ingest.batches
     ADD COLUMN airflow_dag_id text,
     ADD COLUMN airflow_run_id text,
     ADD COLUMN airflow_task_id text,
-    ADD COLUMN airflow_try_number integer;
+    ADD COLUMN airflow_try_number integer,
+    ADD COLUMN airflow_map_index integer;
 
 GRANT SELECT (finished_at, hosting, error, step_seconds, rekeyed_from, rekeyed_at, airflow_dag_id, airflow_run_id,
-              airflow_task_id, airflow_try_number) ON ingest.batches TO health_ingest_reader;
+              airflow_task_id, airflow_try_number, airflow_map_index) ON ingest.batches TO health_ingest_reader;
 GRANT SELECT (batch_id, file_no, file_name, resource_type, bytes, status, skip_reason, rows_read, rows_loaded,
               rows_quarantined, derived_from) ON ingest.batch_files TO health_ingest_reader;
 -- where and why, by reason code; the message may describe a value, so it stays with the loader
