@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -143,9 +144,17 @@ def test_observation_before_birth_is_rejected_with_its_reason_and_data_docs(tmp_
         (report,) = cur.fetchone()
     index = Path(report).read_text()
     assert "FAILED" in index
+    assert "expect_column_values_to_be_between(years_after_birth): 1 of 1 values unexpected" in index, "and why"
     page = next(a.split('"')[1] for a in index.split("<a href=")[1:] if "observation" in a)
     html = Path(page).read_text()
     assert "years_after_birth" in html and "Failed" in html, "the page shows the failed expectation"
+    # readable offline: nothing from a CDN, the stylesheet beside the pages, the run named, parameters evaluated
+    for written, text in ((Path(report), index), (Path(page), html)):
+        assert not re.search(r"(?:\bsrc=|<link\b[^>]*\bhref=)[\"']https?://", text), written
+        stylesheet = re.search(r"<link rel=[\"']stylesheet[\"'] href=[\"']([^\"']+)", text)[1]
+        assert (written.parent / stylesheet).is_file()
+    assert "__none__" not in html and f"batch-{report.split('/')[-1].removesuffix('.html')}" in html
+    assert "$PARAMETER" not in html and "half_of_previous_batch" not in html
 
 
 def test_a_patient_stored_by_an_earlier_batch_is_the_one_checked_against(tmp_path, db, smart_source):

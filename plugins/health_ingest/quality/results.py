@@ -10,12 +10,12 @@ EVALUATED_BOUNDS = ("min_value", "max_value")  # a volume expectation records it
 
 
 def evaluated_kwargs(observed: dict[str, Any]) -> dict[str, Any]:
-    """The expectation's arguments with every `$PARAMETER` replaced by the value it had for this batch."""
+    """The expectation's arguments with every `$PARAMETER` replaced by the value it had for this batch (None when
+    it had none, as for a source's first batch: no bound was checked)."""
     kwargs = dict(observed.get("kwargs") or {})
     for name, value in kwargs.items():
         if isinstance(value, dict) and "$PARAMETER" in value:
-            evaluated = observed.get(name) if name in EVALUATED_BOUNDS else None
-            kwargs[name] = evaluated if evaluated is not None else f"no value ({value['$PARAMETER']})"
+            kwargs[name] = observed.get(name) if name in EVALUATED_BOUNDS else None
     return kwargs
 
 
@@ -43,7 +43,7 @@ def expected_text(expectation: str, observed: dict[str, Any]) -> str:
     for name, value in kwargs.items():
         if name in {"result_format", "catch_exceptions", "meta"}:
             continue
-        shown = _short(value)
+        shown = "none" if value is None else _short(value)
         if name in names:
             shown += f" ({names[name]})"
         parts.append(f"{name.replace('_', ' ')} {shown}")
