@@ -12,7 +12,7 @@ from health_ingest.warehouse import monitoring
 
 pytestmark = pytest.mark.integration
 
-VIEW_TABLES = {"batches", "batch_files", "quarantine", "dq_results", "privacy_checks"}
+VIEW_TABLES = {"batches", "batch_files", "quarantine", "dq_results", "privacy_checks", "deletions"}
 
 
 class ExplainingConnection:

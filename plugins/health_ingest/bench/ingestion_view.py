@@ -72,8 +72,18 @@ def fill_warehouse(
             """,
             (results_per_batch,),
         )
+        cur.execute(
+            """
+            INSERT INTO ingest.deletions (batch_id, resource_type, id, found)
+            SELECT b.batch_id, 'Encounter', 'deleted-' || d, d %% 2 = 0
+              FROM ingest.batches b, generate_series(1, 10) d WHERE b.commit_seq %% %s = 0
+            """,
+            (50,),
+        )
         cur.execute("SELECT setval('ingest.commit_seq', %s)", (batches,))
-        cur.execute("ANALYZE ingest.batches, ingest.batch_files, ingest.quarantine, ingest.dq_results")
+        cur.execute(
+            "ANALYZE ingest.batches, ingest.batch_files, ingest.quarantine, ingest.dq_results, ingest.deletions"
+        )
     if not conn.autocommit:
         conn.commit()
 

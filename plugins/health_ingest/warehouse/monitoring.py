@@ -114,6 +114,7 @@ class BatchRecord:
     airflow_try_number: int | None
     airflow_map_index: int | None
     files: list[FileCounts] = field(default_factory=list)
+    deleted_by_type: dict[str, int] = field(default_factory=dict)  # a Bulk export's deletions that removed a row
     quarantine: list[QuarantineReason] = field(default_factory=list)
     quality: list[QualityResult] = field(default_factory=list)
     privacy: list[PrivacyCheck] = field(default_factory=list)
@@ -231,6 +232,14 @@ def batch_record(conn, batch_id: str) -> BatchRecord | None:
         files = [FileCounts(*r) for r in cur.fetchall()]
         cur.execute(
             """
+            SELECT resource_type, count(*) FILTER (WHERE found) FROM ingest.deletions WHERE batch_id = %s
+             GROUP BY resource_type
+            """,
+            (batch_id,),
+        )
+        deleted = {resource_type: count for resource_type, count in cur.fetchall() if count}
+        cur.execute(
+            """
             SELECT reason, file_name, count(*) FROM ingest.quarantine WHERE batch_id = %s
              GROUP BY reason, file_name ORDER BY reason, file_name
             """,
@@ -259,6 +268,7 @@ def batch_record(conn, batch_id: str) -> BatchRecord | None:
         airflow_try_number=try_number,
         airflow_map_index=map_index,
         files=files,
+        deleted_by_type=deleted,
         quarantine=quarantine,
         quality=quality,
         privacy=privacy,

@@ -65,6 +65,7 @@ class BatchDetailOut(BatchOut):
     step_seconds: dict[str, float]
     airflow: dict[str, Any] | None
     files: list[dict[str, Any]]
+    deleted_by_type: dict[str, int]
     quarantine_by_reason: dict[str, int]
     quality: list[dict[str, Any]]
     privacy_checks: list[dict[str, Any]]
@@ -130,7 +131,7 @@ def create_app() -> FastAPI:
             _authorize_source(user, source)
         with _reader() as conn:
             found = monitoring.list_batches(conn, source=source, status=status, before=before, limit=50)
-        found = [b for b in found if source or _may_read(user, b.source)]
+        found = [b for b in found if source or _may_read_batch(user, b)]
         next_before = found[-1].started_at.isoformat() if len(found) == 50 else None
         return pages.batches_page(_links(request), found, next_before=next_before, source=source)
 
@@ -148,7 +149,7 @@ def create_app() -> FastAPI:
     def consumers(request: Request, user: GetUserDep) -> str:
         with _reader() as conn:
             entries = monitoring.committed_feed(conn, limit=100)
-        entries = [e for e in entries if _may_read(user, e.summary.source)]
+        entries = [e for e in entries if _may_read_batch(user, e.summary)]
         return pages.feed_page(_links(request), entries, _table_name)
 
     @app.get("/api/sources", response_model=list[SourceOut], summary="Declared sources and their freshness")
@@ -184,7 +185,7 @@ def create_app() -> FastAPI:
             _authorize_source(user, source)
         with _reader() as conn:
             found = monitoring.list_batches(conn, source=source, status=status, before=before, limit=limit)
-        return [_batch_out(b) for b in found if source or _may_read(user, b.source)]
+        return [_batch_out(b) for b in found if source or _may_read_batch(user, b)]
 
     @app.get("/api/batches/{batch_id}", response_model=BatchDetailOut, summary="One batch with its record")
     def api_batch(batch_id: str, user: GetUserDep) -> BatchDetailOut:
@@ -210,6 +211,7 @@ def create_app() -> FastAPI:
                 else None
             ),
             files=[vars(f) for f in record.files],
+            deleted_by_type=record.deleted_by_type,
             quarantine_by_reason=reasons,
             quality=[{**vars(q), "checked_at": q.checked_at.isoformat()} for q in record.quality],
             privacy_checks=[vars(p) for p in record.privacy],
@@ -233,7 +235,7 @@ def create_app() -> FastAPI:
                 rows_deleted=e.summary.rows_deleted,
             )
             for e in entries
-            if _may_read(user, e.summary.source)
+            if _may_read_batch(user, e.summary)
         ]
 
     @app.get("/openapi.json", include_in_schema=False)
@@ -320,8 +322,15 @@ def _dag_id(source: str, kind: str) -> str:
 
 
 def _may_read(user, source: str) -> bool:
+    """A source's batches are the runs of its DAG; a source no longer declared is read as either kind's."""
     declared = {s.name: s.dag_id for s in _declared_sources()}
-    return _may_read_dag(user, declared.get(source, source))
+    if source in declared:
+        return _may_read_dag(user, declared[source])
+    return any(_may_read_dag(user, _dag_id(source, kind)) for kind in ("fhir", "claims"))
+
+
+def _may_read_batch(user, summary: monitoring.BatchSummary) -> bool:
+    return _may_read_dag(user, _dag_id(summary.source, summary.kind))
 
 
 def _may_read_dag(user, dag_id: str) -> bool:
@@ -363,12 +372,14 @@ def _table_name(summary: monitoring.BatchSummary, name: str) -> str:
     """The warehouse table a type or claims table of a batch was written to, as the Asset events name it."""
     if summary.kind != "claims":
         return f"fhir.{name.lower()}"
-    try:
-        from health_ingest.formats.claims import load_profile
-        from health_ingest.sources.registry import get_source
+    formats = {s.name: s.format for s in _declared_sources()}
+    if summary.source not in formats:  # a source no longer declared: its own name is the best there is
+        return name
+    from health_ingest.formats.claims import load_profile
 
-        return "claims." + load_profile(get_source(summary.source).format).warehouse_table(name)
-    except Exception:  # a source no longer declared: its own name is the best there is
+    try:
+        return "claims." + load_profile(formats[summary.source]).warehouse_table(name)
+    except Exception:  # a table the profile does not know (any more)
         return name
 
 

@@ -326,22 +326,26 @@ def _steps(record: BatchRecord) -> str:
 
 
 def _types(record: BatchRecord) -> str:
-    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for f in record.files:
         if f.status == "loaded":
             t = totals[f.resource_type or f.file_name]
             t[0] += f.rows_read
             t[1] += f.rows_loaded
             t[2] += f.rows_quarantined
+    for resource_type, deleted in record.deleted_by_type.items():
+        totals[resource_type][3] += deleted
     if not totals:
         return ""
     rows = "".join(
-        f"<tr><td>{escape(name)}</td><td class=num>{r:,}</td><td class=num>{ld:,}</td><td class=num>{q:,}</td></tr>"
-        for name, (r, ld, q) in sorted(totals.items())
+        f"<tr><td>{escape(name)}</td><td class=num>{r:,}</td><td class=num>{ld:,}</td><td class=num>{q:,}</td>"
+        f"<td class=num>{d:,}</td></tr>"
+        for name, (r, ld, q, d) in sorted(totals.items())
     )
     return (
         '<section><h2>Per resource type or table</h2><table class="grid" id="types"><thead><tr><th>Type or table</th>'
-        f"<th>Read</th><th>Loaded</th><th>Quarantined</th></tr></thead><tbody>{rows}</tbody></table></section>"
+        "<th>Read</th><th>Loaded</th><th>Quarantined</th><th>Deleted</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table></section>"
     )
 
 
