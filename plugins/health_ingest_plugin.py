@@ -4,7 +4,8 @@ navigation. The app is built on its first request, so importing this module cost
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
-from health_ingest.airflow.ui.mount import URL_PREFIX, LazyApp
+from health_ingest.airflow.ui import URL_PREFIX
+from health_ingest.airflow.ui.mount import LazyApp
 
 
 class HealthIngestPlugin(AirflowPlugin):

@@ -17,8 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from health_ingest import config
-from health_ingest.airflow.ui import pages
-from health_ingest.airflow.ui.mount import URL_PREFIX
+from health_ingest.airflow.ui import URL_PREFIX, pages
 from health_ingest.warehouse import monitoring
 
 CHART_DAYS = 30

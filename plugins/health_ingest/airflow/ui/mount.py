@@ -1,10 +1,8 @@
-"""Where the Ingestion view is mounted, and the app the plugin hands to Airflow before anything is imported."""
+"""The app the plugin hands to Airflow before anything of the view is imported."""
 
 from __future__ import annotations
 
 import threading
-
-URL_PREFIX = "/ingestion"
 
 
 class LazyApp:
