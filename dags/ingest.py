@@ -4,7 +4,8 @@ each delivery loaded as one batch. A FHIR source with a `bulk:` server pulls its
 A DAG runs on its source's schedule and as soon as a delivery's `_READY` marker lands in the source's inbox (or
 with `delivery_path` from the trigger form). It maps one ingestion task over the pending deliveries; the quality
 suites gate each batch before it commits and its Data Docs are rendered; for FHIR, the flat SQL-on-FHIR tables are
-then refreshed, gated by their own suites. All logic lives in `health_ingest`.
+then refreshed, gated by their own suites, and only then announced (one Asset event per flat table). All logic
+lives in `health_ingest`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param, task
 from health_ingest.airflow.operators import PullExportOperator
-from health_ingest.airflow.schedules import doc_md, schedule_for, sources_of_kind, tables_alias
+from health_ingest.airflow.schedules import doc_md, flat_alias, schedule_for, sources_of_kind, tables_alias
 
 for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
     with DAG(
@@ -52,7 +53,7 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
             deliveries = find_deliveries(source.name)
 
-        @task(max_active_tis_per_dagrun=1, outlets=[tables_alias(source)])
+        @task(max_active_tis_per_dagrun=1, outlets=[tables_alias(source)], map_index_template="{{ delivery_label }}")
         def ingest(source_name: str, delivery: str, outlet_events=None) -> dict:
             from health_ingest.airflow.tasks import ingest_delivery
 
@@ -70,12 +71,12 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
         if source.kind == "fhir":
 
-            @task
-            def refresh_flat_tables(summary: dict) -> dict:
+            @task(outlets=[flat_alias(source)])
+            def refresh_flat_tables(source_name: str, summary: dict, outlet_events=None) -> dict:
                 from health_ingest.airflow.tasks import refresh_flat_tables
 
-                return refresh_flat_tables(summary)
+                return refresh_flat_tables(source_name, summary, outlet_events)
 
-            refresh_flat_tables.expand(summary=summaries)
+            refresh_flat_tables.partial(source_name=source.name).expand(summary=summaries)
 
     globals()[source.dag_id] = dag

@@ -91,6 +91,20 @@ def smart_source():
     return get_source("smart_sample")
 
 
+def into_inbox(source_name: str, files: list[Path], name: str | None = None) -> Path:
+    """A delivery folder in the source's inbox (its default allowed root) holding copies of `files`, without a
+    marker: for `delivery_path`, which only names folders inside a source's allowed roots."""
+    import shutil
+
+    from health_ingest.sources.registry import get_source
+
+    folder = get_source(source_name).inbox / (name or f"delivery-{uuid.uuid4().hex[:8]}")
+    folder.mkdir(parents=True)
+    for path in files:
+        shutil.copy(path, folder)
+    return folder
+
+
 def sample_line_counts() -> dict[str, int]:
     """Resource type -> records in the bundled sample, counted straight from the files."""
     from health_ingest.formats.ndjson import resource_type_of

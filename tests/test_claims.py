@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import TEST_DATA, pg_dump
+from conftest import TEST_DATA, into_inbox, pg_dump
 from health_ingest import config
 from health_ingest.batch import claims as claims_loader
 from health_ingest.batch.claims import run_claims_batch
@@ -239,7 +239,8 @@ def test_the_claims_dag_and_the_cli_load_a_delivery(airflow_db, db, tmp_path):
     from conftest import PROJECT
 
     dag = DagBag(dag_folder=str(PROJECT / "dags")).dags["claims_snds_extract"]
-    assert dag.test(run_conf={"delivery_path": str(SNDS / "DCIR")}).state == "success"
+    delivery = into_inbox("snds_extract", sorted((SNDS / "DCIR").iterdir()))
+    assert dag.test(run_conf={"delivery_path": str(delivery)}).state == "success"
     cli = subprocess.run(
         [
             sys.executable,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import SAMPLE, sample_identifiers, sample_line_counts
+from conftest import SAMPLE, into_inbox, sample_identifiers, sample_line_counts
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,7 @@ def test_dag_run_loads_the_sample_into_the_warehouse(airflow_db, db):
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
-    run = _fhir_dag().test(run_conf={"delivery_path": str(SAMPLE)})
+    run = _fhir_dag().test(run_conf={"delivery_path": str(into_inbox("smart_sample", list(SAMPLE.iterdir())))})
 
     assert run.state == "success"
     with create_session() as session:
@@ -79,7 +79,8 @@ def test_consumer_dag_reads_exactly_the_rows_of_each_new_batch(airflow_db, db, t
     bag = DagBag(dag_folder=str(PROJECT / "dags"))
     producer, consumer = bag.dags["fhir_smart_sample"], bag.dags["example_consumer"]
     encounter_uri = table_asset_uri("fhir", "encounter")
-    assert consumer.timetable.asset_condition.uri == encounter_uri, "scheduled on the table's Asset"
+    flat_uri = table_asset_uri("flat", "encounter")
+    assert consumer.timetable.asset_condition.uri == flat_uri, "scheduled on the flat table's Asset"
 
     def consumer_result() -> dict:
         run = consumer.test()
@@ -94,28 +95,30 @@ def test_consumer_dag_reads_exactly_the_rows_of_each_new_batch(airflow_db, db, t
             )
             return XComModel.deserialize_value(xcom)
 
-    first = tmp_path / "first"
-    first.mkdir()
-    shutil.copy(SAMPLE / "Patient.000.ndjson", first)
-    shutil.copy(SAMPLE / "Encounter.000.ndjson", first)
+    first = into_inbox("smart_sample", [SAMPLE / "Patient.000.ndjson", SAMPLE / "Encounter.000.ndjson"])
     assert producer.test(run_conf={"delivery_path": str(first)}).state == "success"
     with create_session() as session:
-        events = (
-            session.query(AssetEvent)
-            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-            .filter(AssetModel.uri == encounter_uri)
-            .all()
-        )
-    assert len(events) == 1 and events[0].extra["rows"] == 1215, "the commit published the table's Asset event"
-    assert list(consumer_result().values()) == [1215]
+        events = {
+            uri: [(e.extra["rows"], e.timestamp) for e in events]
+            for uri in (encounter_uri, flat_uri)
+            for events in [
+                session.query(AssetEvent)
+                .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                .filter(AssetModel.uri == uri)
+                .all()
+            ]
+        }
+    assert [rows for rows, _ in events[encounter_uri]] == [1215], "the commit published the table's Asset event"
+    assert [rows for rows, _ in events[flat_uri]] == [1215], "the flat refresh published the flat table's event"
+    assert events[flat_uri][0][1] > events[encounter_uri][0][1]
+    assert list(consumer_result().values()) == [{"fhir.encounter": 1215, "flat.encounter": 1215}]
 
-    second = tmp_path / "second"
-    second.mkdir()
     lines = (SAMPLE / "Encounter.000.ndjson").read_text().splitlines(keepends=True)
+    second = into_inbox("smart_sample", [])
     (second / "Encounter.000.ndjson").write_text("".join(lines[:100]))
     assert producer.test(run_conf={"delivery_path": str(second)}).state == "success"
     second_read = consumer_result()
     with db.cursor() as cur:
         cur.execute("SELECT batch_id::text FROM ingest.batches ORDER BY commit_seq DESC LIMIT 1")
         (latest,) = cur.fetchone()
-    assert second_read == {latest: 100}, "only the new batch, and all of its rows"
+    assert second_read == {latest: {"fhir.encounter": 100, "flat.encounter": 100}}, "only the new batch, whole"

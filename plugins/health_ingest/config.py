@@ -37,9 +37,11 @@ ENV_BENCH_DATABASE_URL = "HEALTH_INGEST_BENCH_DATABASE_URL"
 # The map index of the Airflow task loading a batch, which Airflow does not export to the task's environment as it
 # does its dag, run and task ids (AIRFLOW_CTX_*): set by the task adapter, recorded on the batch for the UI's links.
 ENV_AIRFLOW_MAP_INDEX = "HEALTH_INGEST_AIRFLOW_MAP_INDEX"
+ENV_DELIVERY_CHANNEL = "HEALTH_INGEST_DELIVERY_CHANNEL"
 
 WAREHOUSE_CONN_ID = "health_ingest_warehouse"
 KEYRING_CONN_ID = "health_ingest_keyring"
+QUEUE_CONN_ID = "health_ingest_queue"  # the Redis on which senders announce deliveries
 DEFAULT_RETENTION_DAYS = 30
 DEFAULT_NICENESS = 19
 
@@ -67,6 +69,11 @@ def hosting_policy_file() -> Path:
 def declared_hosting() -> str | None:
     """The warehouse's hosting declaration (JSON), when it is given by the environment."""
     return os.environ.get(ENV_WAREHOUSE_HOSTING) or None
+
+
+def delivery_channel() -> str:
+    """The Redis channel on which senders publish delivery messages (`HEALTH_INGEST_DELIVERY_CHANNEL`)."""
+    return os.environ.get(ENV_DELIVERY_CHANNEL) or "health_ingest.deliveries"
 
 
 def demo_mode() -> bool:

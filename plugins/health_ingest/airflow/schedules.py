@@ -39,6 +39,29 @@ def tables_alias(source: Source):
     return AssetAlias(f"{source.name}_warehouse_tables")
 
 
+def flat_alias(source: Source):
+    """The alias through which a FHIR source's DAG emits one Asset event per flat table, once it is refreshed."""
+    from airflow.sdk import AssetAlias
+
+    return AssetAlias(f"{source.name}_flat_tables")
+
+
+def delivery_messages_asset():
+    """The Asset whose watcher listens on the Redis channel where senders announce deliveries (Airflow's
+    MessageQueueTrigger; the connection `health_ingest_queue` names the Redis)."""
+    from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTrigger
+    from airflow.sdk import Asset, AssetWatcher
+
+    from health_ingest import config
+
+    trigger = MessageQueueTrigger(
+        scheme="redis+pubsub", channels=[config.delivery_channel()], redis_conn_id=config.QUEUE_CONN_ID, poll_interval=1
+    )
+    return Asset(
+        name="health_ingest_delivery_messages", watchers=[AssetWatcher(name="delivery_message", trigger=trigger)]
+    )
+
+
 def doc_md(source: Source) -> str:
     inbox = f"`{source.inbox}`" if source.inbox else "none (deliveries are given as a parameter)"
     return (

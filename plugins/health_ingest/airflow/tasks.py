@@ -17,13 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def find_deliveries(source_name: str, params: dict[str, Any]) -> list[str]:
-    """The deliveries this run loads: the one given as a parameter, else every pending one in the inbox."""
+    """The deliveries this run loads: the one given as a parameter (inside the source's allowed roots, else the
+    run fails without retry), else every pending one in the inbox."""
     from health_ingest.sources.inbox import pending_deliveries
     from health_ingest.sources.registry import get_source
 
-    if params.get("delivery_path"):
-        return [str(Path(params["delivery_path"]).resolve())]
-    source = get_source(source_name)
+    with failing_without_retry():
+        source = get_source(source_name)
+        if params.get("delivery_path"):
+            return [str(source.allowed_delivery(params["delivery_path"]))]
     found = [str(p) for p in pending_deliveries(source.inbox)] if source.inbox else []
     log.info("source %s: %d pending deliveries", source_name, len(found))
     return found
@@ -36,12 +38,26 @@ def ingest_delivery(source_name: str, delivery: str, outlet_events=None) -> dict
     from health_ingest.sources.registry import get_source
 
     _export_map_index()
+    _name_mapped_task(delivery)
     with failing_without_retry():
         source = get_source(source_name)
         loaded = load_delivery(source, Path(delivery))
     if outlet_events is not None:
         publish_table_events(source, loaded.tables, loaded.result, outlet_events)
     return loaded.result.to_summary()
+
+
+def route_delivery_messages(triggering_asset_events) -> list[dict[str, Any]]:
+    """One `TriggerDagRunOperator` call per accepted delivery message; refused ones are logged and dropped."""
+    from health_ingest.sources.messages import route_messages
+    from health_ingest.sources.registry import load_sources
+
+    messages = [
+        (event.extra or {}).get("payload", {}).get("data")
+        for events in (triggering_asset_events or {}).values()
+        for event in events
+    ]
+    return [route.trigger_kwargs() for route in route_messages(messages, load_sources())]
 
 
 def _export_map_index() -> None:
@@ -90,17 +106,32 @@ def publish_table_events(source: Source, tables, result, outlet_events) -> None:
         )
 
 
-def refresh_flat_tables(summary: dict[str, Any]) -> dict[str, int]:
-    """After a commit: the flat tables follow the batch (off the load's hot path, in their own transaction)."""
+def refresh_flat_tables(source_name: str, summary: dict[str, Any], outlet_events=None) -> dict[str, int]:
+    """After a commit: the flat tables follow the batch (off the load's hot path, in their own transaction); their
+    Asset events go out only then, so that a consumer scheduled on them reads the batch's flat rows."""
+    from airflow.sdk import Asset
+
+    from health_ingest.airflow.schedules import flat_alias
+    from health_ingest.sources.registry import get_source
     from health_ingest.views.flat import refresh_batch
     from health_ingest.warehouse.connection import connect, warehouse_url
+    from health_ingest.warehouse.consumers import table_asset_uri
 
     with failing_without_retry():
-        conn = connect(warehouse_url())
+        url = warehouse_url()
+        conn = connect(url)
         try:
-            return refresh_batch(conn, summary["batch_id"])
+            written = refresh_batch(conn, summary["batch_id"])
         finally:
             conn.close()
+    if outlet_events is not None:
+        alias = outlet_events[flat_alias(get_source(source_name))]
+        for name, rows in sorted(written.items()):
+            alias.add(
+                Asset(table_asset_uri("flat", name, url)),
+                extra={"batch_id": summary["batch_id"], "commit_seq": summary.get("commit_seq"), "rows": rows},
+            )
+    return written
 
 
 def publish_data_docs(summary: dict[str, Any]) -> str | None:
@@ -130,3 +161,18 @@ def purge_raw_data() -> dict[str, int]:
     finally:
         conn.close()
     return {"landing_folders": report.landing_folders, "quarantine_records": report.quarantine_records}
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+def _name_mapped_task(delivery: str) -> None:
+    """The mapped task is shown by its delivery's label (`map_index_template`), never by a raw folder name."""
+    from contextlib import suppress
+
+    from airflow.sdk import get_current_context
+
+    from health_ingest.sources.inbox import delivery_label
+
+    with suppress(RuntimeError):  # called outside a task
+        get_current_context()["delivery_label"] = delivery_label(delivery)

@@ -55,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         conn.close()
 
     source = get_source(DEMO_SOURCE)
-    sample = (config.project_root() / DEMO_SAMPLE).resolve()
+    sample = _demo_delivery(source)
     env = {**os.environ, **airflow_environment(), config.ENV_WAREHOUSE_URL: url, config.ENV_DEMO: "1"}
     airflow = str(Path(sys.executable).with_name("airflow"))
     airflow_log = config.state_dir() / "demo-airflow.log"
@@ -141,3 +141,23 @@ def _print_demo_summary(batch, counts, url: str, elapsed: float, configured: boo
     print(f"    FROM ingest.batch_files WHERE batch_id = '{batch.batch_id}'\"")
     print(f"  {psql} '{shown}' -c \"SELECT resource->>'gender', resource->>'birthDate' FROM fhir.patient\"")
     print("  health-ingest warehouse status")
+
+
+def _demo_delivery(source) -> Path:
+    """The bundled sample delivered into the demo source's inbox (linked, not copied): `delivery_path` names only
+    folders inside a source's allowed roots."""
+    import os
+    import shutil
+    import time
+
+    sample = (config.project_root() / DEMO_SAMPLE).resolve()
+    delivery = source.inbox / time.strftime("export-%Y%m%dT%H%M%S")
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(sample, delivery, copy_function=link_or_copy, dirs_exist_ok=True)
+    return delivery

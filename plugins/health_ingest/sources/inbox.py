@@ -6,11 +6,16 @@
 from __future__ import annotations
 
 import os
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 READY = "_READY"
 QUEUED = "_QUEUED"
 DONE = "_DONE"
+
+# words a delivery folder's name may hold and still be shown: an export's usual vocabulary, nothing personal
+DELIVERY_WORDS = {"delivery", "export", "extract", "batch", "part", "run", "bulk", "full", "incremental", "daily"}
 
 
 def pending_deliveries(inbox: Path) -> list[Path]:
@@ -44,3 +49,20 @@ def mark_done(delivery: Path) -> None:
     for marker in (READY, QUEUED):
         (delivery / marker).unlink(missing_ok=True)
     (delivery / DONE).touch()
+
+
+def delivery_label(folder: str | Path) -> str:
+    """The name a delivery is shown by (task names in the UI, logs): its folder's name when made only of digits,
+    separators and an export's usual words (`2026-12-01`, `export-0042`), else `delivery-<time it was marked
+    ready>`: a sender may name a folder after a patient."""
+    folder = Path(folder)
+    words = [w for w in re.split(r"[-_.:]+", folder.name) if w and not re.fullmatch(r"\d+(T\d+Z?)?", w)]
+    shown = len(folder.name) <= 64 and re.fullmatch(r"[A-Za-z0-9_.:-]+", folder.name)
+    if shown and all(w.lower() in DELIVERY_WORDS for w in words):
+        return folder.name
+    marker = next((folder / m for m in (QUEUED, READY, DONE) if (folder / m).exists()), folder)
+    try:
+        stamp = datetime.fromtimestamp(marker.stat().st_mtime, UTC).strftime("%Y%m%dT%H%M%SZ")
+    except OSError:
+        stamp = "unknown"
+    return f"delivery-{stamp}"

@@ -29,6 +29,7 @@ class Source:
     description: str = ""
     schedule: str | None = None
     inbox: Path | None = None
+    allowed_roots: tuple[Path, ...] = ()  # where a delivery named by hand or by a message may be; default the inbox
     owner: str = "health-ingest"
     retries: int = 2
     tags: tuple[str, ...] = ()
@@ -41,6 +42,18 @@ class Source:
     @property
     def dag_id(self) -> str:
         return f"{self.kind}_{self.name}"
+
+    def allowed_delivery(self, path: str | Path) -> Path:
+        """The delivery folder, resolved (symbolic links followed), if it lies inside one of the source's allowed
+        roots; else ConfigurationError. A folder named from outside (trigger form, REST API, a message) is never
+        read from anywhere the worker happens to be able to read."""
+        folder = Path(path).resolve()
+        if not any(folder.is_relative_to(root.resolve()) and folder != root.resolve() for root in self.allowed_roots):
+            # the path itself is not quoted: a sender's folder name may identify someone
+            raise ConfigurationError(f"source '{self.name}': the delivery is outside the source's allowed roots")
+        if not folder.is_dir():
+            raise ConfigurationError(f"source '{self.name}': the delivery is not a folder")
+        return folder
 
 
 def load_sources(path: Path | None = None) -> dict[str, Source]:
@@ -99,6 +112,7 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         "description",
         "schedule",
         "inbox",
+        "allowed_roots",
         "owner",
         "retries",
         "tags",
@@ -112,11 +126,11 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
     if unknown:
         raise ConfigurationError(f"{where}: unknown keys {sorted(unknown)}")
     inbox = entry.get("inbox")
-    inbox_path = None
-    if inbox:
-        inbox_path = Path(inbox)
-        if not inbox_path.is_absolute():
-            inbox_path = config.state_dir() / inbox_path
+    inbox_path = _state_path(inbox) if inbox else None
+    roots = entry.get("allowed_roots")
+    if roots is not None and (not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots)):
+        raise ConfigurationError(f"{where}: 'allowed_roots' must be a list of folders")
+    allowed_roots = tuple(_state_path(r) for r in roots) if roots is not None else (inbox_path,) if inbox_path else ()
     retries = entry.get("retries", 2)
     if not isinstance(retries, int) or retries < 0:
         raise ConfigurationError(f"{where}: 'retries' must be a non-negative integer")
@@ -127,6 +141,7 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         description=str(entry.get("description", "")).strip(),
         schedule=entry.get("schedule"),
         inbox=inbox_path,
+        allowed_roots=allowed_roots,
         owner=str(entry.get("owner", "health-ingest")),
         retries=retries,
         tags=tuple(str(tag) for tag in entry.get("tags", ())),
@@ -157,6 +172,12 @@ def _parse_expect_every(where: str, value: object) -> timedelta | None:
         return parse_duration(value)
     except ValueError as error:
         raise ConfigurationError(f"{where}: expect_every: {error}") from None
+
+
+def _state_path(value: str) -> Path:
+    """Relative paths of the sources file are under the state folder."""
+    path = Path(value)
+    return path if path.is_absolute() else config.state_dir() / path
 
 
 def _parse_bulk(where: str, kind: str, entry: dict) -> BulkSettings | None:
