@@ -229,3 +229,42 @@ def test_rows_kept_by_the_batch_process_load_like_the_workers_rows(tmp_path, db,
     result = run_fhir_batch(tmp_path, smart_source)
     assert result.rows_quarantined == 0
     assert _table_counts(db) == {t.lower(): n for t, n in sample_line_counts().items()}
+
+
+def test_two_sources_bringing_the_same_new_tables_at_once_both_commit(db, monkeypatch):
+    """Deliveries of different sources load at the same time (Celery workers); the first to create a table new to
+    the warehouse makes the other wait for its commit instead of failing it on the catalog's unique key."""
+    import threading
+
+    from health_ingest.sources.registry import get_source
+
+    barrier = threading.Barrier(2, timeout=60)
+    waited: set[int] = set()
+    real_create = merge.create_unindexed_table
+
+    def create_together(cur, resource_type):
+        if threading.get_ident() not in waited:  # both batches reach their first new table before either goes on
+            waited.add(threading.get_ident())
+            barrier.wait()
+        return real_create(cur, resource_type)
+
+    monkeypatch.setattr(merge, "create_unindexed_table", create_together)
+    results: dict[str, object] = {}
+
+    def load(name: str) -> None:
+        try:
+            results[name] = run_fhir_batch(SAMPLE, get_source(name))
+        except Exception as error:  # reported below with the other batch's outcome
+            results[name] = error
+
+    threads = [threading.Thread(target=load, args=(name,)) for name in ("smart_sample", "synthea_fhir")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+
+    assert {name: getattr(r, "status", repr(r)) for name, r in results.items()} == {
+        "smart_sample": "committed",
+        "synthea_fhir": "committed",
+    }
+    assert _table_counts(db) == {t.lower(): 2 * n for t, n in sample_line_counts().items()}

@@ -32,16 +32,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from health_ingest.airflow.environment import airflow_environment
     from health_ingest.sources.registry import get_source
     from health_ingest.warehouse import batches
-    from health_ingest.warehouse.connection import connect, warehouse_url
+    from health_ingest.warehouse.connection import configured_warehouse_url, connect, warehouse_origin, warehouse_url
     from health_ingest.warehouse.migrations import migrate
 
     os.environ[config.ENV_DEMO] = "1"
     started = time.monotonic()
-    configured = bool(os.environ.get(config.ENV_WAREHOUSE_URL))
-    _say(
-        "warehouse",
-        "starting the embedded PostgreSQL" if not configured else "using HEALTH_INGEST_WAREHOUSE_URL",
-    )
+    configured = configured_warehouse_url() is not None
+    _say("warehouse", f"using {warehouse_origin()}" if configured else "starting the embedded PostgreSQL")
     url = warehouse_url()
     conn = connect(url)
     try:

@@ -148,6 +148,9 @@ def _source_exists(cur, view: FlatView) -> bool:
 
 def _ensure_table(cur, view: FlatView) -> None:
     """Create the table, or recreate it when its ViewDefinition's columns changed (a rebuild follows)."""
+    from health_ingest.warehouse.merge import must_create_table
+
+    must_create_table(cur, f"flat.{view.table}")  # waits while another refresh creates tables, then looks again
     wanted = [("resource_id", "text"), ("patient_id", "text"), ("batch_id", "uuid"), *view.column_ddl()]
     cur.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_schema = 'flat' AND table_name = %s "

@@ -63,8 +63,9 @@ def create_staging(cur, name: str, plan: list[ColumnPlan]) -> str:
 def ensure_table(cur, warehouse_table: str, schema: TableSchema, plan: list[ColumnPlan]) -> bool:
     """Create the typed table if it is new (its columns follow the schema and the privacy plan), without its key and
     indexes: `index_table` adds them once the batch has written its rows. Returns whether it was created."""
-    cur.execute("SELECT to_regclass(%s)", (f"claims.{warehouse_table}",))
-    if cur.fetchone()[0] is not None:
+    from health_ingest.warehouse.merge import must_create_table
+
+    if not must_create_table(cur, f"claims.{warehouse_table}"):
         return False
     kinds = {c.name: c.type for c in schema.columns}
     definitions = [f'"{c.name.lower()}" {_pg_type(c, kinds[c.name])}' for c in plan]

@@ -16,16 +16,36 @@ _DECLARED_BY_AIRFLOW: dict[str, dict] = {}
 
 def warehouse_url() -> str:
     """`HEALTH_INGEST_WAREHOUSE_URL`, else the Airflow connection `health_ingest_warehouse`, else the embedded
-    warehouse."""
-    url = os.environ.get(config.ENV_WAREHOUSE_URL)
-    if url:
-        return url
-    url = _airflow_connection_url()
+    warehouse, which is then announced: a command must never quietly load or report the wrong database."""
+    url = configured_warehouse_url()
     if url:
         return url
     from health_ingest.warehouse.embedded import start_embedded_warehouse
 
+    log.warning(
+        "no warehouse configured (neither %s nor the connection %s, e.g. AIRFLOW_CONN_%s): using the embedded "
+        "PostgreSQL under the state folder",
+        config.ENV_WAREHOUSE_URL,
+        config.WAREHOUSE_CONN_ID,
+        config.WAREHOUSE_CONN_ID.upper(),
+    )
     return start_embedded_warehouse()
+
+
+def configured_warehouse_url() -> str | None:
+    """The warehouse the configuration names (`HEALTH_INGEST_WAREHOUSE_URL`, else the connection
+    `health_ingest_warehouse`: Airflow's, or `AIRFLOW_CONN_HEALTH_INGEST_WAREHOUSE` outside Airflow), else None;
+    nothing is started."""
+    return os.environ.get(config.ENV_WAREHOUSE_URL) or _airflow_connection_url()
+
+
+def warehouse_origin() -> str:
+    """Where the warehouse comes from, in words for people."""
+    if os.environ.get(config.ENV_WAREHOUSE_URL):
+        return config.ENV_WAREHOUSE_URL
+    if _airflow_connection_url():
+        return f"the connection {config.WAREHOUSE_CONN_ID}"
+    return "the embedded PostgreSQL"
 
 
 def connect(url: str):

@@ -8,12 +8,9 @@ emits an Airflow Asset event per table it wrote, which consumer DAGs schedule on
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
-
-from health_ingest import config
 
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 EMBEDDED_ASSET_BASE = "postgres://localhost:5432/warehouse"
@@ -27,10 +24,13 @@ class CommittedBatch:
 
 
 def table_asset_uri(schema: str, table: str, url: str | None = None) -> str:
-    """`postgres://host:port/db/schema/table` for the configured warehouse (no connection is opened)."""
+    """`postgres://host:port/db/schema/table` for the configured warehouse, `HEALTH_INGEST_WAREHOUSE_URL` or the
+    connection `health_ingest_warehouse` (no connection is opened): the URI names where the data really is."""
+    from health_ingest.warehouse.connection import configured_warehouse_url
+
     if not (IDENTIFIER.match(schema) and IDENTIFIER.match(table)):
         raise ValueError(f"not a warehouse table: {schema}.{table}")
-    url = url or os.environ.get(config.ENV_WAREHOUSE_URL)
+    url = url or configured_warehouse_url()
     if not url:
         return f"{EMBEDDED_ASSET_BASE}/{schema}/{table}"
     parts = urlsplit(url)

@@ -29,8 +29,25 @@ def merge_resource_type(cur, batch_id: str, resource_type: str, id_space: str, o
         _upsert(cur, table, staged, batch_id, id_space)
 
 
+NEW_TABLES_LOCK = 0x4E657754  # held by the one transaction at a time that creates warehouse tables
+
+
+def must_create_table(cur, qualified_name: str) -> bool:
+    """Whether the caller is to create this table. When it is missing, wait first for any other transaction that
+    is creating warehouse tables to end (the lock is held until commit), then look again: two batches of different
+    sources that bring the same new table would otherwise both create it, and the second would fail on the
+    catalog's unique key as soon as the first commits. Once the tables exist, batches never wait here."""
+    cur.execute("SELECT to_regclass(%s) IS NULL", (qualified_name,))
+    if not cur.fetchone()[0]:
+        return False
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (NEW_TABLES_LOCK,))
+    cur.execute("SELECT to_regclass(%s) IS NULL", (qualified_name,))
+    return cur.fetchone()[0]
+
+
 def fhir_table(cur, resource_type: str) -> str:
     """The warehouse table of a resource type (made on first use), without its schema."""
+    must_create_table(cur, f"fhir.{resource_type.lower()}")
     cur.execute("SELECT ingest.ensure_fhir_table(%s)", (resource_type,))
     return cur.fetchone()[0]
 
@@ -38,6 +55,8 @@ def fhir_table(cur, resource_type: str) -> str:
 def create_unindexed_table(cur, resource_type: str) -> str | None:
     """The warehouse table of a resource type new to the warehouse, without its key and indexes (`index_new_table`
     adds them once the batch has written its rows); None when the table exists."""
+    if not must_create_table(cur, f"fhir.{resource_type.lower()}"):
+        return None
     cur.execute("SELECT ingest.create_unindexed_fhir_table(%s)", (resource_type,))
     return cur.fetchone()[0]
 
