@@ -22,7 +22,7 @@ with DAG(
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     tags=["ingest", "messages"],
-    default_args={"owner": "data-engineering", "retries": 0},
+    default_args={"owner": "data-engineering", "retries": 1},
 ):
 
     @task
@@ -31,6 +31,10 @@ with DAG(
 
         return route_delivery_messages(triggering_asset_events)
 
-    TriggerDagRunOperator.partial(task_id="start_ingest", map_index_template="{{ task.trigger_dag_id }}").expand_kwargs(
-        route_messages()
-    )
+    # one run id per message: a retry finds the run it started and does not load the delivery twice
+    TriggerDagRunOperator.partial(
+        task_id="start_ingest",
+        trigger_run_id="delivery_message__{{ run_id }}__{{ ti.map_index }}",
+        skip_when_already_exists=True,
+        map_index_template="{{ task.trigger_dag_id }}",
+    ).expand_kwargs(route_messages())

@@ -176,7 +176,7 @@ class Stack:
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1) -> str:
         path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}"
         content = self.request("GET", f"{path}?map_index={map_index}&full_content=true")["content"]
-        return "\n".join(str(line.get("event", line)) if isinstance(line, dict) else str(line) for line in content)
+        return "\n".join(json.dumps(line) if isinstance(line, dict) else str(line) for line in content)
 
 
 def claim_redis_database(host: str, port: int) -> int:

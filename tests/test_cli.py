@@ -38,3 +38,86 @@ def test_unknown_source_and_missing_delivery_are_clear_errors(warehouse_url, tmp
     missing = _cli("ingest", "fhir", str(tmp_path / "absent"), "--source", "smart_sample")
     assert missing.returncode == 4
     assert "no such delivery folder" in missing.stderr
+
+
+def test_with_only_the_airflow_connection_every_command_uses_that_warehouse(pg_admin_url, tmp_path):
+    """`AIRFLOW_CONN_HEALTH_INGEST_WAREHOUSE` alone (as docker-compose.yml sets it) names the warehouse of every
+    command: migrations, loads, status, flat tables, Data Docs, retention, re-keying. None starts the embedded one."""
+    import uuid
+
+    import psycopg2
+    from conftest import _with_database
+
+    name = f"hi_test_conn_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(pg_admin_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    url = _with_database(pg_admin_url, name)
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k != "HEALTH_INGEST_WAREHOUSE_URL"}
+    keyring = tmp_path / "keyring.json"
+    env |= {"AIRFLOW_CONN_HEALTH_INGEST_WAREHOUSE": url, "HEALTH_INGEST_STATE": str(state)}
+    env |= {"HEALTH_INGEST_KEYRING": str(keyring), "HEALTH_INGEST_DEMO": ""}
+    delivery = tmp_path / "export-0001"
+    delivery.mkdir()
+    for file_name in ("Patient.000.ndjson", "Encounter.000.ndjson"):
+        (delivery / file_name).write_bytes((SAMPLE / file_name).read_bytes())
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "health_ingest", *args], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+        assert "embedded" not in done.stderr, args
+        return done.stdout
+
+    def one(query: str):
+        conn = psycopg2.connect(url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(query)
+                return cur.fetchone()
+        finally:
+            conn.close()
+
+    try:
+        cli("keys", "new", "--keyring", str(keyring))
+        assert cli("warehouse", "url").strip() == url
+        cli("warehouse", "migrate")
+        assert one("SELECT to_regclass('ingest.batches') IS NOT NULL") == (True,)
+        cli("ingest", "fhir", str(delivery), "--source", "smart_sample")
+        (batch_id,) = one("SELECT batch_id::text FROM ingest.batches WHERE status = 'committed'")
+        assert batch_id in cli("warehouse", "status")
+        cli("views", "refresh", "--batch", batch_id)
+        assert one("SELECT count(*) FROM flat.encounter") == (1215,)
+        cli("views", "rebuild")
+        assert one("SELECT count(*) FROM flat.encounter") == (1215,)
+        assert batch_id in cli("quality", "docs", "--batch", batch_id)
+        assert one("SELECT count(*) FROM ingest.purges") == (0,)
+        cli("retention", "purge")
+        assert one("SELECT count(*) FROM ingest.purges")[0] > 0, "the purge is recorded in that warehouse"
+        cli("keys", "rotate", "--keyring", str(keyring))
+        cli("warehouse", "rekey")
+        assert one("SELECT count(*) FROM ingest.batches WHERE rekeyed_at IS NOT NULL") == (1,)
+        assert not (state / "warehouse-pg").exists(), "no embedded warehouse was started"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def test_without_any_warehouse_configured_the_embedded_one_is_announced(tmp_path):
+    from health_ingest.warehouse.embedded import stop_embedded_warehouse
+
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k not in {"HEALTH_INGEST_WAREHOUSE_URL"}}
+    env = {k: v for k, v in env.items() if not k.startswith("AIRFLOW_CONN_HEALTH_INGEST_WAREHOUSE")}
+    env["HEALTH_INGEST_STATE"] = str(state)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "health_ingest", "warehouse", "url"], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        assert "no warehouse configured" in done.stderr and "using the embedded PostgreSQL" in done.stderr
+        assert (state / "warehouse-pg").exists()
+    finally:
+        stop_embedded_warehouse(state / "warehouse-pg")

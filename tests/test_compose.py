@@ -164,15 +164,23 @@ def test_compose_warehouse_serves_tls_that_verify_full_accepts_with_the_init_ser
 
 
 def _compose_warehouse() -> tuple[str, dict]:
-    """The warehouse URL the project builds from the compose file's Airflow connection, and its declared hosting."""
-    from airflow.sdk import Connection
-    from health_ingest.warehouse.connection import _postgres_url
+    """The warehouse URL the project builds from the compose file's connection (its one connection reader, as the
+    CLI and the tasks read it), and the hosting the connection declares."""
+    from health_ingest import config
+    from health_ingest.warehouse.connection import configured_warehouse_url
 
-    conn_id = "health_ingest_warehouse"
-    connection = Connection.from_json(_airflow_environment()[f"AIRFLOW_CONN_{conn_id.upper()}"], conn_id=conn_id)
-    extras = dict(connection.extra_dejson)
-    hosting = extras.pop("hosting")
-    return _postgres_url(connection, extras), hosting
+    name = f"AIRFLOW_CONN_{config.WAREHOUSE_CONN_ID.upper()}"
+    saved = {key: os.environ.pop(key, None) for key in (name, config.ENV_WAREHOUSE_URL)}
+    os.environ[name] = _airflow_environment()[name]
+    try:
+        url = configured_warehouse_url()
+        hosting = config.connection(config.WAREHOUSE_CONN_ID).extra_dict()["hosting"]
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+    return url, hosting
 
 
 def _query(url: str) -> dict[str, str]:

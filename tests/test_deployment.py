@@ -121,7 +121,10 @@ def test_two_sources_deliveries_started_through_the_rest_api_load_at_once_on_the
         assert (deliveries[source] / "_DONE").exists()
     with _warehouse(stack) as cur:
         for resource_type, expected in counts.items():
-            cur.execute(f"SELECT source, count(*) FROM fhir.{resource_type.lower()} GROUP BY 1 ORDER BY 1")
+            cur.execute(
+                f"SELECT b.source, count(*) FROM fhir.{resource_type.lower()} JOIN ingest.batches b USING (batch_id) "
+                "GROUP BY 1 ORDER BY 1"
+            )
             assert cur.fetchall() == [("clinic_a", expected), ("clinic_b", expected)], resource_type
 
     ingest = {source: _task(stack, f"fhir_{source}", run_id, "ingest") for source, run_id in runs.items()}
@@ -134,11 +137,16 @@ def test_two_sources_deliveries_started_through_the_rest_api_load_at_once_on_the
 
     # the UI names each mapped task by its delivery's label, never by a folder named after a person
     assert first["rendered_map_index"] == "delivery-001"
-    assert second["rendered_map_index"].startswith("delivery-2")
-    listed = json.dumps(stack.task_instances("fhir_clinic_b", runs["clinic_b"]))
-    assert "Durand" not in listed and "Marie" not in listed
+    assert second["rendered_map_index"].startswith("delivery-2") and "Durand" not in second["rendered_map_index"]
 
     _assert_consumer_read_each_batch(stack, ["clinic_a", "clinic_b"], counts["Encounter"])
+
+    # the Asset events name the warehouse of the connection, the one the consumer is scheduled on
+    database = stack.warehouse_url.rsplit("/", 1)[1]
+    flat = stack.request("GET", "/api/v2/assets?uri_pattern=flat/encounter")["assets"]
+    assert [asset["uri"] for asset in flat] == [f"postgres://127.0.0.1:5432/{database}/flat/encounter"]
+    assert [dag["dag_id"] for dag in flat[0]["scheduled_dags"]] == ["example_consumer"]
+    assert "inactive AssetModel" not in stack.log("api-server")
 
 
 def test_a_ready_marker_in_an_inbox_becomes_a_committed_batch(stack):
