@@ -3,9 +3,9 @@ each delivery loaded as one batch. A FHIR source with a `bulk:` server pulls its
 
 A DAG runs on its source's schedule and as soon as a delivery's `_READY` marker lands in the source's inbox (or
 with `delivery_path` from the trigger form). It maps one ingestion task over the pending deliveries; the quality
-suites gate each batch before it commits and its Data Docs are rendered; for FHIR, the flat SQL-on-FHIR tables are
-then refreshed, gated by their own suites, and only then announced (one Asset event per flat table). All logic
-lives in `health_ingest`.
+suites gate each batch before it commits and its Data Docs are rendered; the tables it wrote are announced (one
+Asset event each); for FHIR, the flat SQL-on-FHIR tables are then refreshed, gated by their own suites, and only
+then announced too. All logic lives in `health_ingest`.
 """
 
 from __future__ import annotations
@@ -53,13 +53,21 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
             deliveries = find_deliveries(source.name)
 
-        @task(max_active_tis_per_dagrun=1, outlets=[tables_alias(source)], map_index_template="{{ delivery_label }}")
-        def ingest(source_name: str, delivery: str, outlet_events=None) -> dict:
+        @task(max_active_tis_per_dagrun=1, map_index_template="{{ delivery_label }}")
+        def ingest(source_name: str, delivery: str) -> dict:
             from health_ingest.airflow.tasks import ingest_delivery
 
-            return ingest_delivery(source_name, delivery, outlet_events)
+            return ingest_delivery(source_name, delivery)
 
         summaries = ingest.partial(source_name=source.name).expand(delivery=deliveries)
+
+        @task(outlets=[tables_alias(source)], retries=3, retry_delay=timedelta(seconds=5))
+        def announce_tables(source_name: str, summary: dict, outlet_events=None) -> dict:
+            from health_ingest.airflow.tasks import announce_tables
+
+            return announce_tables(source_name, summary, outlet_events)
+
+        announced = announce_tables.partial(source_name=source.name).expand(summary=summaries)
 
         @task
         def publish_data_docs(summary: dict) -> str | None:
@@ -71,12 +79,13 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
         if source.kind == "fhir":
 
-            @task(outlets=[flat_alias(source)])
+            @task(outlets=[flat_alias(source)], retry_delay=timedelta(seconds=5))
             def refresh_flat_tables(source_name: str, summary: dict, outlet_events=None) -> dict:
                 from health_ingest.airflow.tasks import refresh_flat_tables
 
                 return refresh_flat_tables(source_name, summary, outlet_events)
 
-            refresh_flat_tables.partial(source_name=source.name).expand(summary=summaries)
+            # after the tables' events: a consumer hears of fhir.<type> first, then of flat.<name>
+            refresh_flat_tables.partial(source_name=source.name).expand(summary=announced)
 
     globals()[source.dag_id] = dag

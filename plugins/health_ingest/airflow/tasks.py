@@ -11,8 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from health_ingest.sources.registry import Source
-
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +29,7 @@ def find_deliveries(source_name: str, params: dict[str, Any]) -> list[str]:
     return found
 
 
-def ingest_delivery(source_name: str, delivery: str, outlet_events=None) -> dict[str, Any]:
+def ingest_delivery(source_name: str, delivery: str) -> dict[str, Any]:
     """Run one batch of a source; an error no retry can help (a rejection, a missing delivery, a configuration)
     fails the task at once, any other lets Airflow retry."""
     from health_ingest.batch.load import load_delivery
@@ -42,9 +40,8 @@ def ingest_delivery(source_name: str, delivery: str, outlet_events=None) -> dict
     with failing_without_retry():
         source = get_source(source_name)
         loaded = load_delivery(source, Path(delivery))
-    if outlet_events is not None:
-        publish_table_events(source, loaded.tables, loaded.result, outlet_events)
-    return loaded.result.to_summary()
+    tables = [{"schema": t.schema, "table": t.table, "rows": t.rows} for t in loaded.tables]
+    return {**loaded.result.to_summary(), "tables": tables}
 
 
 def route_delivery_messages(triggering_asset_events) -> list[dict[str, Any]]:
@@ -91,19 +88,25 @@ def failing_without_retry():
         raise AirflowFailException(str(error)) from None
 
 
-def publish_table_events(source: Source, tables, result, outlet_events) -> None:
-    """One Asset event per table the batch wrote, carrying the batch id consumers read by."""
+def announce_tables(source_name: str, summary: dict[str, Any], outlet_events) -> dict[str, Any]:
+    """One Asset event per table the batch wrote, carrying the batch id consumers read by. A task of its own after
+    the load: when Airflow fails to record the events (two tasks creating the same new Asset at once), a retry
+    announces again instead of loading the delivery again."""
     from airflow.sdk import Asset
 
     from health_ingest.airflow.schedules import tables_alias
+    from health_ingest.sources.registry import get_source
+    from health_ingest.warehouse.connection import configured_warehouse_url
     from health_ingest.warehouse.consumers import table_asset_uri
 
-    alias = outlet_events[tables_alias(source)]
-    for written in tables:
+    url = configured_warehouse_url()
+    alias = outlet_events[tables_alias(get_source(source_name))]
+    for written in summary.get("tables", []):
         alias.add(
-            Asset(table_asset_uri(written.schema, written.table)),
-            extra={"batch_id": result.batch_id, "commit_seq": result.commit_seq, "rows": written.rows},
+            Asset(table_asset_uri(written["schema"], written["table"], url)),
+            extra={"batch_id": summary["batch_id"], "commit_seq": summary["commit_seq"], "rows": written["rows"]},
         )
+    return summary
 
 
 def refresh_flat_tables(source_name: str, summary: dict[str, Any], outlet_events=None) -> dict[str, int]:
