@@ -1,9 +1,9 @@
-"""Example consumer: runs when a batch's encounters reach the flat tables, and reads exactly the rows of the new
-batches.
+"""Example consumer: runs when a batch's encounters reach the flat tables, and reads exactly the rows of that batch.
 
-It follows the consumer contract: it is scheduled on the Asset of `flat.encounter` (announced once the flat tables
-are refreshed after a commit), keeps a watermark (the last `commit_seq` it processed) in an Airflow Variable, and
-reads each committed batch after it by `batch_id`, in `fhir.encounter` and in `flat.encounter`.
+It follows the consumer contract: it is scheduled on the Asset of `flat.encounter`, which a source's DAG announces
+once the flat tables hold the batch, and reads the batches those events name (`batch_id` in their extra), in
+`fhir.encounter` and in `flat.encounter`. Run by hand, it catches up instead: every committed batch after its
+watermark (the last `commit_seq` it read, in an Airflow Variable).
 """
 
 from __future__ import annotations
@@ -27,26 +27,33 @@ with DAG(
 ):
 
     @task
-    def read_new_encounters() -> dict[str, dict[str, int]]:
+    def read_new_encounters(triggering_asset_events=None) -> dict[str, dict[str, int]]:
         from airflow.sdk import Variable
         from health_ingest.warehouse.connection import connect, warehouse_url
         from health_ingest.warehouse.consumers import committed_batches_after, rows_of_batch
 
-        watermark = int(Variable.get(WATERMARK, default="0"))
+        announced = {
+            event.extra["batch_id"]: int(event.extra["commit_seq"])
+            for events in (triggering_asset_events or {}).values()
+            for event in events
+            if (event.extra or {}).get("batch_id")
+        }
         conn = connect(warehouse_url())
         try:
-            new = committed_batches_after(conn, watermark)
+            if not announced:  # a run by hand: every committed batch after the watermark
+                watermark = int(Variable.get(WATERMARK, default="0"))
+                announced = {b.batch_id: b.commit_seq for b in committed_batches_after(conn, watermark)}
             read = {
-                b.batch_id: {
-                    "fhir.encounter": rows_of_batch(conn, "fhir", "encounter", b.batch_id),
-                    "flat.encounter": rows_of_batch(conn, "flat", "encounter", b.batch_id),
+                batch_id: {
+                    "fhir.encounter": rows_of_batch(conn, "fhir", "encounter", batch_id),
+                    "flat.encounter": rows_of_batch(conn, "flat", "encounter", batch_id),
                 }
-                for b in new
+                for batch_id in announced
             }
         finally:
             conn.close()
-        if new:
-            Variable.set(WATERMARK, str(new[-1].commit_seq))
+        if announced:
+            Variable.set(WATERMARK, str(max(int(Variable.get(WATERMARK, default="0")), *announced.values())))
         return read
 
     read_new_encounters()

@@ -268,3 +268,20 @@ def test_two_sources_bringing_the_same_new_tables_at_once_both_commit(db, monkey
         "synthea_fhir": "committed",
     }
     assert _table_counts(db) == {t.lower(): 2 * n for t, n in sample_line_counts().items()}
+
+
+def test_a_batch_run_from_a_daemonic_process_commits(db, smart_source):
+    """Celery's default prefork pool runs tasks in daemonic processes, which may not start the batch's worker
+    processes: the batch then reads in its own process, and commits the same."""
+    import multiprocessing
+
+    process = multiprocessing.get_context("fork").Process(target=run_fhir_batch, args=(SAMPLE, smart_source))
+    process.daemon = True
+    process.start()
+    process.join(timeout=300)
+
+    assert process.exitcode == 0
+    with db.cursor() as cur:
+        cur.execute("SELECT status, rows_read, rows_loaded FROM ingest.batches")
+        total = sum(sample_line_counts().values())
+        assert cur.fetchall() == [("committed", total, total)]

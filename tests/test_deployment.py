@@ -32,6 +32,7 @@ SOURCES = {
     "clinic_d": {"allowed_roots": ["dropbox/clinic_d"]},
 }
 ENCOUNTER_FILES = [SAMPLE / "Patient.000.ndjson", SAMPLE / "Encounter.000.ndjson"]
+COPIES = 4
 PATIENT_LIKE_NAME = "Durand_Marie_1968"  # a folder a sender named after a person
 
 
@@ -103,11 +104,16 @@ def stack():
 
 
 def test_two_sources_deliveries_started_through_the_rest_api_load_at_once_on_the_two_workers(stack):
-    counts = sample_line_counts()
+    from health_ingest.bench.datasets import build_fhir_dataset
+
+    # four copies of the sample under new ids: each batch lasts longer than the scheduler takes to start the other
+    counts = {resource_type: COPIES * n for resource_type, n in sample_line_counts().items()}
     deliveries = {
-        "clinic_a": _delivery(stack, "inbox/clinic_a/delivery-001", list(SAMPLE.glob("*.ndjson"))),
-        "clinic_b": _delivery(stack, f"inbox/clinic_b/{PATIENT_LIKE_NAME}", list(SAMPLE.glob("*.ndjson"))),
+        "clinic_a": stack.state / "inbox/clinic_a/delivery-001",
+        "clinic_b": stack.state / f"inbox/clinic_b/{PATIENT_LIKE_NAME}",
     }
+    for folder in deliveries.values():
+        assert build_fhir_dataset(SAMPLE, folder, sum(counts.values())) == sum(counts.values())
     runs = {
         source: stack.request(
             "POST", f"/api/v2/dags/fhir_{source}/dagRuns", {"logical_date": None, "conf": {"delivery_path": str(path)}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import multiprocessing
 import os
 import queue
@@ -16,6 +17,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 from health_ingest import config
+
+log = logging.getLogger(__name__)
 
 
 class WorkerPool:
@@ -35,7 +38,13 @@ class WorkerPool:
         return self._pool is not None
 
     def __enter__(self):
-        if self.workers > 1:
+        if self.workers > 1 and multiprocessing.current_process().daemon:
+            # a daemonic process (a task of Celery's prefork pool) may not start processes: read in this one
+            log.warning(
+                "the batch runs in a daemonic process, which may not start worker processes: reading in the "
+                "batch's own process (run Celery workers with the solo pool to use every core)"
+            )
+        elif self.workers > 1:
             self._pool = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("fork"),
