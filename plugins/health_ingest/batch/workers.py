@@ -29,6 +29,13 @@ class WorkerPool:
 
     def __init__(self, initializer: Callable[..., None], initargs: tuple, workers: int | None = None) -> None:
         self.workers = workers if workers is not None else config.workers()
+        if self.workers > 1 and multiprocessing.current_process().daemon:
+            # a daemonic process (a task of Celery's prefork pool) may not start processes: read in this one
+            log.warning(
+                "the batch runs in a daemonic process, which may not start worker processes: reading in the "
+                "batch's own process (run Celery workers with the solo pool to use every core)"
+            )
+            self.workers = 1
         self.niceness = config.worker_niceness()
         self._initializer, self._initargs = initializer, initargs
         self._pool: ProcessPoolExecutor | None = None
@@ -38,13 +45,7 @@ class WorkerPool:
         return self._pool is not None
 
     def __enter__(self):
-        if self.workers > 1 and multiprocessing.current_process().daemon:
-            # a daemonic process (a task of Celery's prefork pool) may not start processes: read in this one
-            log.warning(
-                "the batch runs in a daemonic process, which may not start worker processes: reading in the "
-                "batch's own process (run Celery workers with the solo pool to use every core)"
-            )
-        elif self.workers > 1:
+        if self.workers > 1:
             self._pool = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("fork"),
