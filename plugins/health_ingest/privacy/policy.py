@@ -20,6 +20,9 @@ class PrivacyPolicy:
     k_anonymity_action: str = "warn"  # warn | reject
     # claims: provider identifiers (NPI, RPPS...) are kept, tokenised or dropped
     providers: str = "tokenise"
+    # free text kept on purpose, by FHIR path (`Observation.valueString`, `Condition.code.text`, or a datatype's
+    # element everywhere: `CodeableConcept.text`) or claims column (`table.COLUMN`); everything else is removed
+    keep_free_text: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.birth_date_precision not in {"year", "month"}:
@@ -28,5 +31,6 @@ class PrivacyPolicy:
             raise ValueError("k_anonymity_action must be 'warn' or 'reject'")
         if self.providers not in {"keep", "tokenise", "drop"}:
             raise ValueError("providers must be 'keep', 'tokenise' or 'drop'")
+        object.__setattr__(self, "keep_free_text", tuple(self.keep_free_text))
         if self.date_shift_days < 0 or self.k_anonymity < 0:
             raise ValueError("date_shift_days and k_anonymity must not be negative")

@@ -8,14 +8,41 @@ from datetime import date
 from functools import lru_cache
 from typing import Any
 
+from health_ingest.privacy import element_plan as plan
 from health_ingest.privacy.compat import MicrosoftCompatTokeniser
 from health_ingest.privacy.dates import DateShifter
+from health_ingest.privacy.element_plan import (
+    ADDRESS,
+    BOOLEAN,
+    COMPLEX_LIST,
+    COMPLEX_ONE,
+    CONTAINED,
+    DISPLAY,
+    DROP,
+    EXTENSION,
+    IDENTIFIER_VALUE,
+    KEEP,
+    KEEP_ONE,
+    NESTED_RESOURCE,
+    NUMBER,
+    OBSERVATION_TEXT,
+    PRIMITIVE_EXT,
+    REFERENCE_DISPLAY,
+    SUB_EXTENSION,
+    TEXT,
+    Fields,
+)
+from health_ingest.privacy.element_plan import (
+    REFERENCE as LITERAL_REFERENCE,
+)
 from health_ingest.privacy.generalise import generalise_birth_date, generalise_postal_code
 from health_ingest.privacy.policy import PrivacyPolicy
 from health_ingest.privacy.tokens import Tokeniser
 
 # Fields that hold direct identifiers or free text about a person: removed wherever they appear.
 DROPPED_FIELDS = frozenset({"telecom", "photo", "contact", "note", "comment", "patientInstruction"})
+# Datatypes removed whole: names, contact points, narratives, annotations (free text about someone).
+DROPPED_TYPES = frozenset({"HumanName", "ContactPoint", "Narrative", "Annotation"})
 
 # Only these extensions survive: an unknown extension may carry identifiers (a mother's maiden name,
 # a birth place, a geolocation).
@@ -29,29 +56,25 @@ ALLOWED_EXTENSIONS = frozenset(
 )
 ADDRESS_KEPT_FIELDS = ("use", "type", "state", "country", "postalCode")
 PATIENT_FIELDS = ("subject", "patient", "beneficiary")
-
-_DROP, _REFERENCE, _EXTENSION, _IDENTIFIER, _NAME, _ADDRESS, _NARRATIVE, _ATTACHMENT, _CONTAINED = (
-    object() for _ in range(9)
+# Strings that are not free text: a unit, a code system's version, an element's own id (the pseudonymiser's
+# floor; a source's `keep_free_text` adds to it)
+KEPT_STRINGS = frozenset(
+    {
+        *(f"{t}.unit" for t in ("Quantity", "Age", "Count", "Distance", "Duration", "MoneyQuantity", "SimpleQuantity")),
+        "Coding.version",
+    }
 )
-_ACTIONS = {
-    **dict.fromkeys(DROPPED_FIELDS, _DROP),
-    "reference": _REFERENCE,
-    "extension": _EXTENSION,
-    "modifierExtension": _EXTENSION,
-    "identifier": _IDENTIFIER,
-    "name": _NAME,
-    "address": _ADDRESS,
-    "text": _NARRATIVE,
-    "data": _ATTACHMENT,
-    "url": _ATTACHMENT,
-    "title": _ATTACHMENT,
-    "contained": _CONTAINED,
-}
 PSEUDONYMISED_TAG = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
     "code": "PSEUDED",
     "display": "pseudonymized",
 }
+DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+MASKED = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "masked"}]}
+MASKED_PRIMITIVE = {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "masked"}]}
+_STRINGS, _NUMBERS, _BOOLEANS = frozenset({str}), frozenset({int, float}), frozenset({bool})
+# why something was removed, as counted per batch
+FREE_TEXT, UNEXPECTED_SHAPE, IDENTIFYING_VALUE = "free text", "unexpected shape", "identifying value"
 
 REFERENCE = re.compile(
     r"^(?P<base>(?:https?://[^?#]*/)?)(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-.]{1,64})"
@@ -86,6 +109,14 @@ class ResourcePseudonymiser:
         self.date_shifter = date_shifter
         self.reference_year = reference_year or date.today().year
         self._linking = self.policy.linking_identifiers
+        self._plan = plan.compile_plan(
+            frozenset(self.policy.keep_free_text), DROPPED_FIELDS, DROPPED_TYPES, KEPT_STRINGS
+        )
+        self._identifying_codes = plan.identifying_codes()
+        self._systems, self._system_prefixes, self._excluded_prefixes = plan.trusted_code_systems()
+        self._trusted: dict[Any, bool] = {}
+        # (reason, `Type.element`) -> how many were removed since the last `take_removed`
+        self.removed: dict[tuple[str, str], int] = {}
         # a reference is rewritten the same way each time, and the same ones come back (a patient, a practitioner)
         self.rewrite_reference = lru_cache(maxsize=1 << 14)(self.rewrite_reference)
 
@@ -97,7 +128,15 @@ class ResourcePseudonymiser:
             person_id = self._linking_token(resource) or resource_id
         else:
             patient_token = person_id = self._patient_of(resource)
-        self._scrub(resource)
+        fields = self._plan.resources.get(resource_type)
+        if fields is None:  # not an R4 resource type: nothing of it is understood, so nothing is kept
+            for key in [k for k in resource if k not in ("resourceType", "id")]:
+                del resource[key]
+            self._count(UNEXPECTED_SHAPE, "(not an R4 resource type)")
+        else:
+            self._scrub(resource, fields)
+            if resource_type == "Observation":
+                self._mask_identifying_values(resource)
         resource["id"] = resource_id
         if self.date_shifter is not None and patient_token is not None:
             self.date_shifter.shift(resource, self.date_shifter.offset_days(patient_token))
@@ -109,6 +148,11 @@ class ResourcePseudonymiser:
         meta = resource.setdefault("meta", {})
         meta.setdefault("security", []).append(PSEUDONYMISED_TAG)
         return Pseudonymised(resource_id, person_id)
+
+    def take_removed(self) -> dict[tuple[str, str], int]:
+        """What was removed since the last call, by (reason, `Type.element`); the counts start again."""
+        removed, self.removed = self.removed, {}
+        return removed
 
     def rewrite_reference(self, reference: str) -> str:
         """`Type/id`, absolute URLs and `_history` keep their shape; anything unparsed becomes a token."""
@@ -159,81 +203,280 @@ class ResourcePseudonymiser:
             return f"identifier={system}|{self.tokens.identifier(system, identifier)}"
         return f"{name}=" + self.tokens.token("search-parameter", parameter)
 
-    def _scrub(self, node: dict[str, Any]) -> None:
-        """Walk one element. Keys are looked up once in `_ACTIONS`; most keys need no action but descent."""
-        removed = []
+    def _scrub(self, node: dict[str, Any], fields: Fields) -> None:
+        """Walk one element by its FHIR type: one lookup per key; what the type does not define, or holds in a
+        shape its definition does not allow, is removed and counted, never passed through. The most frequent
+        actions are tested first (this walk is most of the pseudonymise stage's time)."""
+        removed: list[str] | None = None
+        added: dict[str, Any] | None = None
+        counts = self.removed
         for key, value in node.items():
-            action = _ACTIONS.get(key)
-            if action is None:
-                kind = type(value)
-                if kind is dict:
-                    self._scrub(value)
-                elif kind is list:
-                    for item in value:
-                        if type(item) is dict:
-                            self._scrub(item)
-            elif action is _DROP:
+            spec = fields.get(key)
+            if spec is None:
+                removed = removed or []
                 removed.append(key)
-            elif action is _REFERENCE:
-                if type(value) is str:
+                self._count(UNEXPECTED_SHAPE, f"{fields[None]}.(unknown element)")  # never the key: it is data
+                continue
+            action = spec[0]
+            kind = type(value)
+            if action == KEEP_ONE:
+                if kind is str:
+                    continue
+                removed = removed or []
+                removed.append(key)
+                self._count(UNEXPECTED_SHAPE, spec[3])
+                continue
+            if action == COMPLEX_ONE:
+                if kind is dict:
+                    self._scrub(value, spec[1])
+                    if value:
+                        continue
+                else:
+                    self._count(UNEXPECTED_SHAPE, spec[3])
+                removed = removed or []
+                removed.append(key)
+                continue
+            if action == COMPLEX_LIST:
+                if kind is list:
+                    child = spec[1]
+                    index = 0
+                    for item in value:
+                        if type(item) is not dict:
+                            break
+                        self._scrub(item, child)
+                        if not item:
+                            break
+                        index += 1
+                    else:
+                        if value:
+                            continue
+                    kept = self._rest_of_items(value, index, child, spec[3]) if value else None
+                    if kept:
+                        node[key] = kept
+                        continue
+                else:
+                    self._count(UNEXPECTED_SHAPE, spec[3])
+                removed = removed or []
+                removed.append(key)
+                continue
+            _, child, is_list, label, required = spec
+            if action == KEEP:
+                if not (kind is list and self._primitives_are(value, label, _STRINGS)):
+                    removed = removed or []
+                    removed.append(key)
+                    self._count(UNEXPECTED_SHAPE, label)
+            elif action == LITERAL_REFERENCE:
+                if kind is str:
                     node[key] = self.rewrite_reference(value)
-                    if "display" in node:
-                        removed.append("display")  # a Reference's display is usually a person's name
-            elif action is _EXTENSION:
-                kept = [e for e in value if type(e) is dict and e.get("url") in ALLOWED_EXTENSIONS]
+                else:
+                    removed = removed or []
+                    removed.append(key)
+                    self._count(UNEXPECTED_SHAPE, label)
+            elif action == DISPLAY:
+                trusted = self._trusted.get(node.get("system"))
+                if trusted is None:
+                    trusted = self._is_trusted(node.get("system"))
+                if kind is not str or not trusted:
+                    removed = removed or []
+                    removed.append(key)
+                    counted = (FREE_TEXT, label)
+                    counts[counted] = counts.get(counted, 0) + 1
+            elif action == REFERENCE_DISPLAY:
+                removed = removed or []
+                removed.append(key)  # a Reference's display is usually a person's name
+                if type(node.get("reference")) is str or type(node.get("identifier")) is dict:
+                    counted = (FREE_TEXT, label)
+                else:
+                    counted = (UNEXPECTED_SHAPE, label)  # a display without a reference: a name, alone
+                counts[counted] = counts.get(counted, 0) + 1
+            elif action in (TEXT, OBSERVATION_TEXT):
+                removed = removed or []
+                removed.append(key)
+                counted = (FREE_TEXT, label)
+                counts[counted] = counts.get(counted, 0) + 1
+                if action == OBSERVATION_TEXT:
+                    if "dataAbsentReason" not in node:
+                        added = added or {}
+                        added["dataAbsentReason"] = MASKED
+                elif required and not is_list:
+                    added = added or {}
+                    added["_" + key] = MASKED_PRIMITIVE  # a required element says why it is absent
+            elif action == DROP:
+                removed = removed or []
+                removed.append(key)
+            elif action in (EXTENSION, SUB_EXTENSION):
+                kept = self._scrub_extensions(value, child, label, action == EXTENSION) if kind is list else None
+                if kept is not value:
+                    if kept:
+                        node[key] = kept
+                    else:
+                        removed = removed or []
+                        removed.append(key)
+            elif action == IDENTIFIER_VALUE:
+                system = node.get("system")
+                if kind is str:
+                    node[key] = self.tokens.identifier(system if type(system) is str else "", value)
+                else:
+                    removed = removed or []
+                    removed.append(key)
+                    self._count(UNEXPECTED_SHAPE, label)
+            elif action in (NUMBER, BOOLEAN):
+                kinds = _NUMBERS if action == NUMBER else _BOOLEANS
+                good = kind is list and self._primitives_are(value, label, kinds) if is_list else kind in kinds
+                if not good:
+                    removed = removed or []
+                    removed.append(key)
+                    self._count(UNEXPECTED_SHAPE, label)
+            elif action == ADDRESS:
+                kept = self._generalise_addresses(value, is_list, label) if (kind is list) is is_list else None
                 if kept:
                     node[key] = kept
                 else:
+                    removed = removed or []
                     removed.append(key)
-            elif action is _IDENTIFIER:
-                self._tokenise_identifiers(value)
-                if type(value) is dict and "display" in node:
-                    removed.append("display")  # a logical Reference: its display names someone
-            elif action is _NAME:
-                if type(value) is not str:
-                    removed.append(key)  # HumanName (Patient, Practitioner...); organisation names are strings
-            elif action is _ADDRESS:
-                node[key] = self._generalise_addresses(value)
-            elif action is _CONTAINED and type(value) is list:
-                for contained in value:
-                    if type(contained) is dict:
-                        if type(contained.get("id")) is str:
-                            contained["id"] = self.tokens.contained_id(contained["id"])
-                        self._scrub(contained)
-            elif action is _NARRATIVE and type(value) is dict and "div" in value:
-                removed.append(key)  # rendered from the very fields removed here
-            elif action is _ATTACHMENT and ("contentType" in node or (key == "data" and type(value) is str)):
-                removed.append(key)  # attachment contents: a clinical note holds the patient's name
-            elif type(value) is dict:
-                self._scrub(value)
-        for key in removed:
-            node.pop(key, None)
+            elif action == PRIMITIVE_EXT:
+                if not self._scrub_primitive_extension(value, label):
+                    removed = removed or []
+                    removed.append(key)
+            elif action == CONTAINED:
+                kept = [c for c in value if self._scrub_resource(c, label, contained=True)] if kind is list else None
+                if kept:
+                    node[key] = kept
+                else:
+                    removed = removed or []
+                    removed.append(key)
+            elif action == NESTED_RESOURCE and (is_list or not self._scrub_resource(value, label, contained=False)):
+                removed = removed or []
+                removed.append(key)
+        if removed:
+            for key in removed:
+                del node[key]
+        if added:
+            node.update(added)
 
-    def _tokenise_identifiers(self, value: Any) -> None:
-        for identifier in value if isinstance(value, list) else [value]:
-            if not isinstance(identifier, dict):
-                continue
-            raw = identifier.get("value")
-            if isinstance(raw, str):
-                identifier["value"] = self.tokens.identifier(identifier.get("system", ""), raw)
-            elif "value" in identifier:
-                del identifier["value"]
-            identifier.pop("assigner", None)
-            identifier.pop("extension", None)
+    def _rest_of_items(self, items: list, index: int, child: Fields, label: str) -> list:
+        """A list of complex elements whose item at `index` (scrubbed when it is a dict) is to go: the items
+        before it, and those after it scrubbed; an item that is not an element (a nested list) is counted."""
+        kept = items[:index]
+        for position in range(index, len(items)):
+            item = items[position]
+            if type(item) is dict:
+                if position > index:
+                    self._scrub(item, child)
+                if item:
+                    kept.append(item)
+            else:
+                self._count(UNEXPECTED_SHAPE, label)
+        return kept
 
-    def _generalise_addresses(self, value: Any) -> Any:
-        addresses = value if isinstance(value, list) else [value]
+    def _primitives_are(self, values: list, label: str, kinds: frozenset) -> bool:
+        """Whether a list of primitives has its JSON type; items of another type are dropped and counted."""
+        kept = [v for v in values if type(v) in kinds]
+        if len(kept) != len(values):
+            self._count(UNEXPECTED_SHAPE, label)
+            values[:] = kept
+        return bool(kept)
+
+    def _scrub_extensions(self, extensions: list, child: Fields, label: str, allow_listed: bool) -> list:
+        """Extensions outside the allow-list go (sub-extensions of an allowed one stay); each is walked as an
+        Extension, and one left with neither a value nor sub-extensions goes too."""
         kept = []
-        for address in addresses:
-            if not isinstance(address, dict):
+        for extension in extensions:
+            if type(extension) is not dict or type(extension.get("url")) is not str:
+                self._count(UNEXPECTED_SHAPE, label)
                 continue
-            generalised = {k: address[k] for k in ADDRESS_KEPT_FIELDS if k in address}
-            if isinstance(generalised.get("postalCode"), str):
-                postal_code = generalise_postal_code(generalised["postalCode"], address.get("country"))
+            if allow_listed and extension["url"] not in ALLOWED_EXTENSIONS:
+                continue
+            self._scrub(extension, child)
+            if len(extension) > 1:
+                kept.append(extension)
+        return extensions if len(kept) == len(extensions) else kept
+
+    def _scrub_primitive_extension(self, value: Any, label: str) -> bool:
+        """`_field` beside a primitive: an id and extensions (a list of them, nulls included, for a list)."""
+        element = self._plan.element
+        if type(value) is dict:
+            self._scrub(value, element)
+            return bool(value)
+        if type(value) is not list:
+            self._count(UNEXPECTED_SHAPE, label)
+            return False
+        kept = False
+        for index, item in enumerate(value):
+            if type(item) is dict:
+                self._scrub(item, element)
+                kept = kept or bool(item)
+            elif item is not None:
+                value[index] = None
+                self._count(UNEXPECTED_SHAPE, label)
+        return kept
+
+    def _scrub_resource(self, resource: Any, label: str, *, contained: bool) -> bool:
+        """A resource inside another (contained, a Bundle entry, a parameter): its id tokenised, walked by its
+        own type; one of no R4 type is removed."""
+        fields = self._plan.resources.get(resource.get("resourceType")) if type(resource) is dict else None
+        if fields is None:
+            self._count(UNEXPECTED_SHAPE, label)
+            return False
+        own_id = resource.get("id")
+        if type(own_id) is str:
+            if contained:
+                resource["id"] = self.tokens.contained_id(own_id)
+            else:
+                resource["id"] = self.tokens.resource_id(resource["resourceType"], own_id)
+        self._scrub(resource, fields)
+        if resource["resourceType"] == "Observation":
+            self._mask_identifying_values(resource)
+        return True
+
+    def _mask_identifying_values(self, observation: dict[str, Any]) -> None:
+        """An Observation (or component) coded as an address, a name, a phone number...: its value goes, whatever
+        its type, and the element says it is masked."""
+        for element in [observation, *(c for c in observation.get("component", ()) if type(c) is dict)]:
+            code = element.get("code")
+            codings = code.get("coding") if type(code) is dict else None
+            if not codings or not any(
+                type(c) is dict and (c.get("system"), c.get("code")) in self._identifying_codes for c in codings
+            ):
+                continue
+            values = [k for k in element if k.startswith(("value", "_value"))]
+            owner = "Observation" if element is observation else "ObservationComponent"
+            for key in values:
+                del element[key]
+                self._count(IDENTIFYING_VALUE, f"{owner}.{key}")
+            if values:
+                element.setdefault("dataAbsentReason", MASKED)
+
+    def _is_trusted(self, system: Any) -> bool:
+        """Whether a Coding's display is its code system's own text (LOINC, SNOMED CT...), not a person's."""
+        trusted = self._trusted.get(system)
+        if trusted is None:
+            trusted = type(system) is str and (
+                system in self._systems
+                or (system.startswith(self._system_prefixes) and not system.startswith(self._excluded_prefixes))
+            )
+            if len(self._trusted) < 4096:
+                self._trusted[system if type(system) is str else None] = trusted
+        return trusted
+
+    def _count(self, reason: str, label: str) -> None:
+        key = (reason, label)
+        self.removed[key] = self.removed.get(key, 0) + 1
+
+    def _generalise_addresses(self, value: Any, is_list: bool, label: str) -> Any:
+        """Only the use, type, state, country and a generalised postal code of each address stay."""
+        kept = []
+        for address in value if is_list else [value]:
+            if type(address) is not dict:
+                self._count(UNEXPECTED_SHAPE, label)
+                continue
+            generalised = {k: address[k] for k in ADDRESS_KEPT_FIELDS if type(address.get(k)) is str}
+            if "postalCode" in generalised:
+                postal_code = generalise_postal_code(generalised["postalCode"], generalised.get("country"))
                 if postal_code is None:
                     del generalised["postalCode"]
                 else:
                     generalised["postalCode"] = postal_code
             if generalised:
                 kept.append(generalised)
-        return kept if isinstance(value, list) else (kept[0] if kept else {})
+        return kept if is_list else (kept[0] if kept else None)

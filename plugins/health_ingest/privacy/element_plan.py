@@ -1,0 +1,178 @@
+"""What the pseudonymiser does with each element of each FHIR type: compiled once per set of kept paths from the
+element table, so that walking a resource is one dictionary lookup per key and never a model.
+
+A string that is not a code, a URI, a date, an identifier the plan tokenises or a reference is free text, and is
+removed unless a path keeps it on purpose (`keep_free_text` in a source's privacy policy).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import NamedTuple
+
+from health_ingest.privacy.elements import PRIMITIVE_EXTENSION, RESOURCE, element_table
+
+# actions, as small ints: the walk compares them in the order of how often they occur. The most frequent ones
+# have a variant for one value and one for a list, so that the walk need not look at the cardinality for them.
+KEEP_ONE, COMPLEX_ONE, COMPLEX_LIST, KEEP, COMPLEX, REFERENCE, DISPLAY, TEXT, NUMBER, BOOLEAN, DROP = range(11)
+IDENTIFIER_VALUE, REFERENCE_DISPLAY, ADDRESS, EXTENSION, SUB_EXTENSION = range(11, 16)
+PRIMITIVE_EXT, CONTAINED, NESTED_RESOURCE, OBSERVATION_TEXT = range(16, 20)
+
+KEPT_PRIMITIVES = frozenset(
+    {"code", "id", "uri", "url", "canonical", "oid", "uuid", "date", "dateTime", "instant", "time"}
+)
+NUMBERS = frozenset({"decimal", "integer", "positiveInt", "unsignedInt"})
+TEXTS = frozenset({"string", "markdown", "xhtml", "base64Binary"})  # base64Binary: a document, a signature, a photo
+
+
+class Spec(NamedTuple):
+    action: int
+    child: Fields | None
+    is_list: bool
+    label: str  # `Type.element`, for the counts of what was removed
+    required: bool
+
+
+# One FHIR type's elements by JSON key: a plain dict (a subclass would slow each of the walk's lookups), whose key
+# None (never a JSON key) holds the type's name.
+Fields = dict
+
+
+def new_fields(name: str, elements: dict | None = None) -> Fields:
+    fields = dict(elements or {})
+    fields[None] = name
+    return fields
+
+
+class Plan(NamedTuple):
+    resources: dict[str, Fields]  # by resourceType
+    element: Fields  # what `_field` beside a primitive holds: an id and extensions
+
+
+def compile_plan(
+    keep: frozenset[str] = frozenset(), dropped_fields=frozenset(), dropped_types=frozenset(), kept_strings=frozenset()
+) -> Plan:
+    """The walk's tables for one set of kept free-text paths (`Type.element[.element...]`); cached."""
+    return _compile(frozenset(keep), frozenset(dropped_fields), frozenset(dropped_types), frozenset(kept_strings))
+
+
+def check_kept_paths(paths) -> None:
+    """Refuse a path that names no free-text element: a typo would otherwise keep nothing, silently."""
+    table = element_table()
+    for path in paths:
+        _resolve(table, path)
+
+
+@cache
+def identifying_codes() -> frozenset[tuple[str, str]]:
+    """(system, code) of the Observation codes whose value identifies a person."""
+    raw = json.loads((resources.files("health_ingest.privacy") / "identifying_codes.json").read_text("utf-8"))
+    return frozenset((c["system"], c["code"]) for c in raw["codes"])
+
+
+@cache
+def trusted_code_systems() -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...]]:
+    """Systems whose displays are the system's own: exact URLs, prefixes, and prefixes excluded from those."""
+    raw = json.loads((resources.files("health_ingest.privacy") / "code_systems.json").read_text("utf-8"))
+    return frozenset(raw["systems"]), tuple(raw["prefixes"]), tuple(raw.get("excluded_prefixes", ()))
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+@cache
+def _compile(keep, dropped_fields, dropped_types, kept_strings) -> Plan:
+    table = element_table()
+    compiled = {name: new_fields(name) for name in table}
+    for name, elements in table.items():
+        fields = compiled[name]
+        for key, element in elements.items():
+            label = f"{name}.{key}"
+            action = _action(name, key, element.type, label, dropped_fields, dropped_types, kept_strings)
+            child = compiled.get(element.type)
+            if element.type == PRIMITIVE_EXTENSION:
+                child = compiled["Element"]
+            if action == KEEP:
+                action = KEEP if element.is_list else KEEP_ONE
+            elif action == COMPLEX:
+                action = COMPLEX_LIST if element.is_list else COMPLEX_ONE
+            fields[key] = Spec(action, child, element.is_list, label, element.required)
+        if "implicitRules" in elements:  # a resource
+            fields["resourceType"] = Spec(KEEP_ONE, None, False, f"{name}.resourceType", True)
+    for path in sorted(keep):
+        owner, key = _resolve(table, path, compiled)
+        spec = owner[key]
+        owner[key] = spec._replace(action=KEEP if spec.is_list else KEEP_ONE)
+    resource_types = {name: compiled[name] for name, elements in table.items() if "implicitRules" in elements}
+    return Plan(resource_types, compiled["Element"])
+
+
+def _action(type_name, key, element_type, label, dropped_fields, dropped_types, kept_strings) -> int:
+    if key in dropped_fields or element_type in dropped_types:
+        return DROP
+    if key == "contained":
+        return CONTAINED
+    if element_type == RESOURCE:
+        return NESTED_RESOURCE
+    if element_type == PRIMITIVE_EXTENSION:
+        return PRIMITIVE_EXT
+    if element_type == "Address":
+        return ADDRESS
+    if element_type == "Extension":
+        return SUB_EXTENSION if type_name == "Extension" and key == "extension" else EXTENSION
+    if type_name == "Reference" and key == "reference":
+        return REFERENCE
+    if type_name == "Reference" and key == "display":
+        return REFERENCE_DISPLAY
+    if type_name == "Identifier" and key == "value":
+        return IDENTIFIER_VALUE
+    if type_name == "Identifier" and key == "assigner":
+        return DROP  # an organisation that, with the value's system, narrows who the person is
+    if type_name == "Coding" and key == "display":
+        return DISPLAY
+    if type_name == "Attachment" and key in ("data", "url", "title"):
+        return DROP  # attachment contents: a clinical note holds the patient's name
+    if key == "id" and element_type == "string":
+        return KEEP  # an element's own id, pointed at from inside the resource
+    if element_type in TEXTS:
+        if label in kept_strings:
+            return KEEP
+        if type_name in ("Observation", "ObservationComponent") and key == "valueString":
+            return OBSERVATION_TEXT
+        return TEXT
+    if element_type in KEPT_PRIMITIVES:
+        return KEEP
+    if element_type in NUMBERS:
+        return NUMBER
+    if element_type == "boolean":
+        return BOOLEAN
+    return COMPLEX
+
+
+def _resolve(table, path: str, compiled: dict[str, Fields] | None = None) -> tuple[Fields | dict, str]:
+    """The (fields, key) a kept path names; with `compiled`, the tables along it are copied first, so that
+    `Observation.code.text` keeps the text of that CodeableConcept only, and `CodeableConcept.text` every one."""
+    segments = path.split(".") if isinstance(path, str) else []
+    if len(segments) < 2 or segments[0] not in table:
+        raise ValueError(f"keep_free_text: '{path}' is not a FHIR path (Type.element[.element...])")
+    type_name, owner = segments[0], compiled[segments[0]] if compiled else None
+    for depth, key in enumerate(segments[1:], start=1):
+        element = table[type_name].get(key)
+        if element is None:
+            raise ValueError(f"keep_free_text: '{path}': {type_name} has no element '{key}'")
+        last = depth == len(segments) - 1
+        if last:
+            if element.type not in TEXTS:
+                raise ValueError(f"keep_free_text: '{path}' is a {element.type}, not free text")
+            return (owner, key) if compiled else (table[type_name], key)
+        if element.type not in table:
+            raise ValueError(f"keep_free_text: '{path}': {type_name}.{key} has no elements")
+        if compiled:
+            spec = owner[key]
+            copy = dict(spec.child)
+            owner[key] = spec._replace(child=copy)
+            owner = copy
+        type_name = element.type
+    raise AssertionError("unreachable")
