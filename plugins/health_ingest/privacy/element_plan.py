@@ -32,7 +32,7 @@ class Spec(NamedTuple):
     child: Fields | None
     is_list: bool
     label: str  # `Type.element`, for the counts of what was removed
-    required: bool
+    required: int  # 0, 1 or CHOICE (elements.Element.required)
 
 
 # One FHIR type's elements by JSON key: a plain dict (a subclass would slow each of the walk's lookups), whose key

@@ -27,12 +27,15 @@ PRIMITIVE_TYPES = frozenset(
 )
 
 
+CHOICE = 2  # `required` of one type of a required choice (`content[x]`): another type may be there instead
+
+
 class Element(NamedTuple):
     """One element of a FHIR type, as the R4 definitions give it."""
 
     type: str  # a primitive type (`string`, `code`...), a complex type or backbone element name, or `Resource`
     is_list: bool
-    required: bool  # 1..1 (or 1..*), or one of a required choice (`content[x]`)
+    required: int  # 0: optional; 1: 1..1 (or 1..*); CHOICE: one type of a required choice (`content[x]`)
 
 
 @cache
@@ -40,7 +43,7 @@ def element_table() -> dict[str, dict[str, Element]]:
     """Every FHIR type's elements by JSON key, read once per process."""
     raw = json.loads((resources.files("health_ingest.privacy") / TABLE_FILE).read_text(encoding="utf-8"))
     return {
-        type_name: {key: Element(spec[0], bool(spec[1]), bool(spec[2])) for key, spec in elements.items()}
+        type_name: {key: Element(spec[0], bool(spec[1]), spec[2]) for key, spec in elements.items()}
         for type_name, elements in raw["types"].items()
     }
 
@@ -97,8 +100,10 @@ def build_table() -> dict:
                     continue
                 annotation, is_list, optional = unwrap(field.annotation)
                 extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-                required = bool(extra.get("element_required") or extra.get("one_of_many_required") or not optional)
-                elements[field.alias or field_name] = [type_name(annotation), int(is_list), int(required)]
+                required = int(bool(extra.get("element_required") or not optional))
+                if extra.get("one_of_many_required"):
+                    required = CHOICE
+                elements[field.alias or field_name] = [type_name(annotation), int(is_list), required]
             types[name] = dict(sorted(elements.items()))
     unknown = {e[0] for t in types.values() for e in t.values()} - PRIMITIVE_TYPES - set(types) - {RESOURCE}
     if unknown - {PRIMITIVE_EXTENSION}:

@@ -35,6 +35,7 @@ from health_ingest.privacy.element_plan import (
 from health_ingest.privacy.element_plan import (
     REFERENCE as LITERAL_REFERENCE,
 )
+from health_ingest.privacy.elements import CHOICE
 from health_ingest.privacy.generalise import generalise_birth_date, generalise_postal_code
 from health_ingest.privacy.policy import PrivacyPolicy
 from health_ingest.privacy.tokens import Tokeniser
@@ -62,6 +63,8 @@ KEPT_STRINGS = frozenset(
     {
         *(f"{t}.unit" for t in ("Quantity", "Age", "Count", "Distance", "Duration", "MoneyQuantity", "SimpleQuantity")),
         "Coding.version",
+        *("QuestionnaireItem.linkId", "QuestionnaireResponseItem.linkId", "QuestionnaireItemEnableWhen.question"),
+        *("ParametersParameter.name", "BundleLink.relation", "BundleEntryResponse.status"),
     }
 )
 PSEUDONYMISED_TAG = {
@@ -71,7 +74,9 @@ PSEUDONYMISED_TAG = {
 }
 DATA_ABSENT_REASON = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 MASKED = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "masked"}]}
-MASKED_PRIMITIVE = {"extension": [{"url": DATA_ABSENT_REASON, "valueCode": "masked"}]}
+MASKED_EXTENSION = {"url": DATA_ABSENT_REASON, "valueCode": "masked"}
+MASKED_PRIMITIVE = {"extension": [MASKED_EXTENSION]}
+MASKED_TEXT = "masked"  # what a required choice of free text (`contentString`) holds instead
 _STRINGS, _NUMBERS, _BOOLEANS = frozenset({str}), frozenset({int, float}), frozenset({bool})
 # why something was removed, as counted per batch
 FREE_TEXT, UNEXPECTED_SHAPE, IDENTIFYING_VALUE = "free text", "unexpected shape", "identifying value"
@@ -279,7 +284,7 @@ class ResourcePseudonymiser:
                 if kind is not str or not trusted:
                     removed = removed or []
                     removed.append(key)
-                    counted = (FREE_TEXT, label)
+                    counted = (FREE_TEXT if kind is str else UNEXPECTED_SHAPE, label)
                     counts[counted] = counts.get(counted, 0) + 1
             elif action == REFERENCE_DISPLAY:
                 removed = removed or []
@@ -288,6 +293,9 @@ class ResourcePseudonymiser:
                     counted = (FREE_TEXT, label)
                 else:
                     counted = (UNEXPECTED_SHAPE, label)  # a display without a reference: a name, alone
+                    if "extension" not in node:
+                        added = added or {}
+                        added["extension"] = [MASKED_EXTENSION]  # the Reference stays, saying it was masked
                 counts[counted] = counts.get(counted, 0) + 1
             elif action in (TEXT, OBSERVATION_TEXT):
                 removed = removed or []
@@ -298,6 +306,10 @@ class ResourcePseudonymiser:
                     if "dataAbsentReason" not in node:
                         added = added or {}
                         added["dataAbsentReason"] = MASKED
+                elif required == CHOICE:
+                    # a required choice (`content[x]`): the only value that stays valid in every validator
+                    node[key] = MASKED_TEXT
+                    removed.pop()
                 elif required and not is_list:
                     added = added or {}
                     added["_" + key] = MASKED_PRIMITIVE  # a required element says why it is absent

@@ -204,6 +204,7 @@ def _parse_privacy(where: str, entry: dict) -> PrivacyPolicy:
     if not isinstance(options, dict):
         raise ConfigurationError(f"{where}: 'privacy' must be a mapping")
     known = {"birth_date_precision", "date_shift_days", "escrow", "k_anonymity", "k_anonymity_action", "providers"}
+    known |= {"keep_free_text"}
     if set(options) - known:
         raise ConfigurationError(f"{where}: unknown privacy options {sorted(set(options) - known)}")
     try:
