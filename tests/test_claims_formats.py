@@ -180,3 +180,47 @@ def test_every_column_of_the_synthea_export_is_classified_and_identity_never_kep
         }
         assert raw_classes <= {"code", "amount", "date", "quasi_identifier"}, table
         assert persons or table in {"payers", "organizations", "providers"}, f"{table} rows name their patient"
+
+
+@pytest.mark.parametrize("profile_name", PROFILES)
+def test_every_column_of_every_bundled_table_has_a_privacy_class(profile_name):
+    """A column no rule classifies is dropped: a bundled table must lose none that way."""
+    from health_ingest.privacy.claims import unclassified_columns
+
+    profile = load_profile(profile_name)
+    assert {t: unclassified_columns(profile.tables[t], profile.privacy) for t in profile.tables} == {
+        t: [] for t in profile.tables
+    }
+
+
+def test_unclassified_and_free_text_columns_are_dropped_unless_a_source_keeps_them():
+    from health_ingest.formats.claims import Column, PrivacyRoles, TableSchema
+    from health_ingest.privacy.claims import plan_columns
+
+    schema = TableSchema(
+        "visits",
+        (
+            Column("PATIENT", "string"),
+            Column("CODE", "string", coded=True),
+            Column("NOTE", "string"),
+            Column("NEW_FIELD", "string"),
+            Column("SEEN", "date"),
+            Column("COST", "number"),
+        ),
+    )
+    roles = PrivacyRoles(
+        person=("PATIENT",),
+        identifiers={"PATIENT": "urn:x"},
+        classes={"free_text": frozenset({"NOTE"})},
+        class_patterns={"amount": ("^COST$",)},
+    )
+    header = list(schema.column_names)
+    plan, _ = plan_columns(schema, header, roles, "tokenise")
+    assert [(c.name, c.action) for c in plan] == [
+        ("PATIENT", "token"),
+        ("CODE", "keep"),
+        ("SEEN", "keep"),
+        ("COST", "keep"),
+    ]
+    kept, _ = plan_columns(schema, header, roles, "tokenise", keep_free_text=("visits.NOTE",))
+    assert "NOTE" in [c.name for c in kept] and "NEW_FIELD" not in [c.name for c in kept]

@@ -41,6 +41,7 @@ ASCII_COMPATIBLE = {"ascii", "utf-8", "utf-8-sig", "iso8859-1", "iso8859-15", "c
 class Column:
     name: str
     type: str  # Table Schema type: string, integer, number, boolean, date, datetime, year, yearmonth
+    coded: bool = False  # its values come from a nomenclature the schema names (SNDS `nomenclature`)
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,10 @@ class PrivacyRoles:
     providers: frozenset[str] = frozenset()
     numbers_only: frozenset[str] = frozenset()  # values kept when they read as a number, free text otherwise
     # what each column is (identifier, quasi_identifier, code, amount, date, free_text), by `COLUMN` or
-    # `table.COLUMN`: the `classification` of the schema files' fields (`field_classes`)
+    # `table.COLUMN`: the `classification` of the schema files' fields (`field_classes`) and the profile's own
+    # `classes` lists; `class_patterns` classify by name (see `health_ingest.privacy.claims.classify_column`)
     classes: dict[str, frozenset[str]] = field(default_factory=dict)
+    class_patterns: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,10 @@ def load_profile(name: str) -> ClaimsProfile:
             zip3=frozenset(roles.get("zip3", ())),
             providers=frozenset(roles.get("providers", ())),
             numbers_only=frozenset(roles.get("numbers_only", ())),
-            classes=field_classes(descriptors, settings.get("table_names", "lower")),
+            classes=_merged_classes(
+                field_classes(descriptors, settings.get("table_names", "lower")), roles.get("classes", {})
+            ),
+            class_patterns={name: tuple(patterns) for name, patterns in roles.get("class_patterns", {}).items()},
         ),
         tables=tables,
     )
@@ -153,6 +159,14 @@ def field_classes(descriptors: dict[str, dict], case: str = "lower") -> dict[str
         for table, class_name in by_table.items():
             classes.setdefault(class_name, set()).add(f"{table}.{column}")
     return {class_name: frozenset(columns) for class_name, columns in classes.items()}
+
+
+def _merged_classes(from_fields: dict[str, frozenset[str]], listed: dict[str, list[str]]) -> dict[str, frozenset[str]]:
+    """The schema files' field classes with the profile's own `classes` lists."""
+    merged = dict(from_fields)
+    for name, columns in listed.items():
+        merged[name] = merged.get(name, frozenset()) | frozenset(columns)
+    return merged
 
 
 def is_claims_file(path: Path) -> bool:
@@ -358,7 +372,10 @@ def _table_schema(table: str, descriptor: dict) -> TableSchema:
     second and a third of the process's memory; what is read here is checked enough to fail clearly if a file was
     damaged."""
     part = _table_schema_part(descriptor)
-    columns = tuple(Column(f["name"], f.get("type", "any")) for f in part["fields"])
+    columns = tuple(
+        Column(f["name"], f.get("type", "any"), (raw.get("nomenclature") or "-") not in ("-", ""))
+        for f, raw in zip(part["fields"], descriptor["fields"], strict=True)
+    )
     names = [c.name for c in columns]
     key = part.get("primaryKey", ())
     key = (key,) if isinstance(key, str) else tuple(key)

@@ -1,4 +1,9 @@
-"""Claims rows pseudonymised column by column, as the profile's privacy roles say."""
+"""Claims rows pseudonymised column by column, as the profile's privacy roles say.
+
+Every column of a profile's tables has a class (`COLUMN_CLASSES`): identifiers are tokenised or dropped,
+quasi-identifiers generalised or kept, codes, amounts and dates kept, free text dropped unless a source keeps it on
+purpose; a column no rule classifies is dropped, not kept.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from functools import lru_cache
 from hashlib import md5
 from operator import itemgetter
 
-from health_ingest.formats.claims import PrivacyRoles, TableSchema
+from health_ingest.formats.claims import Column, PrivacyRoles, TableSchema
 from health_ingest.privacy.tokens import Tokeniser
 
 YEAR = re.compile(r"(\d{4})")
@@ -18,6 +23,45 @@ MONTHS = {
 }
 NUMBER = re.compile(r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$")
 DAY_MONTH_YEAR = re.compile(r"^(\d{2})-?([A-Za-z]{3})-?(\d{4})")
+
+
+# identifier: names a person or a provider (tokenised, or dropped when the profile says nothing of how);
+# quasi_identifier: narrows who someone is (generalised when the profile says how, else kept);
+# code: a value of a code list, or a technical key of a record that names no one (claim, flow, line numbers);
+# amount: a number (money, quantity, count, rate); date: a date or a time; free_text: anything a person typed
+COLUMN_CLASSES = ("identifier", "quasi_identifier", "code", "amount", "date", "free_text")
+DATE_TYPES = frozenset({"date", "datetime", "year", "yearmonth", "time"})
+
+
+def classify_column(table: str, column: Column, roles: PrivacyRoles) -> str | None:
+    """The class of a column, by the first rule that gives one: the profile's own list (`classes`), its privacy
+    roles (identifiers, providers, drop: identifier; year, year_month, zip3: quasi_identifier), its drop patterns
+    (labels and names: free_text), its class patterns (on the upper-case name, free text first), then the schema:
+    a date type is a date, a column whose schema names a nomenclature is a code. None: unclassified (dropped)."""
+    name = column.name.upper()
+    keys = (f"{table}.{column.name}", f"{table}.{name}", column.name, name)
+    for class_name in COLUMN_CLASSES:
+        if any(key in roles.classes.get(class_name, ()) for key in keys):
+            return class_name
+    if any(key in role for key in keys for role in (roles.identifiers, roles.providers, roles.drop, roles.person)):
+        return "identifier"
+    if any(key in role for key in keys for role in (roles.year, roles.year_month, roles.zip3)):
+        return "quasi_identifier"
+    if any(re.search(pattern, name) for pattern in roles.drop_patterns):
+        return "free_text"
+    for class_name in ("free_text", *COLUMN_CLASSES):
+        if any(re.search(pattern, name) for pattern in roles.class_patterns.get(class_name, ())):
+            return class_name
+    if column.type in DATE_TYPES:
+        return "date"
+    if column.coded:
+        return "code"
+    return None
+
+
+def unclassified_columns(schema: TableSchema, roles: PrivacyRoles) -> list[str]:
+    """The columns of a table no rule classifies: the batch drops them."""
+    return [c.name for c in schema.columns if classify_column(schema.name, c, roles) is None]
 
 
 @dataclass(frozen=True)
@@ -31,9 +75,10 @@ class ColumnPlan:
 
 
 def plan_columns(
-    schema: TableSchema, header: list[str], roles: PrivacyRoles, providers: str
+    schema: TableSchema, header: list[str], roles: PrivacyRoles, providers: str, keep_free_text: tuple[str, ...] = ()
 ) -> tuple[list[ColumnPlan], list[tuple[int, str]]]:
-    """Kept columns in schema order, and the (index, system) of the person columns, best first."""
+    """Kept columns in schema order, and the (index, system) of the person columns, best first. Free text is
+    dropped unless `keep_free_text` names it (`table.COLUMN` or `COLUMN`); unclassified columns are dropped."""
     position = {name: i for i, name in enumerate(header)}
     table = schema.name
 
@@ -48,6 +93,13 @@ def plan_columns(
         if has(roles.drop, name) or (has(roles.providers, name) and providers == "drop"):
             continue
         if any(re.search(pattern, name.upper()) for pattern in roles.drop_patterns):
+            continue
+        class_name = classify_column(table, column, roles)
+        if class_name is None:
+            continue
+        if class_name == "free_text" and not {name, name.upper(), f"{table}.{name}", f"{table}.{name.upper()}"} & set(
+            keep_free_text
+        ):
             continue
         if has(roles.identifiers, name):
             system = next(
@@ -66,6 +118,8 @@ def plan_columns(
             plan.append(ColumnPlan(name, index, "zip3"))
         elif has(roles.numbers_only, name):
             plan.append(ColumnPlan(name, index, "number"))
+        elif class_name == "identifier" and not has(roles.providers, name):
+            continue  # an identifier the profile does not say how to tokenise
         else:
             plan.append(ColumnPlan(name, index, "keep"))
     persons = []
