@@ -37,7 +37,7 @@ def test_unknown_source_and_missing_delivery_are_clear_errors(warehouse_url, tmp
 
     missing = _cli("ingest", "fhir", str(tmp_path / "absent"), "--source", "smart_sample")
     assert missing.returncode == 4
-    assert "no such delivery folder" in missing.stderr
+    assert "the delivery is no folder, NDJSON file or Bundle" in missing.stderr and "absent" not in missing.stderr
 
 
 def test_with_only_the_airflow_connection_every_command_uses_that_warehouse(pg_admin_url, tmp_path):

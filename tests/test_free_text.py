@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 from conftest import pg_dump
-from health_ingest.pipeline import run_fhir_batch
+from health_ingest.batch.fhir import run_fhir_batch
 from health_ingest.privacy.element_plan import identifying_codes
 from health_ingest.privacy.keyring import load_keyring
 from health_ingest.privacy.policy import PrivacyPolicy
@@ -352,4 +352,5 @@ def test_the_element_table_is_the_one_the_installed_fhir_models_define():
     built = build_table()
     assert stored["types"] == built["types"]
     assert stored["types"]["Observation"]["valueString"] == ["string", 0, 0]
-    assert stored["types"]["CommunicationPayload"]["contentString"] == ["string", 0, 1]
+    assert stored["types"]["CommunicationPayload"]["contentString"] == ["string", 0, 2]  # one of a required choice
+    assert stored["types"]["Annotation"]["text"] == ["markdown", 0, 1]

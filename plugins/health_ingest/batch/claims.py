@@ -57,7 +57,7 @@ from health_ingest.quality.suites import (
     load_table_suites,
     quality_gate,
 )
-from health_ingest.sources.landing import SAFE_NAME, land_files
+from health_ingest.sources.landing import land_files
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import claims_tables
 from health_ingest.warehouse.claims_tables import native_row_test
@@ -419,12 +419,13 @@ class ClaimsLoader(BatchLoader):
     def _table_of(self, path: Path) -> str:
         table = self.profile.table_for(path)
         if table not in self.profile.tables:
-            # the name of a file that is no table may be anything, a person's name included
-            shown = path.name if SAFE_NAME.match(path.name) and len(path.name) <= 40 else "a file"
-            shown_table = table if SAFE_NAME.match(table) and len(table) <= 40 else "that name"
+            # the name of a file that is no table may be anything, a person's name included: it is never said, only
+            # where the file is among the delivery's files
+            siblings = sorted(p.name for p in path.parent.iterdir() if p.is_file() and is_claims_file(p))
+            where = f"file {siblings.index(path.name) + 1} of {len(siblings)}" if path.name in siblings else "a file"
             raise DeliveryError(
-                f"{shown}: no table {shown_table} in the {self.profile.name} profile; "
-                "nothing of the delivery was loaded"
+                f"{where} of the delivery (by name order) is named after no table of the {self.profile.name} "
+                "profile; nothing of the delivery was loaded"
             )
         return table
 

@@ -75,6 +75,8 @@ class FhirLoader(BatchLoader):
     def __init__(self, context: BatchContext) -> None:
         super().__init__(context)
         self._producer_position = "while reading the delivery"
+        # what the pseudonymiser removed, by reason then element (`ingest.batches.privacy_removed`)
+        self.privacy_removed: dict[str, dict[str, int]] = {}
         self.outcomes: list = []  # the quality suites' results, gathered type by type
         self.strict_warnings: Counter = Counter()  # strict validation's warnings, by rule: counted, not quarantined
 
@@ -312,6 +314,9 @@ class FhirLoader(BatchLoader):
             self.times.check += chunk.check_seconds
             self.strict_warnings.update(dict(chunk.strict_warnings))
             self.times.pseudonymise += chunk.pseudonymise_seconds
+            for (reason, element), removed in chunk.removed.items():
+                by_element = self.privacy_removed.setdefault(reason, {})
+                by_element[element] = by_element.get(element, 0) + removed
             self._producer_position = f"after {landed_file.name} line {chunk.first_line}"
             if self.progress:
                 self.progress(landed_file.name, counts.rows_read, False)
@@ -477,6 +482,8 @@ class EncodedChunk:
     rows_file: str | None = None  # where a worker appended the rows, with the other chunks of its `part`
     part: int = 0
     strict_warnings: tuple[tuple[str, int], ...] = ()  # strict validation's warnings in the chunk, by rule
+    # what the pseudonymiser removed from the chunk's resources: (reason, `Type.element`) -> how many
+    removed: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class ChunkEncoder:
@@ -532,6 +539,7 @@ class ChunkEncoder:
             pseudonymise_seconds,
             len(data),
             strict_warnings=tuple(warnings.items()),
+            removed=self.pseudonymiser.take_removed(),
         )
 
 

@@ -22,6 +22,7 @@ from health_ingest.deliveries import FileCounts, LandedDelivery
 from health_ingest.errors import BatchRejected, HealthIngestError, LoadError, retryable
 from health_ingest.privacy.gate import KAnonymityReport, record_k_anonymity
 from health_ingest.privacy.keyring import Keyring, load_keyring
+from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.suites import record_outcomes
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import batches, merge, staging
@@ -188,7 +189,8 @@ def run_batch(
             source=source.name,
             kind=kind,
             key_id=keyring.active_id,
-            delivery=Path(delivery).name,
+            # the folder's name is the sender's, sometimes a patient's: a keyed label of it, the same for the same name
+            delivery=Tokeniser(keyring, id_space=source.id_space).token("delivery-name", Path(delivery).name),
             hosting=hosting_decision(warehouse).describe(),
         )
         log.info("source %s: batch %s started (key %s)", source.name, batch_id, keyring.active_id)
@@ -242,6 +244,7 @@ def commit_batch(
             **{step: round(seconds, 4) for step, seconds in vars(loader.times).items()},
             "elapsed": round(time.perf_counter() - started, 4),
         },
+        privacy_removed=getattr(loader, "privacy_removed", None),
     )
     if loader.before_commit is not None:
         loader.before_commit(cur, loader.batch_id)

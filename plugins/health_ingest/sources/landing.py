@@ -33,9 +33,10 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
     elif delivery.is_file() and _is_input(delivery):
         candidates = [delivery]
     else:
-        raise DeliveryError(f"{delivery}: no such delivery folder, NDJSON file or Bundle")
+        # the delivery's name is the sender's (a patient's, sometimes): never said
+        raise DeliveryError("the delivery is no folder, NDJSON file or Bundle that can be read")
     if not candidates and not _empty_export(delivery):
-        raise DeliveryError(f"{delivery}: holds no NDJSON file (*.ndjson, *.ndjson.gz) and no Bundle (*.json)")
+        raise DeliveryError("the delivery holds no NDJSON file (*.ndjson, *.ndjson.gz) and no Bundle (*.json)")
     landing_folder.mkdir(parents=True, exist_ok=False)
     files: list[LandedFile] = []
     digests = _Digests()
@@ -85,9 +86,9 @@ def land_files(
     elif delivery.is_file() and accepts(delivery):
         candidates = [delivery]
     else:
-        raise DeliveryError(f"{delivery}: no such delivery folder or {what}")
+        raise DeliveryError(f"the delivery is no folder or {what} that can be read")
     if not candidates:
-        raise DeliveryError(f"{delivery}: holds no {what}")
+        raise DeliveryError(f"the delivery holds no {what}")
     kinds = {path: holds(path) for path in candidates}  # refuses an unknown table before anything is copied
     landing_folder.mkdir(parents=True, exist_ok=False)
     files = []

@@ -102,6 +102,7 @@ def mark_committed(
     rows_quarantined: int,
     input_sha256: str,
     step_seconds: dict[str, float],
+    privacy_removed: dict[str, dict[str, int]] | None = None,
 ) -> int:
     """Inside the load transaction: the batch becomes visible to consumers at the same instant as its rows."""
     cur.execute("SELECT pg_advisory_xact_lock(%s)", (COMMIT_LOCK,))
@@ -110,11 +111,20 @@ def mark_committed(
         UPDATE ingest.batches
            SET status = 'committed', committed_at = clock_timestamp(), finished_at = clock_timestamp(),
                commit_seq = nextval('ingest.commit_seq'),
-               rows_read = %s, rows_loaded = %s, rows_quarantined = %s, input_sha256 = %s, step_seconds = %s
+               rows_read = %s, rows_loaded = %s, rows_quarantined = %s, input_sha256 = %s, step_seconds = %s,
+               privacy_removed = %s
          WHERE batch_id = %s AND status = 'loading'
         RETURNING commit_seq, source
         """,
-        (rows_read, rows_loaded, rows_quarantined, input_sha256, json.dumps(step_seconds), batch_id),
+        (
+            rows_read,
+            rows_loaded,
+            rows_quarantined,
+            input_sha256,
+            json.dumps(step_seconds),
+            json.dumps(privacy_removed or {}),
+            batch_id,
+        ),
     )
     row = cur.fetchone()
     if row is None:
