@@ -34,19 +34,19 @@ DATE_TYPES = frozenset({"date", "datetime", "year", "yearmonth", "time"})
 
 
 def classify_column(table: str, column: Column, roles: PrivacyRoles) -> str | None:
-    """The class of a column, by the first rule that gives one: the profile's own list (`classes`), its privacy
-    roles (identifiers, providers, drop: identifier; year, year_month, zip3: quasi_identifier), its drop patterns
+    """The class of a column, by the first rule that gives one: its privacy roles (identifiers, providers, drop:
+    identifier; year, year_month, zip3: quasi_identifier), the profile's own lists (`classes`), its drop patterns
     (labels and names: free_text), its class patterns (on the upper-case name, free text first), then the schema:
     a date type is a date, a column whose schema names a nomenclature is a code. None: unclassified (dropped)."""
     name = column.name.upper()
     keys = (f"{table}.{column.name}", f"{table}.{name}", column.name, name)
-    for class_name in COLUMN_CLASSES:
-        if any(key in roles.classes.get(class_name, ()) for key in keys):
-            return class_name
     if any(key in role for key in keys for role in (roles.identifiers, roles.providers, roles.drop, roles.person)):
         return "identifier"
     if any(key in role for key in keys for role in (roles.year, roles.year_month, roles.zip3)):
         return "quasi_identifier"
+    for class_name in COLUMN_CLASSES:
+        if any(key in roles.classes.get(class_name, ()) for key in keys):
+            return class_name
     if any(re.search(pattern, name) for pattern in roles.drop_patterns):
         return "free_text"
     for class_name in ("free_text", *COLUMN_CLASSES):

@@ -77,8 +77,9 @@ class Tokeniser:
         return drained
 
     def contained_id(self, value: str) -> str:
-        """Contained resources' ids are local to their container: kept as they are."""
-        return value
+        """Contained resources' ids are local to their container, but a sender may name them after anyone
+        (`#mother-jane`): tokenised too, the same way in the resource and in its `#` references."""
+        return self.token("contained", value)
 
     def identifier(self, system: str, value: str) -> str:
         """Identifier values are tokenised per system, so the same SSN links across sources."""
