@@ -62,6 +62,11 @@ def _fhir_identifiers(resource: dict, found: dict[str, set[str]]) -> None:
             _fhir_identifiers(contained, found)
 
 
+def _first_coding(element: dict) -> dict:
+    codings = (element.get("code") or {}).get("coding") or [{}]
+    return {k: v for k, v in codings[0].items() if k in ("code", "system")}
+
+
 def _as_list(value) -> list:
     return value if isinstance(value, list) else [] if value is None else [value]
 
@@ -161,10 +166,14 @@ def test_no_identifier_of_any_bundled_input_reaches_the_warehouse_or_the_logs(tm
             if "resourceType" in resource:
                 _fhir_identifiers(resource, found)
                 _code_displays(resource, kept)
+    prapare_addresses = []  # Synthea's social-needs screening records the patient's street as an Observation
     for bundle in sorted((SYNTHEA / "fhir").glob("*.json")):
         for entry in json.loads(bundle.read_text())["entry"]:
             _fhir_identifiers(entry["resource"], found)
             _code_displays(entry["resource"], kept)
+            for element in [entry["resource"], *entry["resource"].get("component", [])]:
+                if {"code": "56799-0", "system": "http://loinc.org"}.items() <= _first_coding(element).items():
+                    prapare_addresses.append(element["valueString"])
     _hl7_cases_delivery(tmp_path / "hl7-cases")
     for path in (tmp_path / "hl7-cases").glob("*.ndjson"):
         for line in path.read_text().splitlines():
@@ -173,6 +182,7 @@ def test_no_identifier_of_any_bundled_input_reaches_the_warehouse_or_the_logs(tm
     for folder, _, profile_name in CLAIMS_INPUTS:
         _claims_identifiers(folder, profile_name, found, kept)
     by_design = Haystack("\n".join(kept))
+    assert len(prapare_addresses) >= 30 and set(prapare_addresses) <= found["address line"]
     for kind in ("name", "address line", "city", "phone or e-mail", "resource id"):
         assert len(found[kind]) >= 20, f"the inputs hold {kind}s"
     assert {"snds BEN_NIR_PSA", "synthea SSN", "synthea PASSPORT", "synthea DRIVERS", "cms-rif BENE_ID"} <= set(found)

@@ -434,7 +434,9 @@ class ClaimsLoader(BatchLoader):
         schema = self.profile.tables[landed_file.resource_type]
         opened = open_claims_file(landed_file.path, landed_file.name, self.profile, schema)
         providers = self.source.privacy.providers
-        columns, persons = plan_columns(schema, opened.header, self.profile.privacy, providers)
+        columns, persons = plan_columns(
+            schema, opened.header, self.profile.privacy, providers, self.source.privacy.keep_free_text
+        )
         return FilePlan(
             self.source.format,
             landed_file.resource_type,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from health_ingest import config
 from health_ingest.errors import ConfigurationError
+from health_ingest.privacy.element_plan import check_kept_paths
 from health_ingest.privacy.policy import PrivacyPolicy
 from health_ingest.quality.policy import QualityPolicy
 from health_ingest.sources.bulk.settings import BulkSettings, parse_bulk
@@ -208,9 +209,12 @@ def _parse_privacy(where: str, entry: dict) -> PrivacyPolicy:
     if set(options) - known:
         raise ConfigurationError(f"{where}: unknown privacy options {sorted(set(options) - known)}")
     try:
-        return PrivacyPolicy(
+        policy = PrivacyPolicy(
             linking_identifiers=tuple(str(system) for system in entry.get("linking_identifiers", ())),
             **options,
         )
+        if entry.get("kind", "fhir") == "fhir":
+            check_kept_paths(policy.keep_free_text)  # a misspelt path would keep nothing, silently
+        return policy
     except (TypeError, ValueError) as error:
         raise ConfigurationError(f"{where}: privacy: {error}") from None
