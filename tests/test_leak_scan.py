@@ -63,7 +63,7 @@ def _fhir_identifiers(resource: dict, found: dict[str, set[str]]) -> None:
 
 
 def _first_coding(element: dict) -> dict:
-    codings = (element.get("code") or {}).get("coding") or [{}]
+    codings = element.get("code", {}).get("coding") or [{}]
     return {k: v for k, v in codings[0].items() if k in ("code", "system")}
 
 
@@ -171,7 +171,8 @@ def test_no_identifier_of_any_bundled_input_reaches_the_warehouse_or_the_logs(tm
         for entry in json.loads(bundle.read_text())["entry"]:
             _fhir_identifiers(entry["resource"], found)
             _code_displays(entry["resource"], kept)
-            for element in [entry["resource"], *entry["resource"].get("component", [])]:
+            observation = entry["resource"] if entry["resource"]["resourceType"] == "Observation" else {}
+            for element in [observation, *observation.get("component", [])]:
                 if {"code": "56799-0", "system": "http://loinc.org"}.items() <= _first_coding(element).items():
                     prapare_addresses.append(element["valueString"])
     _hl7_cases_delivery(tmp_path / "hl7-cases")
