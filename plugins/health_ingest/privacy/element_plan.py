@@ -20,6 +20,7 @@ KEEP_ONE, COMPLEX_ONE, COMPLEX_LIST, KEEP, COMPLEX, REFERENCE, DISPLAY, TEXT, NU
 IDENTIFIER_VALUE, REFERENCE_DISPLAY, ADDRESS, EXTENSION, SUB_EXTENSION = range(11, 16)
 PRIMITIVE_EXT, CONTAINED, NESTED_RESOURCE, OBSERVATION_TEXT = range(16, 20)
 
+FREE_TEXT = "free text"  # why something was removed, as counted per batch
 KEPT_PRIMITIVES = frozenset(
     {"code", "id", "uri", "url", "canonical", "oid", "uuid", "date", "dateTime", "instant", "time"}
 )
@@ -33,6 +34,7 @@ class Spec(NamedTuple):
     is_list: bool
     label: str  # `Type.element`, for the counts of what was removed
     required: int  # 0, 1 or CHOICE (elements.Element.required)
+    free_text: tuple[str, str] = ("", "")  # ("free text", label): what the walk logs when it removes free text
 
 
 # One FHIR type's elements by JSON key: a plain dict (a subclass would slow each of the walk's lookups), whose key
@@ -98,7 +100,7 @@ def _compile(keep, dropped_fields, dropped_types, kept_strings) -> Plan:
                 action = KEEP if element.is_list else KEEP_ONE
             elif action == COMPLEX:
                 action = COMPLEX_LIST if element.is_list else COMPLEX_ONE
-            fields[key] = Spec(action, child, element.is_list, label, element.required)
+            fields[key] = Spec(action, child, element.is_list, label, element.required, (FREE_TEXT, label))
         if "implicitRules" in elements:  # a resource
             fields["resourceType"] = Spec(KEEP_ONE, None, False, f"{name}.resourceType", True)
     for path in sorted(keep):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from datetime import date
 from functools import lru_cache
@@ -79,7 +80,7 @@ MASKED_PRIMITIVE = {"extension": [MASKED_EXTENSION]}
 MASKED_TEXT = "masked"  # what a required choice of free text (`contentString`) holds instead
 _STRINGS, _NUMBERS, _BOOLEANS = frozenset({str}), frozenset({int, float}), frozenset({bool})
 # why something was removed, as counted per batch
-FREE_TEXT, UNEXPECTED_SHAPE, IDENTIFYING_VALUE = "free text", "unexpected shape", "identifying value"
+UNEXPECTED_SHAPE, IDENTIFYING_VALUE = "unexpected shape", "identifying value"
 
 REFERENCE = re.compile(
     r"^(?P<base>(?:https?://[^?#]*/)?)(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-.]{1,64})"
@@ -120,8 +121,10 @@ class ResourcePseudonymiser:
         self._identifying_codes = plan.identifying_codes()
         self._systems, self._system_prefixes, self._excluded_prefixes = plan.trusted_code_systems()
         self._trusted: dict[Any, bool] = {}
-        # (reason, `Type.element`) -> how many were removed since the last `take_removed`
-        self.removed: dict[tuple[str, str], int] = {}
+        # (reason, `Type.element`) of each removal since the last `take_removed`: appended as the walk goes (a list
+        # append costs less than counting in a dict on the hot path), counted when taken
+        self.removed: list[tuple[str, str]] = []
+        self._log = self.removed.append
         # a reference is rewritten the same way each time, and the same ones come back (a patient, a practitioner)
         self.rewrite_reference = lru_cache(maxsize=1 << 14)(self.rewrite_reference)
 
@@ -156,8 +159,9 @@ class ResourcePseudonymiser:
 
     def take_removed(self) -> dict[tuple[str, str], int]:
         """What was removed since the last call, by (reason, `Type.element`); the counts start again."""
-        removed, self.removed = self.removed, {}
-        return removed
+        removed, self.removed = self.removed, []
+        self._log = self.removed.append
+        return dict(Counter(removed))
 
     def rewrite_reference(self, reference: str) -> str:
         """`Type/id`, absolute URLs and `_history` keep their shape; anything unparsed becomes a token."""
@@ -214,10 +218,10 @@ class ResourcePseudonymiser:
         actions are tested first (this walk is most of the pseudonymise stage's time)."""
         removed: list[str] | None = None
         added: dict[str, Any] | None = None
-        counts = self.removed
         for key, value in node.items():
-            spec = fields.get(key)
-            if spec is None:
+            try:
+                spec = fields[key]  # a subscript costs less than a call to get, on every key of every element
+            except KeyError:
                 removed = removed or []
                 removed.append(key)
                 self._count(UNEXPECTED_SHAPE, f"{fields[None]}.(unknown element)")  # never the key: it is data
@@ -264,44 +268,43 @@ class ResourcePseudonymiser:
                 removed = removed or []
                 removed.append(key)
                 continue
-            _, child, is_list, label, required = spec
-            if action == KEEP:
-                if not (kind is list and self._primitives_are(value, label, _STRINGS)):
-                    removed = removed or []
-                    removed.append(key)
-                    self._count(UNEXPECTED_SHAPE, label)
-            elif action == LITERAL_REFERENCE:
-                if kind is str:
-                    node[key] = self.rewrite_reference(value)
-                else:
-                    removed = removed or []
-                    removed.append(key)
-                    self._count(UNEXPECTED_SHAPE, label)
-            elif action == DISPLAY:
+            if action == DISPLAY:  # every Coding has one: tested before the rarer actions
                 trusted = self._trusted.get(node.get("system"))
                 if trusted is None:
                     trusted = self._is_trusted(node.get("system"))
                 if kind is not str or not trusted:
                     removed = removed or []
                     removed.append(key)
-                    counted = (FREE_TEXT if kind is str else UNEXPECTED_SHAPE, label)
-                    counts[counted] = counts.get(counted, 0) + 1
+                    self._log(spec[5] if kind is str else (UNEXPECTED_SHAPE, spec[3]))
+                continue
+            if action == LITERAL_REFERENCE:
+                if kind is str:
+                    node[key] = self.rewrite_reference(value)
+                else:
+                    removed = removed or []
+                    removed.append(key)
+                    self._log((UNEXPECTED_SHAPE, spec[3]))
+                continue
+            _, child, is_list, label, required, _ = spec
+            if action == KEEP:
+                if not (kind is list and self._primitives_are(value, label, _STRINGS)):
+                    removed = removed or []
+                    removed.append(key)
+                    self._count(UNEXPECTED_SHAPE, label)
             elif action == REFERENCE_DISPLAY:
                 removed = removed or []
                 removed.append(key)  # a Reference's display is usually a person's name
                 if type(node.get("reference")) is str or type(node.get("identifier")) is dict:
-                    counted = (FREE_TEXT, label)
+                    self._log(spec[5])
                 else:
-                    counted = (UNEXPECTED_SHAPE, label)  # a display without a reference: a name, alone
+                    self._log((UNEXPECTED_SHAPE, label))  # a display without a reference: a name, alone
                     if "extension" not in node:
                         added = added or {}
                         added["extension"] = [MASKED_EXTENSION]  # the Reference stays, saying it was masked
-                counts[counted] = counts.get(counted, 0) + 1
             elif action in (TEXT, OBSERVATION_TEXT):
                 removed = removed or []
                 removed.append(key)
-                counted = (FREE_TEXT, label)
-                counts[counted] = counts.get(counted, 0) + 1
+                self._log(spec[5])
                 if action == OBSERVATION_TEXT:
                     if "dataAbsentReason" not in node:
                         added = added or {}
@@ -472,8 +475,7 @@ class ResourcePseudonymiser:
         return trusted
 
     def _count(self, reason: str, label: str) -> None:
-        key = (reason, label)
-        self.removed[key] = self.removed.get(key, 0) + 1
+        self._log((reason, label))
 
     def _generalise_addresses(self, value: Any, is_list: bool, label: str) -> Any:
         """Only the use, type, state, country and a generalised postal code of each address stay."""
