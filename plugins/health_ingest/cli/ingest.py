@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from health_ingest import config
@@ -104,6 +105,7 @@ def cmd_pseudonymise(args: argparse.Namespace) -> int:
 
     pseudonymiser = _filter_pseudonymiser(args)
     written = rejected = 0
+    removed: Counter[str] = Counter()
     out = sys.stdout.buffer
     for line_no, raw in enumerate(sys.stdin.buffer, start=1):
         if not raw.strip():
@@ -116,8 +118,12 @@ def cmd_pseudonymise(args: argparse.Namespace) -> int:
         pseudonymiser.pseudonymise(checked)
         out.write(orjson.dumps(checked) + b"\n")
         written += 1
+        if written % 1000 == 0:  # what was removed is logged as the walk goes: counted here, so memory stays flat
+            removed.update({reason: n for (reason, _), n in pseudonymiser.take_removed().items()})
     out.flush()
-    print(f"{written} resources written, {rejected} lines rejected", file=sys.stderr)
+    removed.update({reason: n for (reason, _), n in pseudonymiser.take_removed().items()})
+    said = "".join(f", {n} {reason} removed" for reason, n in sorted(removed.items()))
+    print(f"{written} resources written, {rejected} lines rejected{said}", file=sys.stderr)
     return 1 if rejected else 0
 
 

@@ -52,8 +52,10 @@ def rekey_warehouse(conn, keyring: Keyring, to_key: str, progress: Callable[[str
         mapper = _TokenMapper(conn, keyring, old_key, new_tokens, new_escrow, batch_id)
         with conn.cursor() as cur:
             rows = _rewrite_batch_rows(cur, batch_id, mapper)
+            # the delivery's label was keyed with the old key and its folder name is kept nowhere: it goes
             cur.execute(
-                "UPDATE ingest.batches SET key_id = %s, rekeyed_from = %s, rekeyed_at = now() WHERE batch_id = %s",
+                "UPDATE ingest.batches SET key_id = %s, rekeyed_from = %s, rekeyed_at = now(), delivery = NULL "
+                "WHERE batch_id = %s",
                 (to_key, old_key, batch_id),
             )
         conn.commit()
