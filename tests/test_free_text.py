@@ -18,11 +18,16 @@ from health_ingest.privacy.policy import PrivacyPolicy
 from health_ingest.privacy.resources import ResourcePseudonymiser
 from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.policy import QualityPolicy
-from health_ingest.quality.strict import strict_problem
+from health_ingest.quality.strict import strict_check
 
 LOINC, SNOMED = "http://loinc.org", "http://snomed.info/sct"
 PATIENT = {"reference": "Patient/planted-patient"}
 PLANTED: list[str] = []
+
+
+def strict_problem(resource: dict):
+    """Why strict mode would quarantine the resource (None: it loads)."""
+    return strict_check(resource).rejection
 
 
 def plant(where: str) -> str:
@@ -129,6 +134,11 @@ def _free_text_resources() -> list[dict]:
         {
             "resourceType": "AllergyIntolerance",
             "id": "planted-allergy",
+            "clinicalStatus": {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active"}
+                ]
+            },
             "patient": PATIENT,
             "recordedDate": "2021-03-04",
             "code": {"coding": [{"system": SNOMED, "code": "91936005"}], "text": plant("allergy code.text")},
