@@ -220,4 +220,5 @@ def test_no_identifier_of_any_bundled_input_reaches_the_warehouse_or_the_logs(tm
     }
     assert {kind: values for kind, values in leaks.items() if values} == {}
     assert sum(map(len, searched.values())) > 20_000
-    assert sum(map(len, also_kept.values())) < sum(map(len, searched.values())) / 50
+    # (organisations' and payers' ids are codes in the Synthea CSV tables that describe them)
+    assert sum(map(len, also_kept.values())) < sum(map(len, searched.values())) / 25

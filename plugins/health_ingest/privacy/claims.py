@@ -44,9 +44,10 @@ def classify_column(table: str, column: Column, roles: PrivacyRoles) -> str | No
         return "identifier"
     if any(key in role for key in keys for role in (roles.year, roles.year_month, roles.zip3)):
         return "quasi_identifier"
-    for class_name in COLUMN_CLASSES:
-        if any(key in roles.classes.get(class_name, ()) for key in keys):
-            return class_name
+    for scoped in (keys[:2], keys[2:]):  # a class given for the table's column wins over one given by name
+        for class_name in COLUMN_CLASSES:
+            if any(key in roles.classes.get(class_name, ()) for key in scoped):
+                return class_name
     if any(re.search(pattern, name) for pattern in roles.drop_patterns):
         return "free_text"
     for class_name in ("free_text", *COLUMN_CLASSES):

@@ -24,6 +24,8 @@ FREE_TEXT = "free text"  # why something was removed, as counted per batch
 KEPT_PRIMITIVES = frozenset(
     {"code", "id", "uri", "url", "canonical", "oid", "uuid", "date", "dateTime", "instant", "time"}
 )
+# elements of type id or oid that are identifiers of the record's subject matter, not of the resource
+TOKENISED_IDS = frozenset({"ImagingStudySeries.uid", "ImagingStudySeriesInstance.uid"})
 NUMBERS = frozenset({"decimal", "integer", "positiveInt", "unsignedInt"})
 TEXTS = frozenset({"string", "markdown", "xhtml", "base64Binary"})  # base64Binary: a document, a signature, a photo
 
@@ -134,6 +136,8 @@ def _action(type_name, key, element_type, label, dropped_fields, dropped_types, 
         return DROP  # an organisation that, with the value's system, narrows who the person is
     if type_name == "Coding" and key == "display":
         return DISPLAY
+    if label in TOKENISED_IDS:
+        return IDENTIFIER_VALUE  # DICOM UIDs name a study, a series, an image: tokenised like identifiers
     if type_name == "Attachment" and key in ("data", "url", "title"):
         return DROP  # attachment contents: a clinical note holds the patient's name
     if key == "id" and element_type == "string":

@@ -43,8 +43,9 @@ from health_ingest.privacy.tokens import Tokeniser
 
 # Fields that hold direct identifiers or free text about a person: removed wherever they appear.
 DROPPED_FIELDS = frozenset({"telecom", "photo", "contact", "note", "comment", "patientInstruction"})
-# Datatypes removed whole: names, contact points, narratives, annotations (free text about someone).
-DROPPED_TYPES = frozenset({"HumanName", "ContactPoint", "Narrative", "Annotation"})
+# Datatypes removed whole: names, contact points, narratives, annotations (free text about someone), and a
+# location's coordinates (a home, sometimes).
+DROPPED_TYPES = frozenset({"HumanName", "ContactPoint", "Narrative", "Annotation", "LocationPosition"})
 
 # Only these extensions survive: an unknown extension may carry identifiers (a mother's maiden name,
 # a birth place, a geolocation).
