@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test test-integration test-browser lint format bench clean
+.PHONY: install browser demo test test-integration test-browser test-faults lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-browser: install browser
 
 test-integration: install
 	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+test-faults: install
+	$(BIN)/pytest -m faults $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

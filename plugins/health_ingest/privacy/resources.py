@@ -8,6 +8,7 @@ from datetime import date
 from functools import lru_cache
 from typing import Any
 
+from health_ingest.errors import RecordProblem
 from health_ingest.privacy.compat import MicrosoftCompatTokeniser
 from health_ingest.privacy.dates import DateShifter
 from health_ingest.privacy.generalise import generalise_birth_date, generalise_postal_code
@@ -55,9 +56,9 @@ PSEUDONYMISED_TAG = {
 
 REFERENCE = re.compile(
     r"^(?P<base>(?:https?://[^?#]*/)?)(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-.]{1,64})"
-    r"(?P<history>/_history/[A-Za-z0-9\-.]{1,64})?$"
+    r"(?P<history>/_history/[A-Za-z0-9\-.]{1,64})?\Z"
 )
-URN_OID = re.compile(r"^urn:oid:[0-2](\.(0|[1-9][0-9]*))+$")
+URN_OID = re.compile(r"^urn:oid:[0-2](\.(0|[1-9][0-9]*))+\Z")
 CONDITIONAL_REFERENCE = re.compile(r"^(?P<type>[A-Z][A-Za-z]{1,63})\?(?P<query>.+)$")
 
 
@@ -136,7 +137,7 @@ class ResourcePseudonymiser:
         identifiers = {
             i.get("system"): i.get("value")
             for i in patient.get("identifier", ())
-            if isinstance(i, dict) and isinstance(i.get("value"), str)
+            if isinstance(i, dict) and isinstance(i.get("value"), str) and isinstance(i.get("system", ""), str)
         }
         for system in self._linking:
             if identifiers.get(system):
@@ -215,7 +216,10 @@ class ResourcePseudonymiser:
                 continue
             raw = identifier.get("value")
             if isinstance(raw, str):
-                identifier["value"] = self.tokens.identifier(identifier.get("system", ""), raw)
+                system = identifier.get("system", "")
+                if type(system) is not str:  # its tokens' domain would be the text of an object
+                    raise RecordProblem("invalid_identifier", "an identifier's system is not a string")
+                identifier["value"] = self.tokens.identifier(system, raw)
             elif "value" in identifier:
                 del identifier["value"]
             identifier.pop("assigner", None)
