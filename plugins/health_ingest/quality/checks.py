@@ -11,7 +11,7 @@ import orjson
 
 from health_ingest.formats.numbers import loads_exact
 
-FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # always `fullmatch`: `$` would accept a trailing line break
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")  # `\Z`, not `$`, which accepts a trailing line break
 TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 # FHIR's instant: offsets from -14:00 to +14:00 only, which PostgreSQL's timestamptz also reads (it refuses +23:59)
 INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]((0\d|1[0-3]):[0-5]\d|14:00))")
