@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test test-integration test-browser test-deployment lint format bench clean
+.PHONY: install browser demo test test-integration test-browser test-faults test-deployment lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,13 +22,16 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
 
 test: install browser
-	$(BIN)/pytest -m "not deployment" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not deployment and not faults" $(PYTEST_ARGS)
 
 test-browser: install browser
 	$(BIN)/pytest -m browser $(PYTEST_ARGS)
 
 test-integration: install
 	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+test-faults: install
+	$(BIN)/pytest -m faults $(PYTEST_ARGS)
 
 # The real Airflow processes (api-server, scheduler, dag-processor, triggerer, two Celery workers) on the PostgreSQL
 # of HEALTH_INGEST_TEST_DATABASE_URL (default 127.0.0.1:5432) and the Redis of 127.0.0.1:6379.

@@ -87,10 +87,16 @@ def test_redelivery_replaces_and_never_duplicates(tmp_path, db):
 
 def test_synthea_claims_join_the_fhir_patients_of_the_same_run(db):
     run_fhir_batch(TEST_DATA / "synthea-ma11" / "fhir", get_source("synthea_fhir"))
-    result = run_claims_batch(TEST_DATA / "synthea-ma11" / "csv", get_source("synthea_claims"))
-    # supplies.csv repeats one row word for word: a table without a key keeps it once and quarantines the copy
-    assert {t: c.rows_quarantined for t, c in result.counts.items() if c.rows_quarantined} == {"supplies": 1}
+    csv_folder = TEST_DATA / "synthea-ma11" / "csv"
+    result = run_claims_batch(csv_folder, get_source("synthea_claims"))
+    # supplies.csv repeats one row word for word: a table without a key keeps it once and quarantines the copy;
+    # Synthea writes NaN for the quality of life of a payer without members: no number, so quarantined too
+    nan_payers = sum(1 for row in _rows(csv_folder / "payers.csv") if "NaN" in row.values())
+    quarantined = {t: c.rows_quarantined for t, c in result.counts.items() if c.rows_quarantined}
+    assert quarantined == {"supplies": 1, "payers": nan_payers} and nan_payers > 0
     with db.cursor() as cur:
+        cur.execute("SELECT DISTINCT file_name, reason FROM ingest.quarantine WHERE file_name = 'payers.csv'")
+        assert cur.fetchall() == [("payers.csv", "invalid_value")]
         cur.execute("SELECT count(DISTINCT patient_id) FROM fhir.patient")
         fhir_patients = cur.fetchone()[0]
         cur.execute(
@@ -298,7 +304,6 @@ def test_values_are_typed_by_their_shape_and_text_is_kept_verbatim(tmp_path, db,
         ("PHA_ACT_PRU", "1.50", "1.50"),
         ("PHA_ACT_PRU", ".5", "0.5"),
         ("PHA_ACT_PRU", "1e3", "1000"),
-        ("PHA_ACT_PRU", "NaN", "NaN"),
         ("FLX_TRT_DTD", "2019-12-31", "2019-12-31"),
         ("FLX_TRT_DTD", "20200301", "2020-03-01"),
         ("FLX_TRT_DTD", "01/03/2020", "2020-03-01"),
@@ -312,6 +317,7 @@ def test_values_are_typed_by_their_shape_and_text_is_kept_verbatim(tmp_path, db,
         ("PHA_ACT_QSN", "1_000", "PHA_ACT_QSN: not an integer"),
         ("PHA_ACT_QSN", "99999999999999999999", "PHA_ACT_QSN: not an integer"),
         ("PHA_ACT_PRU", "Infinity", "PHA_ACT_PRU: not a number"),
+        ("PHA_ACT_PRU", "NaN", "PHA_ACT_PRU: not a number"),
         ("PHA_ACT_PRU", "1_000.5", "PHA_ACT_PRU: not a number"),
         ("FLX_TRT_DTD", "infinity", "FLX_TRT_DTD: not a date (or an impossible one)"),
         ("FLX_TRT_DTD", "epoch", "FLX_TRT_DTD: not a date (or an impossible one)"),
@@ -505,7 +511,7 @@ def test_a_reader_failure_after_chunks_were_typed_and_merged_leaves_nothing(tmp_
     with pytest.raises(LoadError, match=r"ER_PRS_F\.csv\.gz: the compressed file ends too soon; nothing"):
         run_claims_batch(delivery, get_source("snds_extract"))  # found by the encoding check, before any write
     # a file that turns unreadable after its check (a failing disk) fails while it is read, chunks already merged
-    monkeypatch.setattr(claims_format, "first_undecodable_line", lambda path, encoding: None)
+    monkeypatch.setattr(claims_format, "first_undecodable_line", lambda path, encoding, label=None: None)
     with pytest.raises(LoadError, match=r"while reading ER_PRS_F\.csv\.gz"):
         run_claims_batch(delivery, get_source("snds_extract"))
     with db.cursor() as cur:

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 from conftest import SAMPLE
+from health_ingest.config import read_limits
 
 
 @pytest.mark.parametrize("chunk_bytes", [64, 1000, 1 << 20])
@@ -22,10 +23,12 @@ def test_byte_ranges_give_every_line_once_with_its_number(tmp_path, monkeypatch,
 
     encoder = fhir.FileEncoder.__new__(fhir.FileEncoder)
     encoder.read_seconds = 0.0
+    encoder.limits = read_limits()
     ranges = list(encoder._ranges(path))
     assert ranges[0][0] == 0 and ranges[-1][1] == len(body)
-    assert all(end == next_start for (_, end, _), (next_start, _, _) in itertools.pairwise(ranges))
-    found = [entry for start, end, first in ranges for entry in fhir.lines_of_range(path, start, end, first)]
+    assert all(end == next_start for (_, end, _, _), (next_start, _, _, _) in itertools.pairwise(ranges))
+    assert not any(too_long for *_, too_long in ranges)
+    found = [entry for start, end, first, _ in ranges for entry in fhir.lines_of_range(path, start, end, first)[0]]
     expected = [(n, raw.rstrip(b"\n")) for n, raw in read_lines(path)]
     assert found == expected
     assert len(ranges) > 1 or chunk_bytes > len(body)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-import psycopg2
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 from conftest import SAMPLE
 from health_ingest.airflow.tasks import ingest_delivery
+from health_ingest.errors import LoadError
 
 pytestmark = pytest.mark.integration
 
@@ -32,5 +32,6 @@ def test_a_delivery_that_is_not_there_fails_its_task_without_retry(tmp_path, db)
 
 def test_a_warehouse_out_of_reach_is_left_to_airflow_retries(monkeypatch):
     monkeypatch.setenv("HEALTH_INGEST_WAREHOUSE_URL", "postgresql://postgres@127.0.0.1:1/none")
-    with pytest.raises(psycopg2.OperationalError):
+    with pytest.raises(LoadError, match="the warehouse cannot be reached") as raised:
         ingest_delivery("smart_sample", str(SAMPLE))
+    assert raised.value.retryable

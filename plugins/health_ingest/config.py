@@ -45,6 +45,32 @@ QUEUE_CONN_ID = "health_ingest_queue"  # the Redis on which senders announce del
 DEFAULT_RETENTION_DAYS = 30
 DEFAULT_NICENESS = 19
 
+# What one file of a delivery may make the pipeline read: beyond these, a line is quarantined (FHIR) or the
+# delivery refused (a claims line, a compressed file), so that memory never grows with what a file holds.
+ENV_MAX_LINE_BYTES = "HEALTH_INGEST_MAX_LINE_BYTES"
+ENV_MAX_DECOMPRESSED_BYTES = "HEALTH_INGEST_MAX_DECOMPRESSED_BYTES"
+ENV_MAX_COMPRESSION_RATIO = "HEALTH_INGEST_MAX_COMPRESSION_RATIO"
+ENV_MAX_BUNDLE_BYTES = "HEALTH_INGEST_MAX_BUNDLE_BYTES"
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    line_bytes: int = 64 << 20  # one NDJSON resource or one CSV row
+    decompressed_bytes: int = 64 << 30  # one compressed file, once decompressed
+    compression_ratio: int = 200  # decompressed bytes per compressed byte read (real exports: 5 to 30)
+    bundle_bytes: int = 256 << 20  # a Bundle is parsed whole
+
+
+def read_limits() -> ReadLimits:
+    """The limits, from the environment; a value out of range is refused by name."""
+    defaults = ReadLimits()
+    return ReadLimits(
+        line_bytes=setting(ENV_MAX_LINE_BYTES, defaults.line_bytes, 1, 1 << 40),
+        decompressed_bytes=setting(ENV_MAX_DECOMPRESSED_BYTES, defaults.decompressed_bytes, 1, 1 << 50),
+        compression_ratio=setting(ENV_MAX_COMPRESSION_RATIO, defaults.compression_ratio, 1, 1 << 20),
+        bundle_bytes=setting(ENV_MAX_BUNDLE_BYTES, defaults.bundle_bytes, 1, 1 << 40),
+    )
+
 
 def project_root() -> Path:
     """The checkout that holds `dags/`, `samples/` and `expectations/`."""

@@ -20,6 +20,15 @@ class HealthIngestError(Exception):
             self.retryable = retryable
 
 
+class RecordProblem(HealthIngestError):
+    """One record cannot be loaded: it goes to quarantine with `reason` and a message that quotes none of it."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
 class ConfigurationError(HealthIngestError):
     exit_code = 2
 

@@ -59,7 +59,7 @@ from health_ingest.quality.suites import (
 )
 from health_ingest.sources.landing import land_files
 from health_ingest.sources.registry import Source
-from health_ingest.warehouse import claims_tables
+from health_ingest.warehouse import batches, claims_tables
 from health_ingest.warehouse.claims_tables import native_row_test
 from health_ingest.warehouse.connection import connect
 from health_ingest.warehouse.staging import copy_files, escape_text
@@ -102,6 +102,9 @@ class ClaimsLoader(BatchLoader):
         files_of = {table: [f for f in landed.loadable if f.resource_type == table] for table in tables}
         for table in tables:
             claims_tables.check_columns(table, plans[files_of[table][0].file_no].columns)
+        with conn.cursor() as cur:
+            self.position = "while waiting for a table another batch is creating"
+            batches.lock_new_tables(cur, [f"claims.{self.profile.warehouse_table(t)}" for t in tables])
         typing_conn = connect(self.warehouse)
         typing_conn.autocommit = True
         stages = Stages()
@@ -562,7 +565,7 @@ class Chunk:
     native: list[Path] = field(default_factory=list)  # rows to copy straight into typed columns
     careful: list[Path] = field(default_factory=list)  # rows to type from text
     rows_read: int = 0
-    wrong_width: int = 0  # rows already quarantined by the reader
+    wrong_width: int = 0  # rows already quarantined by the reader (of the wrong width, or holding a NUL)
     careful_rows: int = 0
     seconds: float = 0.0  # spent reading and encoding (summed over the workers)
 
@@ -617,7 +620,15 @@ class RowEncoder:
                 cells, person = transform(values)
                 line = "\t".join(cells)
                 # one test on the joined line: only a row holding a special character has its fields escaped
-                if line.count("\t") != tabs or "\\" in line or "\n" in line or "\r" in line:
+                if line.count("\t") != tabs or "\\" in line or "\n" in line or "\r" in line or "\0" in line:
+                    if "\0" in line:  # PostgreSQL's text cannot hold it
+                        wrong_width += 1
+                        careful += 1
+                        write_careful(
+                            f"{file_no}\t{row_no}\t\tnul_character\ta value holds a NUL character, which PostgreSQL "
+                            f"cannot store\t{blanks}\n"
+                        )
+                        continue
                     digest = row_digest(cells)
                     line = "\t".join(map(escape_text, cells))
                     write = write_careful
@@ -654,7 +665,7 @@ class ClaimsReader(WorkerPool):
         schema = profile.tables[plan.table]
         rest: tuple[int, int] | None = (0, 1)
         if self.parallel and _cut_at_newlines(path, plan.encoding):
-            ranges = LineRanges(path, RANGE_BYTES)
+            ranges = LineRanges(path, RANGE_BYTES, label)
             yield from self._chunks_of_ranges(path, plan, ranges, stop)
             rest = ranges.rest
         if rest is None or stop.is_set():

@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 import orjson
 
+from health_ingest import config
 from health_ingest.batch.lifecycle import (
     BatchContext,
     BatchLoader,
@@ -35,21 +36,30 @@ from health_ingest.batch.lifecycle import (
 )
 from health_ingest.batch.workers import SavepointMerge, Stages, WorkerPool, release_free_memory
 from health_ingest.deliveries import FileCounts, LandedDelivery, LandedFile
-from health_ingest.errors import DeliveryError, LoadError, MixedResourceTypes
+from health_ingest.errors import DeliveryError, LoadError, MixedResourceTypes, RecordProblem
+from health_ingest.formats.bounded import TOO_LONG
 from health_ingest.formats.ndjson import read_lines
+from health_ingest.formats.numbers import FLOAT_MARK, holds_float_mark, inexact_lines, inexact_of
 from health_ingest.privacy.dates import DateShifter
 from health_ingest.privacy.escrow import EscrowCipher, encode_escrow_rows
 from health_ingest.privacy.gate import check_k_anonymity
 from health_ingest.privacy.keyring import Keyring
 from health_ingest.privacy.resources import ResourcePseudonymiser
 from health_ingest.privacy.tokens import Tokeniser
-from health_ingest.quality.checks import MIXED_TYPES, Rejection, check_line, last_updated
+from health_ingest.quality.checks import (
+    MIXED_TYPES,
+    TOO_DEEP,
+    Rejection,
+    check_exact_line,
+    check_line,
+    last_updated,
+)
 from health_ingest.quality.reconcile import reconcile_part
 from health_ingest.quality.strict import StrictRules, strict_check
 from health_ingest.quality.suites import evaluate_batch, quality_gate
 from health_ingest.sources.landing import land_fhir_delivery
 from health_ingest.sources.registry import Source
-from health_ingest.warehouse import merge, staging
+from health_ingest.warehouse import batches, merge, staging
 from health_ingest.warehouse.connection import connect
 from health_ingest.warehouse.deletions import apply_deletions, record_export_errors
 from health_ingest.warehouse.staging import encode_loaded, encode_rejected
@@ -128,7 +138,10 @@ class FhirLoader(BatchLoader):
         thread copies the previous one into staging (`copy_cur`, autocommit), the suites check each staged type
         on their own connection, and this thread merges each staged part inside the load transaction (`cur`),
         which commits or not as a whole. Both cores work and memory stays flat (spools are files)."""
-        for resource_type in sorted({f.resource_type for f in landed.loadable}):
+        types = sorted({f.resource_type for f in landed.loadable})
+        self.position = "while waiting for a table another batch is creating"
+        batches.lock_new_tables(cur, [f"fhir.{t.lower()}" for t in types])
+        for resource_type in types:
             staging.create_staging_table(copy_cur, self.batch_id, resource_type)
         file_counts = {f.file_no: FileCounts() for f in landed.loadable}
         stages = Stages()
@@ -503,32 +516,28 @@ class ChunkEncoder:
         self._tokens = pseudonymiser.tokens
         self._escrow = escrow
 
-    def encode(self, file_no: int, expected_type: str, lines: list[tuple[int, bytes]]) -> EncodedChunk:
-        rows, rejected = [], 0
-        pseudonymise, dumps, clock = self._pseudonymise, orjson.dumps, time.perf_counter
-        check_seconds = pseudonymise_seconds = 0.0
-        strict, rules, allow_comments, warnings = self._strict, self._rules, self._allow_comments, Counter()
-        for line_no, raw in lines:
-            t0 = clock()
-            checked = check_line(raw, expected_type, allow_comments=allow_comments)
-            if strict and type(checked) is not Rejection:
-                outcome = strict_check(checked, rules)
-                warnings.update(outcome.warnings)
-                checked = outcome.rejection or checked
-            t1 = clock()
-            check_seconds += t1 - t0
-            if type(checked) is Rejection:
-                if checked.reason == MIXED_TYPES:
-                    raise MixedResourceTypes(f"line {line_no}: {checked.message}")
-                rejected += 1
-                rows.append(encode_rejected(file_no, line_no, checked.reason, checked.message))
-                continue
-            updated = last_updated(checked)
-            ids = pseudonymise(checked)
-            rows.append(encode_loaded(file_no, line_no, ids.resource_id, ids.patient_id, updated, dumps(checked)))
-            pseudonymise_seconds += clock() - t1
-        escrow = encode_escrow_rows(self._escrow, self._tokens.drain_new_tokens()) if self._escrow else b""
+    def encode(
+        self, file_no: int, expected_type: str, lines: list[tuple[int, bytes]], exact: frozenset[int] = frozenset()
+    ) -> EncodedChunk:
+        """`exact`: the lines whose numbers a float would alter (`inexact_lines`), parsed keeping them as written;
+        a line whose row shows a float of 1e16 or more (`FLOAT_MARK`: an integer beyond 64 bits, an exponent) is
+        encoded again exactly. A record that cannot be pseudonymised or written (an identifier system that is not
+        a string, nesting too deep for the JSON writer) is quarantined like one that fails its checks."""
+        warnings: Counter = Counter()
+        rows, rejected, check_seconds, pseudonymise_seconds = self._encode_lines(
+            file_no, expected_type, lines, exact, warnings
+        )
         data = b"".join(rows)
+        if holds_float_mark(data):  # rare: one test of the chunk, then of its rows
+            for index, row in enumerate(rows):
+                if FLOAT_MARK in row and lines[index][0] not in exact:
+                    again, rejected_again, *_ = self._encode_lines(
+                        file_no, expected_type, [lines[index]], frozenset({lines[index][0]}), Counter()
+                    )
+                    rows[index] = again[0]
+                    rejected += rejected_again
+            data = b"".join(rows)
+        escrow = encode_escrow_rows(self._escrow, self._tokens.drain_new_tokens()) if self._escrow else b""
         return EncodedChunk(
             data,
             escrow,
@@ -542,6 +551,49 @@ class ChunkEncoder:
             removed=self.pseudonymiser.take_removed(),
         )
 
+    def _encode_lines(
+        self,
+        file_no: int,
+        expected_type: str,
+        lines: list[tuple[int, bytes]],
+        exact: frozenset[int],
+        warnings: Counter,
+    ) -> tuple[list[bytes], int, float, float]:
+        rows, rejected = [], 0
+        pseudonymise, dumps, clock = self._pseudonymise, orjson.dumps, time.perf_counter
+        check_seconds = pseudonymise_seconds = 0.0
+        strict, rules, allow_comments = self._strict, self._rules, self._allow_comments
+        for line_no, raw in lines:
+            t0 = clock()
+            if exact and line_no in exact:
+                checked = check_exact_line(raw, expected_type, allow_comments=allow_comments)
+            else:
+                checked = check_line(raw, expected_type, allow_comments=allow_comments)
+            if strict and type(checked) is not Rejection:
+                outcome = strict_check(checked, rules)
+                warnings.update(outcome.warnings)
+                checked = outcome.rejection or checked
+            t1 = clock()
+            check_seconds += t1 - t0
+            if type(checked) is not Rejection:
+                updated = last_updated(checked)
+                try:
+                    ids = pseudonymise(checked)
+                    rows.append(
+                        encode_loaded(file_no, line_no, ids.resource_id, ids.patient_id, updated, dumps(checked))
+                    )
+                    pseudonymise_seconds += clock() - t1
+                    continue
+                except RecordProblem as problem:
+                    checked = Rejection(problem.reason, problem.message)
+                except (orjson.JSONEncodeError, RecursionError):
+                    checked = TOO_DEEP
+            if checked.reason == MIXED_TYPES:
+                raise MixedResourceTypes(f"line {line_no}: {checked.message}")
+            rejected += 1
+            rows.append(encode_rejected(file_no, line_no, checked.reason, checked.message))
+        return rows, rejected, check_seconds, pseudonymise_seconds
+
 
 class FileEncoder(WorkerPool):
     """Encodes whole files chunk by chunk, in worker processes when there is more than one core; chunks come back
@@ -550,6 +602,7 @@ class FileEncoder(WorkerPool):
     def __init__(self, keyring: Keyring, source: Source, workers: int | None = None) -> None:
         super().__init__(_start_worker, (keyring, source), workers)
         self.read_seconds = 0.0
+        self.limits = config.read_limits()
         self._local = None if self.workers > 1 else chunk_encoder(keyring, source)
 
     def encode(
@@ -566,7 +619,7 @@ class FileEncoder(WorkerPool):
         gzip file, which cannot be read at an offset, is sent to them line by line and its rows come back)."""
         if not self.parallel:
             for lines in self._chunks(path):
-                yield self._local.encode(file_no, expected_type, lines)
+                yield self._local.encode(file_no, expected_type, lines, inexact_of(lines))
             return
         if not path.name.lower().endswith(".gz"):
             tasks = (
@@ -580,18 +633,21 @@ class FileEncoder(WorkerPool):
                     expected_type,
                     str(rows_folder) if rows_folder else None,
                     start // part_bytes if part_bytes else 0,
+                    too_long,
                 )
-                for start, end, first_line in self._ranges(path)
+                for start, end, first_line, too_long in self._ranges(path)
             )
         else:
             tasks = ((_encode_in_worker, file_no, expected_type, lines) for lines in self._chunks(path))
         yield from self.in_order(tasks)
 
-    def _ranges(self, path: Path) -> Iterator[tuple[int, int, int]]:
-        """(start, end, first line number) of runs of whole lines of about CHUNK_BYTES; one reused buffer counts
-        the newlines, so that line numbers stay exact."""
+    def _ranges(self, path: Path) -> Iterator[tuple[int, int, int, bool]]:
+        """(start, end, first line number, too long) of runs of whole lines of about CHUNK_BYTES; one reused buffer
+        counts the newlines, so that line numbers stay exact. A line over the length limit is a run of its own,
+        marked too long, which no process reads: it is only skipped here, a megabyte at a time."""
         clock = time.perf_counter
         buffer = bytearray(CHUNK_BYTES)
+        max_line = self.limits.line_bytes
         with path.open("rb") as handle:
             offset, line = 0, 1
             while True:
@@ -599,11 +655,23 @@ class FileEncoder(WorkerPool):
                 read = handle.readinto(buffer)
                 if not read:
                     return
-                rest = handle.readline() if read == CHUNK_BYTES else b""  # to the end of the line cut
+                rest = handle.readline(max_line + 1) if read == CHUNK_BYTES else b""  # to the end of the line cut
+                if len(rest) > max_line and not rest.endswith(b"\n"):
+                    cut = buffer.rfind(b"\n", 0, read) + 1  # where the long line starts
+                    while (more := handle.readline(1 << 20)) and not more.endswith(b"\n"):
+                        pass
+                    end = handle.tell()
+                    self.read_seconds += clock() - started
+                    if cut:
+                        yield offset, offset + cut, line, False
+                        line += buffer.count(b"\n", 0, cut)
+                    yield offset + cut, end, line, True
+                    offset, line = end, line + 1
+                    continue
                 newlines = buffer.count(b"\n", 0, read) + rest.count(b"\n")
                 self.read_seconds += clock() - started
                 end = offset + read + len(rest)
-                yield offset, end, line
+                yield offset, end, line, False
                 offset, line = end, line + newlines
 
     def _chunks(self, path: Path) -> Iterator[list[tuple[int, bytes]]]:
@@ -613,7 +681,7 @@ class FileEncoder(WorkerPool):
         started = clock()
         chunk: list[tuple[int, bytes]] = []
         size = 0
-        for entry in read_lines(path):
+        for entry in read_lines(path, limits=self.limits):
             chunk.append(entry)
             size += len(entry[1])
             if len(chunk) >= CHUNK_LINES or size >= CHUNK_BYTES:
@@ -647,7 +715,7 @@ def _start_worker(keyring: Keyring, source: Source) -> None:
 
 
 def _encode_in_worker(file_no: int, expected_type: str, lines: list[tuple[int, bytes]]) -> EncodedChunk:
-    return _worker.encode(file_no, expected_type, lines)
+    return _worker.encode(file_no, expected_type, lines, inexact_of(lines))
 
 
 def _encode_range_in_worker(
@@ -659,10 +727,14 @@ def _encode_range_in_worker(
     expected_type: str,
     rows_folder: str | None,
     part: int,
+    too_long: bool = False,
 ) -> EncodedChunk:
     """Read a run of whole lines of the file and encode them; the rows are appended to this worker's file of the
-    part when there is a folder for them."""
-    chunk = _worker.encode(file_no, expected_type, lines_of_range(path, start, end, first_line))
+    part when there is a folder for them. A line too long is not read: it is quarantined as such."""
+    if too_long:
+        chunk = _worker.encode(file_no, expected_type, [(first_line, TOO_LONG)])
+    else:
+        chunk = _worker.encode(file_no, expected_type, *lines_of_range(path, start, end, first_line))
     if rows_folder is None:
         return chunk
     rows_file = f"{rows_folder}/{file_no}.{part}.{os.getpid()}.rows"
@@ -671,9 +743,13 @@ def _encode_range_in_worker(
     return dataclasses.replace(chunk, data=b"", rows_file=rows_file, part=part)
 
 
-def lines_of_range(path: str | Path, start: int, end: int, first_line: int) -> list[tuple[int, bytes]]:
-    """(line number, raw bytes) of the non-blank lines of a byte range that starts and ends at line breaks."""
+def lines_of_range(
+    path: str | Path, start: int, end: int, first_line: int
+) -> tuple[list[tuple[int, bytes]], frozenset[int]]:
+    """(line number, raw bytes) of the non-blank lines of a byte range that starts and ends at line breaks, and the
+    numbers of those whose numbers must be parsed exactly (one scan of the whole range)."""
     with open(path, "rb") as handle:
         handle.seek(start)
         data = handle.read(end - start)
-    return [(number, raw) for number, raw in enumerate(data.split(b"\n"), start=first_line) if raw.strip()]
+    lines = [(number, raw) for number, raw in enumerate(data.split(b"\n"), start=first_line) if raw.strip()]
+    return lines, inexact_lines(data, first_line)

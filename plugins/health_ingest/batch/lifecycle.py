@@ -8,6 +8,7 @@ hands the loader a `BatchContext`; the loader lands, reads, stages and merges, t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+import psycopg2
 
 from health_ingest import config
 from health_ingest.deliveries import FileCounts, LandedDelivery
@@ -174,16 +177,20 @@ def run_batch(
     warehouse = url or warehouse_url()
     conn = connect(warehouse)
     copy_conn = None
+    batch_id = None
     try:
         conn.autocommit = True
         require_migrated(conn)
         batches.lock_source(conn, source.name)
-        abandoned = batches.fail_abandoned_batches(conn, source.name)
-        if abandoned:
-            log.warning("source %s: marked %d abandoned batch(es) as failed", source.name, len(abandoned))
-            with conn.cursor() as cur:
-                for abandoned_id in abandoned:
-                    staging.drop_staging_tables(cur, abandoned_id)
+        for abandoned_id in batches.fail_abandoned_batches(conn, source.name):
+            log.warning(
+                "source %s: batch %s was left loading by a process that is gone (and its session with it): marked "
+                "failed, nothing of it was committed, its staging dropped",
+                source.name,
+                abandoned_id,
+            )
+        with conn.cursor() as cur:
+            staging.drop_leftover_staging(cur)
         batch_id = batches.open_batch(
             conn,
             source=source.name,
@@ -200,7 +207,7 @@ def run_batch(
         try:
             result = loader.load(conn, copy_conn, Path(delivery))
         except BaseException as error:
-            _fail(conn, source, batch_id, error, loader.position)
+            _fail(conn, warehouse, source, batch_id, error, loader.position)
         result.elapsed = time.perf_counter() - started
         log.info(
             "source %s: batch %s committed: %d read = %d loaded + %d quarantined in %.1f s",
@@ -212,12 +219,15 @@ def run_batch(
             result.elapsed,
         )
         return result
+    except psycopg2.Error as error:  # around the load: the lock, the batch row
+        raise LoadError(f"source {source.name}: {_safe_message(error, 'while opening the batch')}") from None
     finally:
-        if copy_conn is not None:
-            with copy_conn.cursor() as cur:
-                staging.drop_staging_tables(cur, batch_id)
-            copy_conn.close()
-        conn.close()
+        if batch_id is not None:
+            _drop_staging(copy_conn, warehouse, batch_id)
+        for connection in (copy_conn, conn):
+            if connection is not None:
+                with contextlib.suppress(psycopg2.Error):
+                    connection.close()
 
 
 def landing_folder(source: Source, batch_id: str) -> Path:
@@ -278,23 +288,62 @@ def counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -
 # --- implementation details -------------------------------------------------------------------
 
 
-def _fail(conn, source: Source, batch_id: str, error: BaseException, position: str):
+def _fail(conn, warehouse: str, source: Source, batch_id: str, error: BaseException, position: str):
     """Roll back, mark the batch, keep a rejection's evidence, and raise the batch's error (which says whether a
-    retry can help: that of the cause)."""
+    retry can help: that of the cause). A batch whose connection was lost is marked on a fresh one."""
     message = _safe_message(error, position)
     status = _failure_status(error)
-    conn.rollback()
-    conn.autocommit = True
-    batches.mark_failed(conn, batch_id, message, status=status)
-    if isinstance(error, BatchRejected):
-        _record_rejection_evidence(conn, batch_id, error.evidence)
+    recorded = _record_failure(conn, warehouse, batch_id, message, status, error)
     log.error("source %s: batch %s %s, nothing committed: %s", source.name, batch_id, status, message)
-    if not isinstance(error, HealthIngestError):
+    if not isinstance(error, HealthIngestError | psycopg2.Error):
         log.error("where it failed:\n%s", "".join(traceback.format_tb(error.__traceback__)))
     if isinstance(error, KeyboardInterrupt):
         raise error
     failure = BatchRejected if isinstance(error, BatchRejected) else LoadError
+    if not recorded:
+        message += "; the warehouse could not be told, so the next run of this source marks the batch failed"
     raise failure(f"batch {batch_id} of source {source.name} {status}: {message}", retryable=retryable(error)) from None
+
+
+def _record_failure(conn, warehouse: str, batch_id: str, message: str, status: str, error: BaseException) -> bool:
+    """Mark the batch failed (or rejected) after the rollback, on its own connection or, when that is lost, on a
+    fresh one. False when the warehouse cannot be reached: the next run of the source marks it then."""
+    try:
+        conn.rollback()
+        conn.autocommit = True
+        target = conn
+    except psycopg2.Error:
+        try:
+            target = connect(warehouse)
+            target.autocommit = True
+        except (psycopg2.Error, HealthIngestError):
+            return False
+    try:
+        batches.mark_failed(target, batch_id, message, status=status)
+        if isinstance(error, BatchRejected):
+            _record_rejection_evidence(target, batch_id, error.evidence)
+        return True
+    except psycopg2.Error:
+        return False
+    finally:
+        if target is not conn:
+            target.close()
+
+
+def _drop_staging(copy_conn, warehouse: str, batch_id: str) -> None:
+    """Drop the batch's staging, on a fresh connection if the batch's own is lost; what cannot be dropped now is
+    dropped by the next run (`drop_leftover_staging`)."""
+    for attempt in (copy_conn, None):
+        try:
+            target = attempt or connect(warehouse)
+            target.autocommit = True
+            with target.cursor() as cur:
+                staging.drop_staging_tables(cur, batch_id)
+            if attempt is None:
+                target.close()
+            return
+        except (psycopg2.Error, HealthIngestError):
+            continue
 
 
 def _record_rejection_evidence(conn, batch_id: str, evidence: object) -> None:
@@ -319,6 +368,11 @@ def _safe_message(error: BaseException, position: str) -> str:
     if isinstance(error, HealthIngestError):
         return str(error)
     pgcode = getattr(error, "pgcode", None)
+    if isinstance(error, psycopg2.OperationalError | psycopg2.InterfaceError) and (
+        pgcode is None or pgcode.startswith(("08", "57P"))
+    ):
+        words = QUOTED.sub('"..."', (str(error).strip().splitlines() or ["closed"])[0])
+        return f"the connection to the warehouse was lost ({words}) {position}"
     if pgcode is not None:
         diag = getattr(error, "diag", None)
         # PostgreSQL quotes input values in some primary messages: keep the words, drop the quotes

@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -18,6 +19,8 @@ from typing import Any
 
 from health_ingest import config
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that forked it ends
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +28,8 @@ class WorkerPool:
     """Worker processes forked from the batch's process (they inherit its loaded modules and settings), each set up
     by `initializer` once and run at the configured priority; none when there is one worker (`parallel` is False).
     At most two tasks per worker are in flight, so memory does not grow with the file. Use as a context manager:
-    the workers stop with it."""
+    the workers stop with it, and die with the thread that made them (`_die_with_parent`): the pool must not
+    outlive the thread that first uses it."""
 
     def __init__(self, initializer: Callable[..., None], initargs: tuple, workers: int | None = None) -> None:
         self.workers = workers if workers is not None else config.workers()
@@ -50,7 +54,7 @@ class WorkerPool:
                 self.workers,
                 mp_context=multiprocessing.get_context("fork"),
                 initializer=_start_worker,
-                initargs=(self.niceness, self._initializer, self._initargs),
+                initargs=(os.getpid(), self.niceness, self._initializer, self._initargs),
             )
         return self
 
@@ -151,10 +155,22 @@ def release_free_memory() -> None:
 # --- implementation details -------------------------------------------------------------------
 
 
-def _start_worker(niceness: int, initializer: Callable[..., None], initargs: tuple) -> None:
+def _start_worker(parent: int, niceness: int, initializer: Callable[..., None], initargs: tuple) -> None:
+    _die_with_parent(parent)
     # workers yield to the database (staging, merging, checking the previous parts), which the batch waits for
     os.nice(niceness)
     initializer(*initargs)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to kill this worker when the thread that forked it ends: a worker that outlived a killed batch
+    process would keep its copies of the warehouse connections open, and with them the batch's transaction and
+    its source's lock. If the parent is already gone, exit now."""
+    libc = _glibc()
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 @functools.cache

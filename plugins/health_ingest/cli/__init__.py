@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from health_ingest.cli import demo, ingest, keys, warehouse
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # a batch stopped by SIGTERM fails cleanly, as one stopped by Ctrl-C
     try:
         return args.run(args) or 0
     except HealthIngestError as error:
@@ -32,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --- implementation details -------------------------------------------------------------------
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:

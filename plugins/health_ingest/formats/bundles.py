@@ -6,6 +6,7 @@ A Bundle is one JSON document, so it is parsed whole, one at a time; what comes 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import orjson
 
+from health_ingest.config import read_limits
 from health_ingest.errors import DeliveryError
+from health_ingest.formats.numbers import inexact_lines, loads_exact
 from health_ingest.formats.resource_types import RESOURCE_TYPES
 
 BUNDLE_TYPES = {"transaction", "batch", "collection", "searchset", "transaction-response", "batch-response"}
@@ -51,11 +54,20 @@ class BundleIndex:
 
 
 def read_bundle(path: Path, label: str) -> dict:
-    """`label` names the file in errors (the delivered name may identify someone)."""
+    """`label` names the file in errors (the delivered name may identify someone). A Bundle is parsed whole, so its
+    size is bounded (`HEALTH_INGEST_MAX_BUNDLE_BYTES`); its numbers are kept as written."""
+    limit = read_limits().bundle_bytes
+    if path.stat().st_size > limit:
+        raise DeliveryError(f"{label}: a Bundle larger than {limit} bytes (HEALTH_INGEST_MAX_BUNDLE_BYTES)")
+    data = path.read_bytes()
     try:
-        document = orjson.loads(path.read_bytes())
+        document = orjson.loads(data)
+        if inexact_lines(data, 1, thorough=True):
+            document = loads_exact(data)
     except orjson.JSONDecodeError as error:
         raise DeliveryError(f"{label}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    except RecursionError:
+        raise DeliveryError(f"{label}: nested too deep to be read") from None
     if not isinstance(document, dict) or document.get("resourceType") != "Bundle":
         raise DeliveryError(f"{label}: a JSON file of a delivery must be a FHIR Bundle")
     if document.get("type") not in BUNDLE_TYPES:
@@ -79,6 +91,14 @@ def explode_bundle(path: Path, label: str, index: BundleIndex, folder: Path) -> 
     written = []
     try:
         for resource in _entries(bundle):
+            if type(resource) is not dict:  # a line of its own, quarantined as what it is, so it is counted
+                resource_type = "Basic"
+                if resource_type not in handles:
+                    target = folder / f"{resource_type}.from.{label.removesuffix('.json')}.ndjson"
+                    handles[resource_type] = target.open("wb")
+                    written.append(target)
+                handles[resource_type].write(orjson.dumps(resource) + b"\n")
+                continue
             resource_type = resource.get("resourceType")
             if resource_type not in RESOURCE_TYPES:
                 resource_type = "Basic"  # checked, and quarantined, as a resource of the wrong type
@@ -87,7 +107,11 @@ def explode_bundle(path: Path, label: str, index: BundleIndex, folder: Path) -> 
                 handles[resource_type] = target.open("wb")
                 written.append(target)
             _resolve_references(resource, index)
-            handles[resource_type].write(orjson.dumps(resource) + b"\n")
+            try:
+                line = orjson.dumps(resource)
+            except TypeError:  # nested beyond orjson's writer: written by another, quarantined when checked
+                line = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode()
+            handles[resource_type].write(line + b"\n")
     finally:
         for handle in handles.values():
             handle.close()
@@ -97,11 +121,14 @@ def explode_bundle(path: Path, label: str, index: BundleIndex, folder: Path) -> 
 # --- implementation details -------------------------------------------------------------------
 
 
-def _entries(bundle: dict) -> Iterator[dict]:
+def _entries(bundle: dict) -> Iterator[object]:
+    """Each entry's resource; an entry that is not an object, or whose resource is not one, is given as it is.
+    An entry without a resource (a transaction's DELETE) gives nothing."""
     for entry in bundle.get("entry") or ():
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if isinstance(resource, dict):
-            yield resource
+        if not isinstance(entry, dict):
+            yield entry
+        elif "resource" in entry:
+            yield entry["resource"]
 
 
 def _resolve_references(node, index: BundleIndex) -> None:

@@ -22,7 +22,9 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from health_ingest.config import read_limits
 from health_ingest.errors import DeliveryError
+from health_ingest.formats.bounded import open_limited
 
 PROFILES = ("snds", "synthea", "cms-rif")
 TABLE_SCHEMA_TYPES = {
@@ -191,9 +193,14 @@ def open_claims_file(
     refused = []
     for candidate in [encoding] if encoding else profile.encodings:
         if encoding is None and (line := _checked_line(path, label, candidate)) is not None:
+            if _is_utf8(candidate) and _holds_utf8_sequences(path, label):
+                raise DeliveryError(
+                    f"{label}: UTF-8 with bytes of another encoding at line {line}: the file mixes encodings, and "
+                    "no one encoding reads it right; nothing of the delivery was loaded"
+                )
             refused.append(f"not {candidate} at line {line}")
             continue
-        reader = csv.reader(_text_stream(path, candidate), delimiter=schema.delimiter or profile.delimiter)
+        reader = csv.reader(_text_stream(path, candidate, label), delimiter=schema.delimiter or profile.delimiter)
         try:
             header = next(reader)
         except StopIteration:
@@ -220,12 +227,13 @@ def rows_of_range(
     `line`, past the header, and ends at a line break (None: at the end of the file): what `ClaimsFile.rows` gives
     for them. `label` names the file in errors."""
     delimiter, trailing = schema.delimiter or profile.delimiter, profile.trailing_delimiter
-    with path.open("rb") as raw:
-        raw.seek(start)
-        if end is None:
+    if end is None:
+        with open_limited(path, label, refuse_long_lines=True, start=start) as raw:
             reader = csv.reader(io.TextIOWrapper(raw, encoding=encoding, newline=""), delimiter=delimiter)
             yield from _rows(reader, label, width, trailing, line)
-            return
+        return
+    with path.open("rb") as raw:
+        raw.seek(start)
         block = raw.read(end - start)
     text = block.decode(encoding)
     if _cuttable(block):
@@ -240,25 +248,57 @@ class LineRanges:
     one holding a quote (a quoted field may hold a line break) or a carriage return alone (a line break that the
     count of newlines would miss); `rest` is then the (offset, line) from which the file must be read in order."""
 
-    def __init__(self, path: Path, range_bytes: int):
-        self.path, self.range_bytes = path, range_bytes
+    def __init__(self, path: Path, range_bytes: int, label: str = "a claims file"):
+        self.path, self.range_bytes, self.label = path, range_bytes, label
         self.rest: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        max_line = read_limits().line_bytes
         with self.path.open("rb") as handle:
-            header = handle.readline()
+            header = _bounded_line(handle, max_line, self.label, 1)
             if not _cuttable(header):
                 self.rest = (0, 1)
                 return
             offset, line = len(header), 2
             while block := handle.read(self.range_bytes):
                 if not block.endswith(b"\n"):
-                    block += handle.readline()
+                    block += _bounded_line(handle, max_line, self.label, line + block.count(b"\n"))
                 if not _cuttable(block):
                     self.rest = (offset, line)
                     return
                 yield offset, offset + len(block), line
                 offset, line = offset + len(block), line + block.count(b"\n")
+
+
+def _bounded_line(handle, max_bytes: int, label: str, line: int) -> bytes:
+    """The rest of a line, refused when longer than the limit: a CSV row cannot be skipped (a quote may be open)."""
+    rest = handle.readline(max_bytes + 1)
+    if len(rest) > max_bytes and not rest.endswith(b"\n"):
+        raise DeliveryError(
+            f"{label}: line {line} is longer than {max_bytes} bytes (HEALTH_INGEST_MAX_LINE_BYTES); nothing of the "
+            "delivery was loaded"
+        )
+    return rest
+
+
+def _is_utf8(encoding: str) -> bool:
+    return codecs.lookup(encoding).name == "utf-8"
+
+
+_UTF8_SEQUENCE = re.compile(rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
+
+
+def _holds_utf8_sequences(path: Path, label: str) -> bool:
+    """Whether a file that is not UTF-8 still holds UTF-8's multi-byte sequences (`é` written as two bytes): then it
+    mixes encodings, and Latin-1 would read each of them as two wrong characters. A Latin-1 text almost never holds
+    one (an accented letter followed by a symbol of the 0x80-0xBF range)."""
+    with _raw_stream(path, label) as raw:
+        tail = b""
+        while block := raw.read(1 << 20):
+            if _UTF8_SEQUENCE.search(tail + block):
+                return True
+            tail = block[-3:]
+    return False
 
 
 def _cuttable(block: bytes) -> bool:
@@ -271,20 +311,20 @@ _LONE_CR = re.compile(rb"\r(?!\n)")
 
 def _checked_line(path: Path, label: str, encoding: str) -> int | None:
     try:
-        return first_undecodable_line(path, encoding)
+        return first_undecodable_line(path, encoding, label)
     except EOFError:
         raise DeliveryError(f"{label}: the compressed file ends too soon; nothing of the delivery was loaded") from None
     except (gzip.BadGzipFile, zipfile.BadZipFile, zlib.error):
         raise DeliveryError(f"{label}: not a valid compressed file; nothing of the delivery was loaded") from None
 
 
-def first_undecodable_line(path: Path, encoding: str) -> int | None:
+def first_undecodable_line(path: Path, encoding: str, label: str = "a claims file") -> int | None:
     """The line holding the first bytes that are not valid in `encoding`, or None when the whole file decodes.
     One pass over the file (about 0.3 s per million SNDS rows; a compressed file is decompressed for it), in
     blocks: the lines are only counted when a file does not decode."""
     decoder = codecs.getincrementaldecoder(encoding)()
     ascii_compatible = codecs.lookup(encoding).name in ASCII_COMPATIBLE
-    with _raw_stream(path) as raw:
+    with _raw_stream(path, label) as raw:
         try:
             while block := raw.read(1 << 20):
                 if not (ascii_compatible and block.isascii() and not decoder.getstate()[0]):
@@ -295,7 +335,7 @@ def first_undecodable_line(path: Path, encoding: str) -> int | None:
             pass
     decoder = codecs.getincrementaldecoder(encoding)()
     number = 0
-    with _raw_stream(path) as raw:
+    with _raw_stream(path, label) as raw:
         for number, line in enumerate(raw, start=1):
             try:
                 decoder.decode(line)
@@ -402,21 +442,14 @@ def _table_schema_part(descriptor: dict) -> dict:
     return part
 
 
-def _text_stream(path: Path, encoding: str) -> io.TextIOBase:
-    return io.TextIOWrapper(_raw_stream(path), encoding=encoding, newline="")
+def _text_stream(path: Path, encoding: str, label: str) -> io.TextIOBase:
+    return io.TextIOWrapper(_raw_stream(path, label), encoding=encoding, newline="")
 
 
-def _raw_stream(path: Path) -> io.BufferedIOBase:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if name.endswith(".zip"):
-        archive = zipfile.ZipFile(path)
-        members = [m for m in archive.namelist() if not m.endswith("/")]
-        if len(members) != 1:
-            raise DeliveryError(f"{path.name}: a zip archive must hold exactly one file")
-        return archive.open(members[0])
-    return path.open("rb")
+def _raw_stream(path: Path, label: str) -> io.BufferedIOBase:
+    """The file's bytes (gzip and zip decompressed), within the read limits: no line, and so no field, longer than
+    the line limit, and no compression bomb."""
+    return open_limited(path, label, refuse_long_lines=True)
 
 
 def _check_header(label: str, header: list[str], schema: TableSchema) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 
+from health_ingest.config import ReadLimits, read_limits
+from health_ingest.formats.bounded import TOO_LONG, bounded_lines, open_limited
 from health_ingest.formats.resource_types import RESOURCE_TYPES
 
 NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
@@ -54,10 +55,12 @@ def resource_type_in(path: Path) -> str | None:
     return resource_type_of(path)
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """Yield (line number, raw bytes) for every non-blank line; gzip files are read as they stream."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if raw.strip():
+def read_lines(path: Path, label: str | None = None, limits: ReadLimits | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield (line number, raw bytes) for every non-blank line; gzip files are read as they stream, within the
+    read limits (`label` names the file in a refusal). A line over the length limit is given as `TOO_LONG` (empty),
+    which the checks quarantine, without ever being held."""
+    limits = limits or read_limits()
+    with open_limited(path, label or "a delivered file", limits) as handle:
+        for line_number, raw in enumerate(bounded_lines(handle, limits.line_bytes), start=1):
+            if raw is TOO_LONG or raw.strip():
                 yield line_number, raw

@@ -9,6 +9,9 @@ from datetime import date
 from functools import lru_cache
 from typing import Any
 
+import orjson
+
+from health_ingest.errors import RecordProblem
 from health_ingest.privacy import element_plan as plan
 from health_ingest.privacy.compat import MicrosoftCompatTokeniser
 from health_ingest.privacy.dates import DateShifter
@@ -79,15 +82,16 @@ MASKED = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-abse
 MASKED_EXTENSION = {"url": DATA_ABSENT_REASON, "valueCode": "masked"}
 MASKED_PRIMITIVE = {"extension": [MASKED_EXTENSION]}
 MASKED_TEXT = "masked"  # what a required choice of free text (`contentString`) holds instead
-_STRINGS, _NUMBERS, _BOOLEANS = frozenset({str}), frozenset({int, float}), frozenset({bool})
+# a number kept as written (`formats/numbers.py`) is an `orjson.Fragment`
+_STRINGS, _NUMBERS, _BOOLEANS = frozenset({str}), frozenset({int, float, orjson.Fragment}), frozenset({bool})
 # why something was removed, as counted per batch
 UNEXPECTED_SHAPE, IDENTIFYING_VALUE = "unexpected shape", "identifying value"
 
 REFERENCE = re.compile(
     r"^(?P<base>(?:https?://[^?#]*/)?)(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-.]{1,64})"
-    r"(?P<history>/_history/[A-Za-z0-9\-.]{1,64})?$"
+    r"(?P<history>/_history/[A-Za-z0-9\-.]{1,64})?\Z"
 )
-URN_OID = re.compile(r"^urn:oid:[0-2](\.(0|[1-9][0-9]*))+$")
+URN_OID = re.compile(r"^urn:oid:[0-2](\.(0|[1-9][0-9]*))+\Z")
 CONDITIONAL_REFERENCE = re.compile(r"^(?P<type>[A-Z][A-Za-z]{1,63})\?(?P<query>.+)$")
 
 
@@ -190,7 +194,7 @@ class ResourcePseudonymiser:
         identifiers = {
             i.get("system"): i.get("value")
             for i in patient.get("identifier", ())
-            if isinstance(i, dict) and isinstance(i.get("value"), str)
+            if isinstance(i, dict) and isinstance(i.get("value"), str) and isinstance(i.get("system", ""), str)
         }
         for system in self._linking:
             if identifiers.get(system):
@@ -330,8 +334,10 @@ class ResourcePseudonymiser:
                         removed.append(key)
             elif action == IDENTIFIER_VALUE:
                 system = node.get("system")
+                if system is not None and type(system) is not str:  # its tokens' domain would be an object's text
+                    raise RecordProblem("invalid_identifier", "an identifier's system is not a string")
                 if kind is str:
-                    node[key] = self.tokens.identifier(system if type(system) is str else "", value)
+                    node[key] = self.tokens.identifier(system or "", value)
                 else:
                     removed = removed or []
                     removed.append(key)

@@ -9,9 +9,12 @@ from typing import Any
 
 import orjson
 
-FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+from health_ingest.formats.numbers import loads_exact
+
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")  # `\Z`, not `$`, which accepts a trailing line break
 TYPE_NAME = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
-INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
+# FHIR's instant: offsets from -14:00 to +14:00 only, which PostgreSQL's timestamptz also reads (it refuses +23:59)
+INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]((0\d|1[0-3]):[0-5]\d|14:00))")
 
 
 MIXED_TYPES = "mixed_resource_types"
@@ -23,6 +26,9 @@ class Rejection:
 
     reason: str
     message: str
+
+
+TOO_DEEP = Rejection("too_deep", "nested deeper than the warehouse's JSON writer allows (255 levels)")
 
 
 def check_line(raw: bytes, expected_type: str | None, *, allow_comments: bool = False) -> dict[str, Any] | Rejection:
@@ -63,14 +69,34 @@ def check_line(raw: bytes, expected_type: str | None, *, allow_comments: bool = 
     resource_id = resource.get("id")
     if resource_id is None or resource_id == "":
         return Rejection("missing_id", "no id")
-    if not isinstance(resource_id, str) or not FHIR_ID.match(resource_id):
+    if not isinstance(resource_id, str) or not FHIR_ID.fullmatch(resource_id):
         return Rejection("invalid_id", "id is not a FHIR id (1-64 characters of A-Z a-z 0-9 - .)")
     meta = resource.get("meta")
     if meta is not None and not isinstance(meta, dict):
         return Rejection("invalid_meta", "meta is not an object")
-    if meta and "lastUpdated" in meta and not _is_instant(meta["lastUpdated"]):
-        return Rejection("invalid_last_updated", "meta.lastUpdated is not a FHIR instant with a time zone")
+    if meta:
+        if "lastUpdated" in meta and not _is_instant(meta["lastUpdated"]):
+            return Rejection("invalid_last_updated", "meta.lastUpdated is not a FHIR instant with a time zone")
+        if "security" in meta and type(meta["security"]) is not list:
+            return Rejection("invalid_meta", "meta.security is not a list of codings")
     return resource
+
+
+def check_exact_line(
+    raw: bytes, expected_type: str | None, *, allow_comments: bool = False
+) -> dict[str, Any] | Rejection:
+    """`check_line` for a line whose numbers a float would alter (see `formats.numbers`): the checks are the same,
+    and the resource keeps its numbers as written."""
+    checked = check_line(raw, expected_type, allow_comments=allow_comments)
+    if type(checked) is Rejection:
+        return checked
+    try:
+        try:
+            return loads_exact(raw)
+        except ValueError:  # JSON once its comments are dropped, which `check_line` allowed
+            return loads_exact(strip_json_comments(raw))
+    except RecursionError:
+        return TOO_DEEP
 
 
 def last_updated(resource: dict[str, Any]) -> str | None:
@@ -112,6 +138,8 @@ def strip_json_comments(raw: bytes) -> bytes:
 
 
 def _parse_failure(raw: bytes, error: orjson.JSONDecodeError) -> Rejection:
+    if not raw:  # what a reader gives for a line over the length limit, which it did not keep
+        return Rejection("line_too_long", "longer than the line length limit (HEALTH_INGEST_MAX_LINE_BYTES)")
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as decode_error:
@@ -121,7 +149,7 @@ def _parse_failure(raw: bytes, error: orjson.JSONDecodeError) -> Rejection:
 
 
 def _is_instant(value: object) -> bool:
-    if not isinstance(value, str) or not INSTANT.match(value):
+    if not isinstance(value, str) or not INSTANT.fullmatch(value):
         return False
     try:
         return datetime.fromisoformat(value).tzinfo is not None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +31,7 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
     where they are. Bundles are unpacked into one NDJSON file per resource type, checksummed like the rest."""
     delivery = delivery.resolve()
     if delivery.is_dir():
-        candidates = sorted(p for p in delivery.iterdir() if p.is_file() and _is_input(p))
+        candidates = _entries(delivery, _is_input)
     elif delivery.is_file() and _is_input(delivery):
         candidates = [delivery]
     else:
@@ -37,12 +39,16 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
         raise DeliveryError("the delivery is no folder, NDJSON file or Bundle that can be read")
     if not candidates and not _empty_export(delivery):
         raise DeliveryError("the delivery holds no NDJSON file (*.ndjson, *.ndjson.gz) and no Bundle (*.json)")
-    landing_folder.mkdir(parents=True, exist_ok=False)
+    with _landing(landing_folder):
+        return LandedDelivery(delivery, landing_folder, _land_fhir_files(candidates, landing_folder))
+
+
+def _land_fhir_files(candidates: list[Path], landing_folder: Path) -> list[LandedFile]:
     files: list[LandedFile] = []
     digests = _Digests()
     for source_file in candidates:
         target = landing_folder / source_file.name
-        size = _private_copy(source_file, target)
+        size = _private_copy(source_file, target, safe_label(source_file.name, len(files) + 1))
         bundle, role = _is_bundle(source_file), _role(source_file)
         # what a file holds is read from its first record: servers name files anyhow
         resource_type = resource_type_in(target) if not bundle and role == "resources" else None
@@ -68,7 +74,7 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
                     )
                 )
     digests.close()
-    return LandedDelivery(delivery, landing_folder, files)
+    return files
 
 
 # --- implementation details -------------------------------------------------------------------
@@ -90,20 +96,20 @@ def land_files(
     if not candidates:
         raise DeliveryError(f"the delivery holds no {what}")
     kinds = {path: holds(path) for path in candidates}  # refuses an unknown table before anything is copied
-    landing_folder.mkdir(parents=True, exist_ok=False)
     files = []
     digests = _Digests()
     landed_names: set[str] = set()
-    for file_no, source_file in enumerate(candidates, start=1):
-        # two folders of a tree may hold files of one name: the second is landed under its number
-        landed_name = source_file.name if source_file.name not in landed_names else f"{file_no}-{source_file.name}"
-        landed_names.add(landed_name)
-        target = landing_folder / landed_name
-        size = _private_copy(source_file, target)
-        # a file named after a known table is an export's name, not a person's
-        plain = SAFE_NAME.match(source_file.name) and len(source_file.name) <= 80
-        name = source_file.name if plain else safe_label(source_file.name, file_no)
-        files.append(LandedFile(file_no, name, target, size, digests.of(target), kinds[source_file]))
+    with _landing(landing_folder):
+        for file_no, source_file in enumerate(candidates, start=1):
+            # two folders of a tree may hold files of one name: the second is landed under its number
+            landed_name = source_file.name if source_file.name not in landed_names else f"{file_no}-{source_file.name}"
+            landed_names.add(landed_name)
+            target = landing_folder / landed_name
+            # a file named after a known table is an export's name, not a person's
+            plain = SAFE_NAME.match(source_file.name) and len(source_file.name) <= 80
+            name = source_file.name if plain else safe_label(source_file.name, file_no)
+            size = _private_copy(source_file, target, name)
+            files.append(LandedFile(file_no, name, target, size, digests.of(target), kinds[source_file]))
     digests.close()
     return LandedDelivery(delivery, landing_folder, files)
 
@@ -116,7 +122,8 @@ def _files_of_tree(folder: Path, accepts: Callable[[Path], bool]) -> list[Path]:
         folders[:] = sorted(f for f in folders if not f.startswith(("_", ".")))
         for name in names:
             path = Path(root) / name
-            if not name.startswith(("_", ".")) and path.is_file() and accepts(path):
+            # not only regular files: a link, a device or a FIFO is refused when it is opened (`_open_regular`)
+            if not name.startswith(("_", ".")) and not path.is_dir() and accepts(path):
                 found.append(path)
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
@@ -183,11 +190,63 @@ class _Digests:
         self._executor.shutdown(wait=False)  # what was submitted still runs
 
 
-def _private_copy(source: Path, target: Path) -> int:
+def _entries(delivery: Path, accepts: Callable[[Path], bool]) -> list[Path]:
+    """The input files of a delivery folder by name; what each is, is judged when it is opened (`_open_regular`),
+    so that a file swapped for a link in between is still refused."""
+    return sorted(p for p in delivery.iterdir() if accepts(p) and not p.is_dir())
+
+
+def _open_regular(source: Path, label: str) -> int:
+    """A descriptor of a regular file inside its folder: no symbolic link is followed (one may point at the
+    process environment or a key), and no device, FIFO or socket is read (which could block or never end)."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise DeliveryError(f"{label}: a symbolic link; a delivery holds regular files only") from None
+        raise
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        what = (
+            "a FIFO"
+            if stat.S_ISFIFO(kind)
+            else "a device"
+            if stat.S_ISCHR(kind) or stat.S_ISBLK(kind)
+            else "not a file"
+        )
+        raise DeliveryError(f"{label}: {what}; a delivery holds regular files only")
+    return fd
+
+
+class _landing:
+    """The batch's landing folder, private to the pipeline's user (0700: file names can identify someone); when
+    landing fails (a refused file, a full disk), the partial copy is removed and the error says so."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __enter__(self) -> Path:
+        self.folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700)
+        os.chmod(self.folder, 0o700)  # whatever the umask
+        return self.folder
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is None:
+            return
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if isinstance(error, OSError) and not isinstance(error, DeliveryError):
+            reason = "no space left on the landing zone's disk" if error.errno == errno.ENOSPC else error.strerror
+            raise DeliveryError(f"landing the delivery failed: {reason}; the partial copy was removed") from None
+
+
+def _private_copy(source: Path, target: Path, label: str) -> int:
     """A private copy (0600) made by the kernel; its digest is taken from the copy: what is loaded is what was
     hashed."""
+    source_fd = _open_regular(source, label)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(source, "rb") as reader, os.fdopen(fd, "wb") as writer:
+    with os.fdopen(source_fd, "rb") as reader, os.fdopen(fd, "wb") as writer:
         try:
             offset = 0
             while sent := os.sendfile(writer.fileno(), reader.fileno(), offset, 1 << 30):
@@ -197,6 +256,7 @@ def _private_copy(source: Path, target: Path) -> int:
             writer.seek(0)
             writer.truncate()
             shutil.copyfileobj(reader, writer, CHUNK)
-    shutil.copystat(source, target, follow_symlinks=True)
+    times = os.stat(source, follow_symlinks=False)
+    os.utime(target, ns=(times.st_atime_ns, times.st_mtime_ns))
     os.chmod(target, 0o600)
     return target.stat().st_size

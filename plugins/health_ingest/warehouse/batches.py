@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -11,8 +12,11 @@ from datetime import datetime
 from health_ingest import config
 
 SOURCE_LOCK_PREFIX = "health_ingest:source:"
+TABLE_LOCK_PREFIX = "health_ingest:table:"
 COMMIT_LOCK = 0x436F6D6D  # serialises commits so that commit_seq order is commit order
 NOTIFY_CHANNEL = "health_ingest_batches"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,45 @@ class BatchRow:
 
 
 def lock_source(conn, source: str) -> None:
-    """One batch per source at a time: a second run waits for the first to finish (session lock)."""
+    """One batch per source at a time: a second run waits for the first to finish, and says what it waits for. The
+    lock belongs to the session, so the server releases it as soon as the process holding it is gone."""
+    key = SOURCE_LOCK_PREFIX + source
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (SOURCE_LOCK_PREFIX + source,))
+        cur.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
+        if cur.fetchone()[0]:
+            return
+        cur.execute(
+            """
+            SELECT a.pid, a.state, now() - a.backend_start,
+                   (SELECT b.batch_id::text FROM ingest.batches b
+                     WHERE b.source = %s AND b.status = 'loading' ORDER BY b.started_at DESC LIMIT 1)
+              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objid = hashtext(%s)::oid
+            """,
+            (source, key),
+        )
+        holder = cur.fetchone()
+        if holder:
+            log.warning(
+                "source %s: waiting for batch %s, still loading in another process (server process %s, %s, "
+                "connected for %s); one batch per source runs at a time",
+                source,
+                holder[3] or "(not yet recorded)",
+                holder[0],
+                holder[1],
+                str(holder[2]).split(".")[0],
+            )
+        cur.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+
+
+def lock_new_tables(cur, tables: list[str]) -> None:
+    """Before a load transaction creates tables, lock those that do not exist yet, in name order: a batch of another
+    source creating the same table waits for this one to commit, then finds it (instead of failing on the catalog's
+    duplicate key), and two batches never wait for each other."""
+    for table in sorted(set(tables)):
+        cur.execute("SELECT to_regclass(%s) IS NULL", (table,))
+        if cur.fetchone()[0]:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (TABLE_LOCK_PREFIX + table,))
 
 
 def unlock_source(conn, source: str) -> None:

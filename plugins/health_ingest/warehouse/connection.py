@@ -48,12 +48,36 @@ def warehouse_origin() -> str:
     return "the embedded PostgreSQL"
 
 
+# A batch's connections must not outlive its process: when it dies, or its host or the network does, the server
+# ends the session, and with it the batch's transaction and its source's lock. TCP keepalives on both sides find a
+# silent peer within about 25 s; the server checks the client is still there during a long statement; and a
+# transaction left idle by a hung client is ended.
+SESSION_SETTINGS = {
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "client_connection_check_interval": "2000",
+    "idle_in_transaction_session_timeout": "900000",
+}
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+
 def connect(url: str):
-    """Every connection to the warehouse goes through the jurisdiction guard first: a refusal sends nothing."""
+    """Every connection to the warehouse goes through the jurisdiction guard first: a refusal sends nothing. A
+    warehouse that cannot be reached is a `LoadError` that says so."""
     import psycopg2
+    from psycopg2.extensions import parse_dsn
+
+    from health_ingest.errors import LoadError
 
     hosting_decision(url)
-    return psycopg2.connect(url, application_name="health-ingest")
+    given = parse_dsn(url).get("options", "")
+    options = " ".join([given, *(f"-c {name}={value}" for name, value in SESSION_SETTINGS.items())]).strip()
+    try:
+        return psycopg2.connect(url, application_name="health-ingest", options=options, **KEEPALIVES)
+    except psycopg2.OperationalError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
+        raise LoadError(f"the warehouse cannot be reached ({reason}); nothing was loaded") from None
 
 
 def redact(url: str) -> str:

@@ -46,7 +46,7 @@ def record_export_errors(cur, batch_id: str, files: list[LandedFile]) -> int:
     total = 0
     for landed in files:
         issues: Counter[tuple[str, str]] = Counter()
-        for _, raw in read_lines(landed.path):
+        for _, raw in read_lines(landed.path, landed.name):
             try:
                 outcome = orjson.loads(raw)
                 found = [(str(i.get("severity", "unknown")), str(i.get("code", "unknown"))) for i in outcome["issue"]]
@@ -72,7 +72,7 @@ def record_export_errors(cur, batch_id: str, files: list[LandedFile]) -> int:
 
 
 def _deleted_entries(landed: LandedFile) -> Iterator[tuple[str, str]]:
-    for line_number, raw in read_lines(landed.path):
+    for line_number, raw in read_lines(landed.path, landed.name):
         where = f"{landed.name} line {line_number}"
         try:
             bundle = orjson.loads(raw)

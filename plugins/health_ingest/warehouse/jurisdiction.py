@@ -5,9 +5,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 from health_ingest import config
 from health_ingest.errors import ConfigurationError, JurisdictionRefused
@@ -86,9 +87,11 @@ def check_warehouse(url: str, declared: dict | None, policy: HostingPolicy | Non
     """Apply the policy's rules in order; the first that refuses raises with its name."""
     policy = policy or load_policy()
     where = f"hosting policy {policy.source}"
-    host = _host_of(url)
+    endpoint = libpq_endpoint(url)
+    remote = [h for h in endpoint.hosts if not _is_local(h)]
+    host = ", ".join(remote) or (endpoint.hosts[0] if endpoint.hosts else "the local socket")
     if declared is None:
-        if not _is_local(host):
+        if remote:
             raise JurisdictionRefused(
                 f"rule 'declaration-required' ({where}): the warehouse at {host} declares no hosting; set "
                 f"{ENV_HOSTING} or the connection's 'hosting' extra (provider, region, jurisdiction)"
@@ -96,7 +99,7 @@ def check_warehouse(url: str, declared: dict | None, policy: HostingPolicy | Non
         return HostingDecision(Hosting(**ON_PREMISES), declared=False)
 
     hosting = Hosting.parse(declared, "the warehouse's hosting declaration")
-    local_jurisdiction = hosting.jurisdiction == "LOCAL" and _is_local(host)
+    local_jurisdiction = hosting.jurisdiction == "LOCAL" and not remote
     if not local_jurisdiction and hosting.jurisdiction not in policy.allowed_jurisdictions:
         raise JurisdictionRefused(
             f"rule 'allowed_jurisdictions' ({where}): jurisdiction {hosting.jurisdiction} of {hosting.provider} "
@@ -112,7 +115,7 @@ def check_warehouse(url: str, declared: dict | None, policy: HostingPolicy | Non
                 "recorded justification in the policy can allow it"
             )
         justification = str(exception["justification"]).strip()
-    if policy.require_verified_tls_for_remote_hosts and not _is_local(host) and _sslmode(url) != "verify-full":
+    if policy.require_verified_tls_for_remote_hosts and remote and endpoint.sslmode != "verify-full":
         raise JurisdictionRefused(
             f"rule 'require_verified_tls_for_remote_hosts' ({where}): {host} is not a loopback host, so the "
             "connection must use sslmode=verify-full"
@@ -146,22 +149,69 @@ def _matches(exception: dict, hosting: Hosting) -> bool:
     return region is None or str(region).lower() == hosting.region
 
 
-def _host_of(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if not host:
-        host = (parse_qs(parts.query).get("host") or [""])[0]
-    return host
+@dataclass(frozen=True)
+class Endpoint:
+    """Where libpq will connect: every host it may try, and the TLS mode it will use."""
+
+    hosts: tuple[str, ...]
+    sslmode: str | None
+
+
+def libpq_endpoint(url: str, environ: Mapping[str, str] | None = None) -> Endpoint:
+    """The hosts libpq will really connect to, found as libpq finds them: the connection string parsed by libpq
+    itself (`?host=` and `?hostaddr=` override the URL's authority, several hosts are tried in turn), then a
+    `service` (connection string or `PGSERVICE`) for what the string leaves out, then `PG*` variables. A host
+    address (`hostaddr`) is what is connected to; the host name is then only what the certificate is checked
+    against."""
+    from psycopg2 import ProgrammingError
+    from psycopg2.extensions import parse_dsn
+
+    environ = os.environ if environ is None else environ
+    try:
+        options = {k: v for k, v in parse_dsn(url).items() if v != ""}
+    except ProgrammingError:
+        raise ConfigurationError("the warehouse URL is not a valid PostgreSQL connection string") from None
+    service = options.get("service") or environ.get("PGSERVICE")
+    if service:
+        for key, value in _service_options(service, environ).items():
+            options.setdefault(key, value)
+    for key, variable in (("host", "PGHOST"), ("hostaddr", "PGHOSTADDR"), ("sslmode", "PGSSLMODE")):
+        if key not in options and environ.get(variable):
+            options[key] = environ[variable]
+    names = options.get("host", "").split(",")
+    addresses = options.get("hostaddr", "").split(",")
+    count = max(len(names), len(addresses))
+    hosts = []
+    for position in range(count):
+        name = names[position] if position < len(names) else ""
+        address = addresses[position] if position < len(addresses) else ""
+        hosts.append((address or name).strip())
+    return Endpoint(tuple(hosts), options.get("sslmode"))
+
+
+def _service_options(service: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The options of a connection service, from the user's service file, else the system's (as libpq looks)."""
+    import configparser
+
+    files = [Path(environ.get("PGSERVICEFILE") or Path(environ.get("HOME") or "~").expanduser() / ".pg_service.conf")]
+    if environ.get("PGSYSCONFDIR"):
+        files.append(Path(environ["PGSYSCONFDIR"]) / "pg_service.conf")
+    files.append(Path("/etc/postgresql-common/pg_service.conf"))
+    for path in files:
+        parser = configparser.ConfigParser(interpolation=None, strict=False)
+        try:
+            parser.read_string(path.read_text(encoding="utf-8"))
+        except (OSError, configparser.Error):
+            continue
+        if parser.has_section(service):
+            return {k: v.strip() for k, v in parser.items(service) if v.strip()}
+    raise ConfigurationError(f"the warehouse's connection service {service!r} is in no service file")
 
 
 def _is_local(host: str) -> bool:
-    if not host or host.startswith("/") or host == "localhost":
-        return True  # a Unix socket, or the loopback name
+    if not host or host.startswith(("/", "@")) or host == "localhost":
+        return True  # a Unix socket (an abstract one too), or the loopback name
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _sslmode(url: str) -> str | None:
-    return (parse_qs(urlsplit(url).query).get("sslmode") or [None])[0]

@@ -60,6 +60,26 @@ def drop_staging_tables(cur, batch_id: str) -> None:
         cur.execute(f"DROP TABLE IF EXISTS {', '.join(tables)} CASCADE")
 
 
+def drop_leftover_staging(cur) -> int:
+    """Drop the staging of every batch that is no longer loading (one whose process could not drop it: a lost
+    connection, a crash); returns how many tables it dropped."""
+    cur.execute(
+        """
+        SELECT t.tablename
+          FROM pg_tables t
+         WHERE t.schemaname = %s
+           AND NOT EXISTS (SELECT FROM ingest.batches b
+                            WHERE b.status = 'loading'
+                              AND starts_with(t.tablename, 'b' || left(replace(b.batch_id::text, '-', ''), 16) || '_'))
+        """,
+        (STAGING_SCHEMA,),
+    )
+    tables = [f"{STAGING_SCHEMA}.{table}" for (table,) in cur.fetchall()]
+    if tables:
+        cur.execute(f"DROP TABLE IF EXISTS {', '.join(tables)} CASCADE")
+    return len(tables)
+
+
 def copy_files(cur, table: str, files: list[Path], columns: str | None = STAGING_COLUMNS, *, options: str = "") -> None:
     """COPY files of already-encoded rows (text format unless `options` say otherwise), one after the other, as one
     statement (`columns` None: all)."""
