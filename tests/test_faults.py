@@ -91,13 +91,20 @@ def test_each_bad_record_is_quarantined_with_its_line_and_the_rest_loads(tmp_pat
     from health_ingest.sources.registry import get_source
 
     monkeypatch.setenv("HEALTH_INGEST_MAX_LINE_BYTES", str(MiB))
-    deep: object = "bottom"
-    for _ in range(300):
-        deep = {"x": deep}
+    # deep inside elements the pseudonymiser keeps (a contained Questionnaire's nested items)
+    deep: dict = {"linkId": "leaf", "type": "display"}
+    for _ in range(150):
+        deep = {"linkId": "group", "type": "group", "item": [deep]}
     good = [json.loads(line) for line in (SAMPLE / "Patient.000.ndjson").read_text().splitlines()[:3]]
     lines = [
         json.dumps(good[0]),  # 1
-        json.dumps({"resourceType": "Patient", "id": "deep", "extension": [], "x": deep}),  # 2
+        json.dumps(
+            {
+                "resourceType": "Patient",
+                "id": "deep",
+                "contained": [{"resourceType": "Questionnaire", "id": "q", "status": "draft", "item": [deep]}],
+            }
+        ),  # 2
         json.dumps({**good[1], "id": "sys-obj", "identifier": [{"system": {"a": 1}, "value": "123-45-6789"}]}),  # 3
         json.dumps({"resourceType": "Patient", "id": "sec", "meta": {"security": {"code": "R"}}}),  # 4
         json.dumps({"resourceType": "Patient", "id": "tz", "meta": {"lastUpdated": "2024-01-01T00:00:00+23:59"}}),

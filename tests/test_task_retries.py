@@ -26,7 +26,7 @@ def test_a_rejected_batch_fails_its_task_without_retry(tmp_path, db):
 
 
 def test_a_delivery_that_is_not_there_fails_its_task_without_retry(tmp_path, db):
-    with pytest.raises(AirflowFailException, match="no such delivery folder"):
+    with pytest.raises(AirflowFailException, match="the delivery is no folder"):
         ingest_delivery("smart_sample", str(tmp_path / "absent"))
 
 
