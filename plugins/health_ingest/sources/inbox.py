@@ -1,25 +1,53 @@
 """A source's inbox: deliveries are sub-folders, and a marker file written last says one is complete.
 
-`_READY` (written by the sender) -> `_QUEUED` (seen by the triggerer) -> `_DONE` (committed).
+`_READY` (written by the sender) -> `_QUEUED` (seen by the triggerer) -> `_DONE` (committed), or set aside as
+`_REJECTED` / `_FAILED` (holding the batch id) until an operator requeues or discards it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 READY = "_READY"
 QUEUED = "_QUEUED"
 DONE = "_DONE"
+REJECTED = "_REJECTED"
+FAILED = "_FAILED"
+ASIDE = (REJECTED, FAILED)
+# a folder name shown as it is only when it says nothing of a person: words of exports, dates and numbers
+PLAIN_DELIVERY = re.compile(
+    r"^(?:(?:delivery|export|extract|batch|bulk|full|incremental|daily|weekly|monthly|fhir|claims|ndjson|csv|"
+    r"part|run|v|\d+)[-_.]?)+$",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A delivery taken out of the pending set: its status, the batch that decided it, and when."""
+
+    folder: Path
+    status: str  # rejected | failed
+    batch_id: str
+    since: datetime
+
+    @property
+    def label(self) -> str:
+        return delivery_label(self.folder.name)
 
 
 def pending_deliveries(inbox: Path) -> list[Path]:
-    """Deliveries that are complete and not yet committed, oldest marker first."""
+    """Deliveries that are complete and not yet committed nor set aside, oldest marker first."""
     if not inbox.is_dir():
         return []
     found = []
     for folder in inbox.iterdir():
-        if folder.is_dir() and not (folder / DONE).exists():
+        if folder.is_dir() and not any((folder / m).exists() for m in (DONE, *ASIDE)):
             marker = next((folder / m for m in (QUEUED, READY) if (folder / m).exists()), None)
             if marker is not None:
                 found.append((marker.stat().st_mtime, folder))
@@ -44,3 +72,45 @@ def mark_done(delivery: Path) -> None:
     for marker in (READY, QUEUED):
         (delivery / marker).unlink(missing_ok=True)
     (delivery / DONE).touch()
+
+
+def set_aside(delivery: Path, status: str, batch_id: str | None) -> None:
+    """A rejected delivery, or one that failed for good, leaves the pending set: later runs take only new ones."""
+    marker = {"rejected": REJECTED, "failed": FAILED}[status]
+    (delivery / marker).write_text((batch_id or "none") + "\n", encoding="utf-8")
+    for pending in (READY, QUEUED):
+        (delivery / pending).unlink(missing_ok=True)
+
+
+def set_aside_deliveries(inbox: Path) -> list[SetAside]:
+    """The inbox's set-aside deliveries, oldest first."""
+    found = []
+    if inbox.is_dir():
+        for folder in inbox.iterdir():
+            for marker in ASIDE:
+                path = folder / marker
+                if folder.is_dir() and path.exists():
+                    since = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
+                    batch_id = path.read_text(encoding="utf-8").strip()
+                    found.append(SetAside(folder, marker.strip("_").lower(), batch_id, since))
+    return sorted(found, key=lambda entry: entry.since)
+
+
+def requeue(entry: SetAside) -> None:
+    """After the sender's fix: the delivery is pending again, and its `_READY` wakes the source's DAG."""
+    for marker in ASIDE:
+        (entry.folder / marker).unlink(missing_ok=True)
+    (entry.folder / READY).touch()
+
+
+def discard(entry: SetAside) -> None:
+    """The delivery will never be loaded: its raw files (which hold identifiers) are deleted from the inbox."""
+    shutil.rmtree(entry.folder)
+
+
+def delivery_label(folder_name: str) -> str:
+    """The name a delivery is shown and stored under: its folder's name when made of export words, dates and
+    numbers, else `delivery (name withheld)`, since a sender may name a folder after a person."""
+    if len(folder_name) <= 80 and PLAIN_DELIVERY.match(folder_name):
+        return folder_name
+    return "delivery (name withheld)"
