@@ -114,3 +114,254 @@ def test_quiet_source_alerts_once_then_once_on_recovery(airflow_db, db, receiver
     assert len(subjects) == 2 and "delivers again" in subjects[1], subjects
     assert len(webhook.bodies) == 2
     assert subjects == sorted(subjects, key=lambda s: s.split("]")[0]) or "P2" in subjects[0]
+
+
+def patient_ids() -> list[str]:
+    import json
+
+    return [json.loads(line)["id"] for line in (SAMPLE / "Patient.000.ndjson").read_text().splitlines() if line]
+
+
+def observation_in_1850(patient_id: str) -> str:
+    """A quality error the Observation suite rejects: a measurement a century before the patient's birth."""
+    import json
+
+    return json.dumps(
+        {
+            "resourceType": "Observation",
+            "id": "planted-1",
+            "status": "final",
+            "subject": {"reference": f"Patient/{patient_id}"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+            "effectiveDateTime": "1850-05-05T00:00:00Z",
+        }
+    )
+
+
+def ingest_tries(run) -> list[int]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter_by(dag_id=run.dag_id, run_id=run.run_id, task_id="ingest").all()
+        return sorted(ti.try_number for ti in tis)
+
+
+def batches(db) -> list[tuple]:
+    with db.cursor() as cur:
+        cur.execute(
+            "SELECT batch_id::text, status, delivery, rows_read, rows_quarantined, error FROM ingest.batches "
+            "ORDER BY started_at"
+        )
+        return cur.fetchall()
+
+
+def test_clean_delivery_sends_no_alert(airflow_db, db, receivers, sources_file):
+    smtp, webhook = receivers
+    inbox = sources_file()
+    deliver(inbox, "delivery-001", {"Patient.000.ndjson": SAMPLE / "Patient.000.ndjson"})
+
+    run = dag().test()
+
+    assert run.state == "success"
+    assert [b[1] for b in batches(db)] == ["committed"]
+    assert smtp.messages == [] and webhook.bodies == []
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM ingest.alerts")
+        assert cur.fetchone()[0] == 0
+
+
+def test_rejected_delivery_alerts_once_per_channel_runs_once_and_waits_aside_until_requeued(
+    airflow_db, db, receivers, sources_file
+):
+    from health_ingest.cli import main
+
+    smtp, webhook = receivers
+    inbox = sources_file()
+    bad = deliver(
+        inbox,
+        "delivery-001",
+        {
+            "Patient.000.ndjson": SAMPLE / "Patient.000.ndjson",
+            "Observation.000.ndjson": observation_in_1850(patient_ids()[0]),
+        },
+    )
+
+    run = dag().test()
+
+    assert run.state == "failed"
+    assert ingest_tries(run) == [1], "a rejection is never retried"
+    [(batch_id, status, delivery, read, quarantined, _)] = batches(db)
+    assert (status, delivery, read, quarantined) == ("rejected", "delivery-001", 14, 0)
+    assert (bad / "_REJECTED").read_text().strip() == batch_id and not (bad / "_QUEUED").exists()
+    assert len(smtp.messages) == 1 and len(webhook.bodies) == 1, "one alert on each channel"
+    for text in alert_texts(smtp, webhook):
+        assert batch_id in text and "rejected" in text and "years_after_birth" in text
+        assert "P1 ERROR" in text and "deliveries requeue" in text
+    assert_no_identifier(alert_texts(smtp, webhook))
+
+    deliver(inbox, "delivery-002", {"Patient.000.ndjson": SAMPLE / "Patient.000.ndjson"})
+    run = dag().test()
+    assert run.state == "success", "the set-aside delivery no longer holds the source back"
+    assert [(b[1], b[2]) for b in batches(db)] == [("rejected", "delivery-001"), ("committed", "delivery-002")]
+    assert len(smtp.messages) == 1 and len(webhook.bodies) == 1
+
+    (bad / "Observation.000.ndjson").unlink()  # the sender's fix
+    assert main(["deliveries", "requeue", "--source", SOURCE, batch_id[:8]]) == 0
+    run = dag().test()
+    assert run.state == "success"
+    assert [(b[1], b[2]) for b in batches(db)][-1] == ("committed", "delivery-001")
+    assert (bad / "_DONE").exists() and not (bad / "_REJECTED").exists()
+
+
+def test_failure_exhausting_retries_alerts_once_after_the_last_try(airflow_db, db, receivers, sources_file):
+    smtp, webhook = receivers
+    inbox = sources_file()
+    delivery = deliver(inbox, "delivery-001", {"Patient.000.ndjson": SAMPLE / "Patient.000.ndjson"})
+    with db.cursor() as cur:  # the warehouse refuses every commit: a failure no try of the task gets past
+        cur.execute(
+            """
+            CREATE FUNCTION refuse_commits() RETURNS trigger LANGUAGE plpgsql AS
+              $$ BEGIN RAISE EXCEPTION 'commits are refused for maintenance'; END $$;
+            CREATE TRIGGER refuse_commits BEFORE UPDATE ON ingest.batches
+              FOR EACH ROW WHEN (NEW.status = 'committed') EXECUTE FUNCTION refuse_commits();
+            """
+        )
+
+    run = dag().test()
+
+    assert run.state == "failed"
+    assert ingest_tries(run) == [3], "two retries, then the last try"
+    failed = batches(db)
+    assert [b[1] for b in failed] == ["failed"] * 3 and all(b[3] == 13 for b in failed), "true counts kept"
+    assert len(smtp.messages) == 1 and len(webhook.bodies) == 1, "one alert, after the last try"
+    last_batch = failed[-1][0]
+    for text in alert_texts(smtp, webhook):
+        assert last_batch in text and "failed" in text and "P0001" in text and "try 3 of 3" in text
+    assert (delivery / "_FAILED").read_text().strip() == last_batch
+    assert_no_identifier(alert_texts(smtp, webhook))
+
+
+def test_quarantine_share_above_threshold_warns_once_and_the_batch_commits(airflow_db, db, receivers, sources_file):
+    smtp, webhook = receivers
+    inbox = sources_file()
+    encounters = (SAMPLE / "Encounter.000.ndjson").read_text().splitlines(keepends=True)
+    garbage = "".join(f'{{"resourceType": "Encounter", "status": "finished", "n": {n}}}\n' for n in range(40))
+    deliver(
+        inbox,
+        "delivery-001",
+        {"Patient.000.ndjson": SAMPLE / "Patient.000.ndjson", "Encounter.000.ndjson": "".join(encounters) + garbage},
+    )
+
+    run = dag().test()
+
+    assert run.state == "success"
+    [(batch_id, status, _, read, quarantined, _)] = batches(db)
+    assert (status, read, quarantined) == ("committed", 13 + len(encounters) + 40, 40)
+    assert len(smtp.messages) == 1 and len(webhook.bodies) == 1
+    for text in alert_texts(smtp, webhook):
+        assert batch_id in text and "committed" in text and "P2 WARNING" in text and "threshold" in text
+    assert_no_identifier(alert_texts(smtp, webhook))
+
+
+def test_all_garbage_patient_file_is_rejected_by_the_ceiling_naming_the_file(
+    airflow_db, db, receivers, sources_file, capsys
+):
+    from health_ingest.cli import main
+
+    smtp, webhook = receivers
+    inbox = sources_file()
+    encounters = SAMPLE / "Encounter.000.ndjson"
+    garbage = "".join(f"not a patient {n}\n" for n in range(13))
+    deliver(inbox, "2026-03-01", {"Patient.000.ndjson": garbage, "Encounter.000.ndjson": encounters})
+
+    run = dag().test()
+
+    assert run.state == "failed" and ingest_tries(run) == [1]
+    [(batch_id, status, delivery, read, quarantined, error)] = batches(db)
+    lines = len(encounters.read_text().splitlines())
+    assert (status, delivery, read, quarantined) == ("rejected", "2026-03-01", 13 + lines, 13)
+    assert error.startswith("quarantine ceiling: Patient.000.ndjson: 13 of 13 records quarantined")
+    with db.cursor() as cur:
+        cur.execute("SELECT to_regclass('fhir.encounter') IS NOT NULL AND EXISTS (SELECT FROM fhir.encounter)")
+        assert cur.fetchone()[0] in (False, None), "none of its resources loaded"
+    assert len(smtp.messages) == 1 and all("Patient.000.ndjson" in t for t in alert_texts(smtp, webhook))
+
+    capsys.readouterr()
+    assert main(["warehouse", "status", "--source", SOURCE]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert batch_id in shown and "2026-03-01" in shown and " ".join(error.split()) in shown, "the whole reason"
+
+
+def test_smtp_down_leaves_the_outcome_and_logs_the_alert_undelivered(airflow_db, db, receivers, sources_file, capfd):
+    smtp, webhook = receivers
+    smtp.stop()
+    inbox = sources_file()
+    bad = deliver(
+        inbox,
+        "delivery-001",
+        {
+            "Patient.000.ndjson": SAMPLE / "Patient.000.ndjson",
+            "Observation.000.ndjson": observation_in_1850(patient_ids()[0]),
+        },
+    )
+
+    run = dag().test()
+
+    assert run.state == "failed" and ingest_tries(run) == [1], "rejected once, as without alerts"
+    assert (bad / "_REJECTED").exists()
+    assert len(webhook.bodies) == 1, "the other channel still delivered"
+    with db.cursor() as cur:
+        cur.execute("SELECT kind, delivered, undelivered FROM ingest.alerts")
+        assert cur.fetchall() == [("rejected", ["ops_chat"], ["ops_email"])]
+    assert "NOT delivered to ops_email" in capfd.readouterr().out + capfd.readouterr().err
+
+    # still down: the next delivery commits as it would without alerts
+    deliver(inbox, "delivery-002", {"Patient.000.ndjson": SAMPLE / "Patient.000.ndjson"})
+    assert dag().test().state == "success"
+
+
+def test_deadline_alert_fires_once_for_a_run_held_past_its_interval(airflow_db, db, receivers, sources_file):
+    import asyncio
+
+    from airflow.models.deadline import Deadline
+    from airflow.models.trigger import Trigger
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    smtp, webhook = receivers
+    inbox = sources_file(alerts={"late_after": "1s"})
+    deliver(inbox, "delivery-001", {"Patient.000.ndjson": SAMPLE / "Patient.000.ndjson"})
+
+    run = dag().test()  # the load alone takes longer than a second after the run was queued
+    assert run.state == "success"
+
+    def scheduler_pass() -> list[Trigger]:
+        """What the scheduler does with deadlines each loop, then what the triggerer runs for each."""
+        from datetime import UTC, datetime
+
+        with create_session() as session:
+            missed = session.scalars(
+                select(Deadline).where(Deadline.deadline_time < datetime.now(UTC)).where(~Deadline.missed)
+            ).all()
+            for deadline in missed:
+                assert deadline.dagrun.run_id == run.run_id
+                deadline.handle_miss(session)
+            session.flush()
+            return [d.callback.trigger for d in missed]
+
+    for trigger_row in scheduler_pass():
+        from airflow._shared.module_loading import import_string
+
+        trigger = import_string(trigger_row.classpath)(**trigger_row.kwargs)
+
+        async def run_trigger(trigger=trigger):
+            return [event.payload async for event in trigger.run()]
+
+        events = asyncio.run(run_trigger())
+        assert events[-1]["state"] == "success", events
+    assert scheduler_pass() == [], "a missed deadline is handled once"
+
+    assert len(smtp.messages) == 1 and len(webhook.bodies) == 1
+    for text in alert_texts(smtp, webhook):
+        assert "run late" in text and run.run_id in text and "P2 WARNING" in text
