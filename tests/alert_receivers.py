@@ -41,7 +41,8 @@ class SmtpReceiver:
         return self
 
     def stop(self) -> None:
-        self.controller.stop()
+        if self.controller.loop.is_running():
+            self.controller.stop()
 
     def connection_uri(self, to: str = "ops@example.org") -> str:
         extra = {

@@ -90,14 +90,14 @@ def assert_no_identifier(texts: list[str]) -> None:
 
 
 def test_quiet_source_alerts_once_then_once_on_recovery(airflow_db, db, receivers, sources_file):
-    from health_ingest.batch.load import load_delivery
+    from health_ingest.pipeline import run_fhir_batch
     from health_ingest.sources.registry import get_source
 
     smtp, webhook = receivers
     inbox = sources_file()
     source = get_source(SOURCE)
     first = deliver(inbox, "delivery-001", {"Patient.000.ndjson": SAMPLE / "Patient.000.ndjson"})
-    load_delivery(first, source)
+    run_fhir_batch(first, source)
     with db.cursor() as cur:  # the last commit was 30 hours ago: longer than the 26h the source promises
         cur.execute("UPDATE ingest.batches SET committed_at = committed_at - interval '30 hours'")
     checker = dag("maintenance_source_cadence")
@@ -107,7 +107,7 @@ def test_quiet_source_alerts_once_then_once_on_recovery(airflow_db, db, receiver
     assert [m["subject"] for m in smtp.messages] == [b["title"] for b in webhook.bodies]
     assert len(smtp.messages) == 1 and "source quiet" in smtp.messages[0]["subject"]
 
-    load_delivery(deliver(inbox, "delivery-002", {"Patient.000.ndjson": SAMPLE / "Patient.000.ndjson"}), source)
+    run_fhir_batch(deliver(inbox, "delivery-002", {"Patient.000.ndjson": SAMPLE / "Patient.000.ndjson"}), source)
     assert checker.test().state == "success"
     assert checker.test().state == "success"
     subjects = [m["subject"] for m in smtp.messages]
@@ -116,26 +116,13 @@ def test_quiet_source_alerts_once_then_once_on_recovery(airflow_db, db, receiver
     assert subjects == sorted(subjects, key=lambda s: s.split("]")[0]) or "P2" in subjects[0]
 
 
-def patient_ids() -> list[str]:
+def patients_with_a_robot() -> str:
+    """A quality error the Patient suite rejects: the sample's patients, the first of gender 'robot'."""
     import json
 
-    return [json.loads(line)["id"] for line in (SAMPLE / "Patient.000.ndjson").read_text().splitlines() if line]
-
-
-def observation_in_1850(patient_id: str) -> str:
-    """A quality error the Observation suite rejects: a measurement a century before the patient's birth."""
-    import json
-
-    return json.dumps(
-        {
-            "resourceType": "Observation",
-            "id": "planted-1",
-            "status": "final",
-            "subject": {"reference": f"Patient/{patient_id}"},
-            "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-            "effectiveDateTime": "1850-05-05T00:00:00Z",
-        }
-    )
+    lines = (SAMPLE / "Patient.000.ndjson").read_text().splitlines()
+    first = json.loads(lines[0])
+    return "\n".join([json.dumps({**first, "gender": "robot"}), *lines[1:]]) + "\n"
 
 
 def ingest_tries(run) -> list[int]:
@@ -181,10 +168,7 @@ def test_rejected_delivery_alerts_once_per_channel_runs_once_and_waits_aside_unt
     bad = deliver(
         inbox,
         "delivery-001",
-        {
-            "Patient.000.ndjson": SAMPLE / "Patient.000.ndjson",
-            "Observation.000.ndjson": observation_in_1850(patient_ids()[0]),
-        },
+        {"Patient.000.ndjson": patients_with_a_robot()},
     )
 
     run = dag().test()
@@ -192,11 +176,11 @@ def test_rejected_delivery_alerts_once_per_channel_runs_once_and_waits_aside_unt
     assert run.state == "failed"
     assert ingest_tries(run) == [1], "a rejection is never retried"
     [(batch_id, status, delivery, read, quarantined, _)] = batches(db)
-    assert (status, delivery, read, quarantined) == ("rejected", "delivery-001", 14, 0)
+    assert (status, delivery, read, quarantined) == ("rejected", "delivery-001", 13, 0)
     assert (bad / "_REJECTED").read_text().strip() == batch_id and not (bad / "_QUEUED").exists()
     assert len(smtp.messages) == 1 and len(webhook.bodies) == 1, "one alert on each channel"
     for text in alert_texts(smtp, webhook):
-        assert batch_id in text and "rejected" in text and "years_after_birth" in text
+        assert batch_id in text and "rejected" in text and "fhir.patient expect_column_values_to_be_in_set" in text
         assert "P1 ERROR" in text and "deliveries requeue" in text
     assert_no_identifier(alert_texts(smtp, webhook))
 
@@ -206,7 +190,7 @@ def test_rejected_delivery_alerts_once_per_channel_runs_once_and_waits_aside_unt
     assert [(b[1], b[2]) for b in batches(db)] == [("rejected", "delivery-001"), ("committed", "delivery-002")]
     assert len(smtp.messages) == 1 and len(webhook.bodies) == 1
 
-    (bad / "Observation.000.ndjson").unlink()  # the sender's fix
+    shutil.copy(SAMPLE / "Patient.000.ndjson", bad / "Patient.000.ndjson")  # the sender's fix
     assert main(["deliveries", "requeue", "--source", SOURCE, batch_id[:8]]) == 0
     run = dag().test()
     assert run.state == "success"
@@ -283,8 +267,8 @@ def test_all_garbage_patient_file_is_rejected_by_the_ceiling_naming_the_file(
     assert (status, delivery, read, quarantined) == ("rejected", "2026-03-01", 13 + lines, 13)
     assert error.startswith("quarantine ceiling: Patient.000.ndjson: 13 of 13 records quarantined")
     with db.cursor() as cur:
-        cur.execute("SELECT to_regclass('fhir.encounter') IS NOT NULL AND EXISTS (SELECT FROM fhir.encounter)")
-        assert cur.fetchone()[0] in (False, None), "none of its resources loaded"
+        cur.execute("SELECT to_regclass('fhir.encounter')")
+        assert cur.fetchone()[0] is None, "none of its resources loaded"
     assert len(smtp.messages) == 1 and all("Patient.000.ndjson" in t for t in alert_texts(smtp, webhook))
 
     capsys.readouterr()
@@ -300,10 +284,7 @@ def test_smtp_down_leaves_the_outcome_and_logs_the_alert_undelivered(airflow_db,
     bad = deliver(
         inbox,
         "delivery-001",
-        {
-            "Patient.000.ndjson": SAMPLE / "Patient.000.ndjson",
-            "Observation.000.ndjson": observation_in_1850(patient_ids()[0]),
-        },
+        {"Patient.000.ndjson": patients_with_a_robot()},
     )
 
     run = dag().test()
@@ -322,46 +303,76 @@ def test_smtp_down_leaves_the_outcome_and_logs_the_alert_undelivered(airflow_db,
 
 
 def test_deadline_alert_fires_once_for_a_run_held_past_its_interval(airflow_db, db, receivers, sources_file):
+    """A run triggered as the UI does, then held in the queue (no scheduler takes it): the scheduler's pass over
+    deadlines queues the DAG's Deadline Alert callback, and the triggerer's callback trigger runs it."""
     import asyncio
+    import time
+    from datetime import UTC, datetime
 
+    from airflow._shared.module_loading import import_string
+    from airflow.api.common.trigger_dag import trigger_dag
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
     from airflow.models.deadline import Deadline
-    from airflow.models.trigger import Trigger
     from airflow.utils.session import create_session
+    from airflow.utils.types import DagRunTriggeredByType
     from sqlalchemy import select
 
     smtp, webhook = receivers
-    inbox = sources_file(alerts={"late_after": "1s"})
-    deliver(inbox, "delivery-001", {"Patient.000.ndjson": SAMPLE / "Patient.000.ndjson"})
+    sources_file(alerts={"late_after": "3s"})
+    DagBundlesManager().sync_bundles_to_db()
+    sync_bag_to_db(DagBag(dag_folder=str(PROJECT / "dags")), "dags-folder", None)
+    run = trigger_dag(DAG_ID, triggered_by=DagRunTriggeredByType.UI, conf={})
+    assert run.state == "queued"
 
-    run = dag().test()  # the load alone takes longer than a second after the run was queued
-    assert run.state == "success"
-
-    def scheduler_pass() -> list[Trigger]:
-        """What the scheduler does with deadlines each loop, then what the triggerer runs for each."""
-        from datetime import UTC, datetime
-
+    def scheduler_pass() -> list:
+        """What the scheduler does with the deadlines each loop: those passed and not yet handled are missed."""
         with create_session() as session:
             missed = session.scalars(
                 select(Deadline).where(Deadline.deadline_time < datetime.now(UTC)).where(~Deadline.missed)
             ).all()
             for deadline in missed:
-                assert deadline.dagrun.run_id == run.run_id
                 deadline.handle_miss(session)
             session.flush()
-            return [d.callback.trigger for d in missed]
+            return [(d.dagrun.run_id, d.callback.trigger.classpath, d.callback.trigger.kwargs) for d in missed]
 
-    for trigger_row in scheduler_pass():
-        from airflow._shared.module_loading import import_string
+    def triggerer_runs(classpath: str, kwargs: dict) -> list[dict]:
+        trigger = import_string(classpath)(**kwargs)
 
-        trigger = import_string(trigger_row.classpath)(**trigger_row.kwargs)
-
-        async def run_trigger(trigger=trigger):
+        async def events():
             return [event.payload async for event in trigger.run()]
 
-        events = asyncio.run(run_trigger())
-        assert events[-1]["state"] == "success", events
+        return asyncio.run(events())
+
+    assert scheduler_pass() == [], "not late yet"
+    time.sleep(3.5)
+    missed = scheduler_pass()
+    assert [run_id for run_id, _, _ in missed] == [run.run_id]
+    for _, classpath, kwargs in missed:
+        assert triggerer_runs(classpath, kwargs)[-1]["state"] == "success"
     assert scheduler_pass() == [], "a missed deadline is handled once"
 
     assert len(smtp.messages) == 1 and len(webhook.bodies) == 1
     for text in alert_texts(smtp, webhook):
-        assert "run late" in text and run.run_id in text and "P2 WARNING" in text
+        assert "run late" in text and run.run_id in text and "P2 WARNING" in text and "3 s after" in text
+
+
+def test_alerts_test_command_says_which_channels_delivered_by_its_exit_code(receivers, sources_file, capsys):
+    from health_ingest.cli import main
+
+    smtp, webhook = receivers
+    assert main(["alerts", "test", "--source", SOURCE]) == 0
+    assert len(smtp.messages) == 1 and len(webhook.bodies) == 1 and "test alert" in smtp.messages[0]["subject"]
+    said = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("delivered", "UNDEL"))]
+    assert said == [["delivered", "ops_email"], ["delivered", "ops_chat"]]
+
+    smtp.stop()
+    assert main(["alerts", "test", "--source", SOURCE]) == 7, "some channels did not deliver"
+    out = capsys.readouterr().out
+    assert "delivered    ops_chat" in out and "UNDELIVERED  ops_email: ConnectionRefusedError" in out
+
+    sources_file(alerts={"channels": ["ops_email"]})  # the source's own list replaces the default
+    assert main(["alerts", "test", "--source", SOURCE]) == 8, "no channel delivered"
+    sources_file(alerts={"channels": []})
+    assert main(["alerts", "test", "--source", SOURCE]) == 2, "no channel to test"
+    assert len(webhook.bodies) == 2

@@ -132,7 +132,13 @@ def alert_quarantine_share(source, summary: dict[str, Any], context: dict[str, A
     except Exception as error:
         log.error("batch %s: its record cannot be read for the alert (%s)", summary["batch_id"], _reason(error))
         return
-    alert_once(batch_alert("quarantine", facts, _run_facts(context or {})), source.alerts.channels)
+    reason = (
+        f"{quarantined} of {read} records quarantined ({quarantined / read:.1%}), above the source's threshold of "
+        f"{source.alerts.quarantine_warning:.1%}; each quarantined record's file, line and reason are in "
+        "ingest.quarantine"
+    )
+    alert = batch_alert("quarantine", facts, _run_facts(context or {}), reason=reason)
+    alert_once(alert, source.alerts.channels)
 
 
 async def on_run_late(source_name: str, interval_seconds: float, context: dict | None = None) -> None:
@@ -141,7 +147,10 @@ async def on_run_late(source_name: str, interval_seconds: float, context: dict |
 
     source = get_source(source_name)
     dag_run = (context or {}).get("dag_run") or {}
-    run = RunFacts(dag_id=dag_run.get("dag_id", source.dag_id), run_id=dag_run.get("run_id"))
+    # the scheduler passes the run as the REST API shows it (`dag_run_id`)
+    run = RunFacts(
+        dag_id=dag_run.get("dag_id", source.dag_id), run_id=dag_run.get("dag_run_id") or dag_run.get("run_id")
+    )
     run = RunFacts(run.dag_id, run.run_id, log_url=_run_url(run.dag_id, run.run_id))
     alert = late_alert(
         source.name, run, timedelta(seconds=interval_seconds), event_key=f"late:{run.dag_id}:{run.run_id}"

@@ -116,7 +116,7 @@ def batch_alert(
         "",
         "Where to look:",
         f"  task log:       {run.log_url or 'not known (the batch ran outside Airflow)'}",
-        f"  quality report: {facts.dq_report or 'none for this batch'}",
+        f"  quality report: {facts.dq_report or f'health-ingest quality docs --batch {facts.batch_id}'}",
         f"  the batch:      health-ingest warehouse status --source {facts.source}",
         "",
         "What to do next:",
@@ -244,6 +244,8 @@ def _share(facts: BatchFacts) -> str:
 
 
 def _duration(interval: timedelta) -> str:
+    if interval < timedelta(minutes=1):
+        return f"{int(interval.total_seconds())} s"
     minutes = int(interval.total_seconds() // 60)
     hours, minutes = divmod(minutes, 60)
     if hours and minutes:
