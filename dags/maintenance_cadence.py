@@ -21,7 +21,7 @@ with DAG(
 
     @task
     def check_quiet_sources() -> dict:
-        from health_ingest.airflow.notifiers import check_quiet_sources
+        from health_ingest.airflow.tasks import check_quiet_sources
 
         return check_quiet_sources()
 

@@ -323,20 +323,3 @@ def _checked_apprise(channel: str, alert: Alert):
     return CheckedAppriseNotifier(
         apprise_conn_id=channel, title=alert.subject, body=alert.body, notify_type=notify_type
     )
-
-
-def check_quiet_sources() -> dict[str, str]:
-    """The maintenance DAG's check: an alert for each source that went quiet or came back since the last check."""
-    from datetime import UTC, datetime
-
-    from health_ingest.alerts.cadence import cadence_alerts
-    from health_ingest.sources.registry import load_sources
-
-    conn = _warehouse()
-    try:
-        due = cadence_alerts(conn, load_sources().values(), datetime.now(UTC))
-    finally:
-        conn.close()
-    for alert, channels in due:
-        alert_once(alert, channels)
-    return {alert.source: alert.kind for alert, _ in due}

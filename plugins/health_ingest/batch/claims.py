@@ -31,6 +31,7 @@ from health_ingest.batch.lifecycle import (
     BatchLoader,
     BatchResult,
     StageFailure,
+    check_ceiling,
     commit_batch,
     landing_folder,
     run_batch,
@@ -96,7 +97,7 @@ class ClaimsLoader(BatchLoader):
         plans = {f.file_no: self._plan(f) for f in landed.loadable}  # every header, before anything is written
 
         conn.autocommit = False
-        file_counts = {f.file_no: FileCounts() for f in landed.loadable}
+        file_counts = self.file_counts = {f.file_no: FileCounts() for f in landed.loadable}
         self.file_names = {f.file_no: f.name for f in landed.loadable}
         tables = self._in_dependency_order(sorted({f.resource_type for f in landed.loadable}))
         files_of = {table: [f for f in landed.loadable if f.resource_type == table] for table in tables}
@@ -130,6 +131,7 @@ class ClaimsLoader(BatchLoader):
                     finished.append(table)
                     for ready in self._suites_ready(tables, finished):
                         outcomes += self._suite(cur, ready)
+                check_ceiling(self, landed, file_counts)
                 clock = time.perf_counter()
                 self.position = "while running the quality suites"
                 quality_gate(cur, self.batch_id, self.source, outcomes, self.times.suites)

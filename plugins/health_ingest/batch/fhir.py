@@ -29,6 +29,7 @@ from health_ingest.batch.lifecycle import (
     BatchLoader,
     BatchResult,
     StageFailure,
+    check_ceiling,
     commit_batch,
     landing_folder,
     run_batch,
@@ -90,6 +91,7 @@ class FhirLoader(BatchLoader):
         conn.autocommit = False
         with conn.cursor() as cur, copy_conn.cursor() as copy_cur:
             file_counts = self._stage_and_merge(cur, copy_cur, landed)
+            check_ceiling(self, landed, file_counts)
             self._apply_export_files(cur, landed)
             self._quality_gate(cur, landed)
 
@@ -128,7 +130,7 @@ class FhirLoader(BatchLoader):
         which commits or not as a whole. Both cores work and memory stays flat (spools are files)."""
         for resource_type in sorted({f.resource_type for f in landed.loadable}):
             staging.create_staging_table(copy_cur, self.batch_id, resource_type)
-        file_counts = {f.file_no: FileCounts() for f in landed.loadable}
+        file_counts = self.file_counts = {f.file_no: FileCounts() for f in landed.loadable}
         stages = Stages()
         handoff: queue.Queue = queue.Queue(maxsize=2)
         staged: queue.Queue = queue.Queue()

@@ -22,7 +22,9 @@ from health_ingest.deliveries import FileCounts, LandedDelivery
 from health_ingest.errors import BatchRejected, HealthIngestError, LoadError, retryable
 from health_ingest.privacy.gate import KAnonymityReport, record_k_anonymity
 from health_ingest.privacy.keyring import Keyring, load_keyring
+from health_ingest.quality.ceiling import FileQuarantine, check_quarantine_ceiling
 from health_ingest.quality.suites import record_outcomes
+from health_ingest.sources.inbox import delivery_label
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import batches, merge, staging
 from health_ingest.warehouse.connection import connect, hosting_decision, warehouse_url
@@ -121,6 +123,7 @@ class Loader(Protocol):
 
     position: str
     before_commit: BeforeCommit | None
+    file_counts: dict[int, FileCounts]  # what the reader saw so far, per file: a failed batch keeps it
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         """Land, read, stage and merge the delivery; `copy_conn` stages (autocommit), `conn` holds the transaction
@@ -145,6 +148,7 @@ class BatchLoader:
         self.before_commit: BeforeCommit | None = context.before_commit
         self.position = "while landing the delivery"
         self.times = StepTimes()
+        self.file_counts: dict[int, FileCounts] = {}  # what the reader saw so far, per file: a failed batch keeps it
 
 
 @dataclass(frozen=True)
@@ -188,7 +192,7 @@ def run_batch(
             source=source.name,
             kind=kind,
             key_id=keyring.active_id,
-            delivery=Path(delivery).name,
+            delivery=delivery_label(Path(delivery).name),
             hosting=hosting_decision(warehouse).describe(),
         )
         log.info("source %s: batch %s started (key %s)", source.name, batch_id, keyring.active_id)
@@ -198,7 +202,7 @@ def run_batch(
         try:
             result = loader.load(conn, copy_conn, Path(delivery))
         except BaseException as error:
-            _fail(conn, source, batch_id, error, loader.position)
+            _fail(conn, source, batch_id, error, loader)
         result.elapsed = time.perf_counter() - started
         log.info(
             "source %s: batch %s committed: %d read = %d loaded + %d quarantined in %.1f s",
@@ -260,6 +264,18 @@ def commit_batch(
     )
 
 
+def check_ceiling(loader: BatchLoader, landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> None:
+    """Once every record is read: a file (or a type, or a table) mostly quarantined rejects the batch, by name.
+    Records superseded by a later one of the same key are not faults and do not count."""
+    loader.position = "while checking the quarantine ceiling"
+    files = [
+        FileQuarantine(f.name, f.resource_type, counts.rows_read, counts.rows_quarantined - counts.rows_superseded)
+        for f in landed.loadable
+        for counts in [file_counts[f.file_no]]
+    ]
+    check_quarantine_ceiling(files, loader.source.quality)
+
+
 def counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> dict[str, TypeCounts]:
     """Per resource type (or claims table), the counts of its files."""
     counts: dict[str, TypeCounts] = {}
@@ -275,14 +291,23 @@ def counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -
 # --- implementation details -------------------------------------------------------------------
 
 
-def _fail(conn, source: Source, batch_id: str, error: BaseException, position: str):
-    """Roll back, mark the batch, keep a rejection's evidence, and raise the batch's error (which says whether a
-    retry can help: that of the cause)."""
-    message = _safe_message(error, position)
+def _fail(conn, source: Source, batch_id: str, error: BaseException, loader):
+    """Roll back, mark the batch with what its reader saw and where it stopped, keep a rejection's evidence, and
+    raise the batch's error (which says whether a retry can help: that of the cause; and which batch it was)."""
+    message = _safe_message(error, loader.position)
     status = _failure_status(error)
     conn.rollback()
     conn.autocommit = True
-    batches.mark_failed(conn, batch_id, message, status=status)
+    seen = list(loader.file_counts.values())
+    batches.mark_failed(
+        conn,
+        batch_id,
+        message,
+        status=status,
+        rows_read=sum(c.rows_read for c in seen),
+        rows_quarantined=sum(c.rows_quarantined for c in seen),
+        failed_step=loader.position.removeprefix("while "),
+    )
     if isinstance(error, BatchRejected):
         _record_rejection_evidence(conn, batch_id, error.evidence)
     log.error("source %s: batch %s %s, nothing committed: %s", source.name, batch_id, status, message)
@@ -290,8 +315,10 @@ def _fail(conn, source: Source, batch_id: str, error: BaseException, position: s
         log.error("where it failed:\n%s", "".join(traceback.format_tb(error.__traceback__)))
     if isinstance(error, KeyboardInterrupt):
         raise error
-    failure = BatchRejected if isinstance(error, BatchRejected) else LoadError
-    raise failure(f"batch {batch_id} of source {source.name} {status}: {message}", retryable=retryable(error)) from None
+    failure_class = BatchRejected if isinstance(error, BatchRejected) else LoadError
+    failure = failure_class(f"batch {batch_id} of source {source.name} {status}: {message}", retryable=retryable(error))
+    failure.batch_id = batch_id
+    raise failure from None
 
 
 def _record_rejection_evidence(conn, batch_id: str, evidence: object) -> None:
