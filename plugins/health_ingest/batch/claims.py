@@ -344,6 +344,7 @@ class ClaimsLoader(BatchLoader):
         self.position = f"while merging {table}"
         warehouse_table, schema = self.profile.warehouse_table(table), self.profile.tables[table]
         chunks, savepoint = merge, merge.savepoint
+        superseded: dict[int, int] = {}
 
         def merge_whole() -> None:
             nonlocal merge
@@ -358,6 +359,7 @@ class ClaimsLoader(BatchLoader):
                 cur, whole, warehouse_table, schema, chunks.plan, self.batch_id, self.source.name
             )
             merge.add(whole, written, claims_tables.staged_counts(cur, whole))
+            superseded.update(claims_tables.superseded_counts(cur, whole))
             claims_tables.quarantine_rows(cur, whole, self.batch_id, self.file_names)
 
         savepoint.finish(
@@ -374,6 +376,7 @@ class ClaimsLoader(BatchLoader):
             good, bad = merge.staged.get(landed_file.file_no, (0, 0))
             # the typing and the merge may quarantine more rows than the reader did: those move from loaded
             counts.rows_quarantined = bad
+            counts.rows_superseded = superseded.get(landed_file.file_no, 0)
             if good + bad != counts.rows_read:
                 raise LoadError(
                     f"{landed_file.name}: read {counts.rows_read} rows but staged {good + bad}; "

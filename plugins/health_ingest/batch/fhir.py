@@ -150,6 +150,7 @@ class FhirLoader(BatchLoader):
                 else:
                     for file_no, count in item.duplicates.items():
                         file_counts[file_no].rows_quarantined += count
+                        file_counts[file_no].rows_superseded += count
                     offered = sum(
                         file_counts[f.file_no].rows_loaded
                         for f in landed.loadable

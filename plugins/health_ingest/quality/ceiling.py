@@ -15,7 +15,7 @@ class FileQuarantine:
     label: str
     resource_type: str
     rows_read: int
-    rows_quarantined: int
+    rows_quarantined: int  # unreadable or invalid: records superseded by a later one of their key are left out
 
 
 def check_quarantine_ceiling(files: list[FileQuarantine], policy: QualityPolicy) -> None:
