@@ -198,7 +198,9 @@ def test_rejected_delivery_alerts_once_per_channel_runs_once_and_waits_aside_unt
     assert (bad / "_DONE").exists() and not (bad / "_REJECTED").exists()
 
 
-def test_failure_exhausting_retries_alerts_once_after_the_last_try(airflow_db, db, receivers, sources_file):
+def test_failure_exhausting_retries_alerts_once_after_the_last_try(airflow_db, db, receivers, sources_file, capsys):
+    from health_ingest.cli import main
+
     smtp, webhook = receivers
     inbox = sources_file()
     delivery = deliver(inbox, "delivery-001", {"Patient.000.ndjson": SAMPLE / "Patient.000.ndjson"})
@@ -224,6 +226,13 @@ def test_failure_exhausting_retries_alerts_once_after_the_last_try(airflow_db, d
         assert last_batch in text and "failed" in text and "P0001" in text and "try 3 of 3" in text
     assert (delivery / "_FAILED").read_text().strip() == last_batch
     assert_no_identifier(alert_texts(smtp, webhook))
+
+    capsys.readouterr()
+    assert main(["deliveries", "list", "--source", SOURCE]) == 0
+    listed = capsys.readouterr().out
+    assert last_batch in listed and "failed" in listed and "commits are refused" in listed
+    assert main(["deliveries", "discard", "--source", SOURCE, "--all"]) == 0
+    assert not delivery.exists(), "discarded: its raw files are gone from the inbox"
 
 
 def test_quarantine_share_above_threshold_warns_once_and_the_batch_commits(airflow_db, db, receivers, sources_file):
