@@ -229,7 +229,10 @@ def _first_words(text: str, limit: int = 90) -> str:
 
 
 def _wrapped(text: str) -> list[str]:
-    return textwrap.wrap(" ".join(text.split()), width=100, initial_indent="  ", subsequent_indent="  ") or ["  -"]
+    lines = textwrap.wrap(
+        " ".join(text.split()), width=100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False
+    )
+    return lines or ["  -"]
 
 
 def _tries(run: RunFacts) -> str:

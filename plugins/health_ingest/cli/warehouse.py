@@ -108,7 +108,11 @@ def cmd_warehouse_status(args: argparse.Namespace) -> int:
         for b in failures:
             stopped = f", stopped {b.failed_step}" if b.failed_step else ""
             print(f"  {b.batch_id}  {b.status}{stopped}")
-            print(textwrap.fill(b.error, width=100, initial_indent="    ", subsequent_indent="    "))
+            print(
+                textwrap.fill(
+                    b.error, width=100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False
+                )
+            )
     reports = [(b.batch_id, b.dq_report) for b in rows if b.dq_report]
     if reports:
         print("\nData Docs:")
