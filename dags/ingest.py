@@ -5,7 +5,9 @@ A DAG runs on its source's schedule and as soon as a delivery's `_READY` marker 
 with `delivery_path` from the trigger form). It maps one ingestion task over the pending deliveries; the quality
 suites gate each batch before it commits and its Data Docs are rendered; the tables it wrote are announced (one
 Asset event each); for FHIR, the flat SQL-on-FHIR tables are then refreshed, gated by their own suites, and only
-then announced too. All logic lives in `health_ingest`.
+then announced too. A failure alerts the source's channels once (after the last try; a rejection at once, never
+retried) and sets the delivery aside; a run late past the source's `late_after` alerts through an Airflow Deadline
+Alert. All logic lives in `health_ingest`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, Param, task
+from health_ingest.airflow.notifiers import on_ingest_failure, on_ingest_retry, run_deadline
 from health_ingest.airflow.operators import PullExportOperator
 from health_ingest.airflow.schedules import doc_md, flat_alias, schedule_for, sources_of_kind, tables_alias
 
@@ -27,7 +30,14 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
         catchup=False,
         max_active_runs=1,
         tags=[source.kind, source.format, "ingest", *source.tags],
-        default_args={"owner": source.owner, "retries": source.retries, "retry_delay": timedelta(minutes=2)},
+        default_args={
+            "owner": source.owner,
+            "retries": source.retries,
+            "retry_delay": source.retry_delay,
+            "on_failure_callback": on_ingest_failure,
+            "on_retry_callback": on_ingest_retry,
+        },
+        deadline=run_deadline(source),
         params={
             "delivery_path": Param(
                 None,

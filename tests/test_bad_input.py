@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from health_ingest.batch.fhir import run_fhir_batch
@@ -36,7 +37,9 @@ def test_bad_lines_are_quarantined_with_line_numbers_and_the_rest_loads(tmp_path
     delivery.mkdir()
     (delivery / "Patient.000.ndjson").write_bytes(b"\n".join(lines) + b"\n")
 
-    result = run_fhir_batch(delivery, smart_source)
+    # nine bad lines of eleven: above the default quarantine ceiling, so this source lifts it to see each one
+    lenient = replace(smart_source, quality=replace(smart_source.quality, quarantine_ceiling=1.0))
+    result = run_fhir_batch(delivery, lenient)
 
     assert (result.rows_read, result.rows_loaded, result.rows_quarantined) == (11, 2, 9)
     with db.cursor() as cur:

@@ -15,7 +15,7 @@ def _dag_bag():
     return DagBag(dag_folder=str(DAGS))
 
 
-STATIC_DAGS = ["delivery_messages", "example_consumer", "maintenance_retention"]
+STATIC_DAGS = ["delivery_messages", "example_consumer", "maintenance_retention", "maintenance_source_cadence"]
 
 
 def _declared_dag_ids() -> list[str]:

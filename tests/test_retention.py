@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -19,7 +20,9 @@ def test_old_landing_copies_and_quarantine_records_are_purged_and_logged(tmp_pat
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "Patient.ndjson").write_text("not json\n")
-    old = run_fhir_batch(bad, smart_source)
+    # its only record quarantined: a batch that commits only under a lifted quarantine ceiling
+    lenient = replace(smart_source, quality=replace(smart_source.quality, quarantine_ceiling=1.0))
+    old = run_fhir_batch(bad, lenient)
     recent = run_fhir_batch(SAMPLE / "Patient.000.ndjson", smart_source)
     landing = config.state_dir() / "landing" / smart_source.name
     forty_days_ago = time.time() - 40 * 86400

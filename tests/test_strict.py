@@ -16,6 +16,8 @@ from health_ingest.quality.policy import QualityPolicy
 from hl7_cases import Case, load_cases
 
 pytestmark = pytest.mark.integration
+# the cases are single invalid resources to be quarantined one by one, not deliveries to reject as a whole
+NO_CEILING = 1.0
 
 
 def test_every_constraint_of_the_specification_is_evaluated_or_out_of_scope_by_the_written_rule():
@@ -216,7 +218,7 @@ def test_each_fault_kind_is_quarantined_with_its_rule_and_path_and_the_same_reso
         lines[resource["resourceType"]].append(resource)
         expected[(f"{resource['resourceType']}.ndjson", len(lines[resource["resourceType"]]))] = (kind, rule, path)
     delivery = _write(tmp_path / "faults", lines)
-    source = replace(smart_source, quality=QualityPolicy(strict=True, suites=False))
+    source = replace(smart_source, quality=QualityPolicy(strict=True, suites=False, quarantine_ceiling=NO_CEILING))
     result = run_fhir_batch(delivery, source)
     assert result.rows_loaded == len(good)
     assert result.rows_quarantined == len(FAULTS)
@@ -239,7 +241,7 @@ def test_each_fault_kind_is_quarantined_with_its_rule_and_path_and_the_same_reso
 def test_the_bundled_sample_loads_whole_under_strict_validation(db, smart_source):
     """Valid records are not quarantined: the sample's 7,160 resources pass every rule (dates across time zones,
     contained resources, references)."""
-    source = replace(smart_source, quality=QualityPolicy(strict=True, suites=False))
+    source = replace(smart_source, quality=QualityPolicy(strict=True, suites=False, quarantine_ceiling=NO_CEILING))
     result = run_fhir_batch(SAMPLE, source)
     assert result.rows_read == sum(sample_line_counts().values())
     assert result.rows_quarantined == 0
@@ -252,9 +254,12 @@ def test_json_with_comments_loads_only_when_the_source_allows_it(tmp_path, db, s
     delivery = tmp_path / "comments"
     delivery.mkdir()
     (delivery / "Patient.ndjson").write_text(line)
-    plain = replace(smart_source, quality=QualityPolicy(strict=True, suites=False))
+    plain = replace(smart_source, quality=QualityPolicy(strict=True, suites=False, quarantine_ceiling=NO_CEILING))
     assert run_fhir_batch(delivery, plain).rows_quarantined == 1
-    allowing = replace(smart_source, quality=QualityPolicy(strict={"allow_comments": True}, suites=False))
+    allowing = replace(
+        smart_source,
+        quality=QualityPolicy(strict={"allow_comments": True}, suites=False, quarantine_ceiling=NO_CEILING),
+    )
     assert run_fhir_batch(delivery, allowing).rows_loaded == 1
 
 
@@ -306,7 +311,9 @@ def _verdicts(cases: list[Case], tmp_path: Path, db, smart_source) -> dict[str, 
         for resource_type, items in lines.items():
             (delivery / f"{resource_type}.ndjson").write_bytes(b"\n".join(items) + b"\n")
         # the validator's cases are single resources, not a patient record: clinical suites do not apply
-        source = replace(smart_source, quality=QualityPolicy(strict=json.loads(options), suites=False))
+        source = replace(
+            smart_source, quality=QualityPolicy(strict=json.loads(options), suites=False, quarantine_ceiling=NO_CEILING)
+        )
         result = run_fhir_batch(delivery, source)
         assert result.rows_read == len(group)
         with db.cursor() as cur:

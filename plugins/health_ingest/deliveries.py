@@ -77,6 +77,8 @@ class FileCounts:
 
     rows_read: int = 0
     rows_quarantined: int = 0
+    # of the quarantined, those only superseded by a later record of the same key in the delivery: not faults
+    rows_superseded: int = 0
 
     @property
     def rows_loaded(self) -> int:

@@ -78,6 +78,8 @@ def doc_md(source: Source) -> str:
             else ""
         )
         + "- **Trigger a delivery by hand**: *Trigger DAG* with `delivery_path` set to a folder of NDJSON files.\n"
-        "- **After a failure**: `health-ingest warehouse status` shows the batch and its error; the delivery stays "
-        "pending and the next run takes it again.\n"
+        "- **After a failure**: a rejected delivery fails at once, without retry; one that fails on the last try "
+        "is set aside too (`_REJECTED` / `_FAILED` in the inbox), so later runs take only newer deliveries. The "
+        "source's alert channels are told once; `health-ingest deliveries list|requeue|discard` acts on it, "
+        "`health-ingest warehouse status` shows the batch and its whole reason.\n"
     )

@@ -11,6 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from health_ingest.errors import retryable
+from health_ingest.sources.registry import Source
+
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +34,9 @@ def find_deliveries(source_name: str, params: dict[str, Any]) -> list[str]:
 
 def ingest_delivery(source_name: str, delivery: str) -> dict[str, Any]:
     """Run one batch of a source; an error no retry can help (a rejection, a missing delivery, a configuration)
-    fails the task at once, any other lets Airflow retry."""
+    fails the task at once, any other lets Airflow retry. A delivery no try will load any more (rejected, or failed
+    on the last try) is set aside in the inbox; a committed batch with many records quarantined sends a warning."""
+    from health_ingest.airflow.notifiers import alert_quarantine_share
     from health_ingest.batch.load import load_delivery
     from health_ingest.sources.registry import get_source
 
@@ -39,9 +44,30 @@ def ingest_delivery(source_name: str, delivery: str) -> dict[str, Any]:
     _name_mapped_task(delivery)
     with failing_without_retry():
         source = get_source(source_name)
-        loaded = load_delivery(source, Path(delivery))
+        try:
+            loaded = load_delivery(source, Path(delivery))
+        except Exception as error:
+            if not retryable(error) or _last_try():
+                set_aside_delivery(source, Path(delivery), error)
+            raise
+    summary = loaded.result.to_summary()
+    alert_quarantine_share(source, summary, _task_context())
     tables = [{"schema": t.schema, "table": t.table, "rows": t.rows} for t in loaded.tables]
-    return {**loaded.result.to_summary(), "tables": tables}
+    return {**summary, "tables": tables}
+
+
+def set_aside_delivery(source: Source, delivery: Path, error: BaseException) -> None:
+    """An inbox delivery that no retry will load leaves the pending set (`_REJECTED` or `_FAILED`, holding the
+    batch id), so that the next runs take only newer deliveries; `health-ingest deliveries` acts on it."""
+    from health_ingest.errors import BatchRejected
+    from health_ingest.sources.inbox import set_aside
+
+    if source.inbox is None or delivery.parent != source.inbox or not delivery.is_dir():
+        return
+    status = "rejected" if isinstance(error, BatchRejected) else "failed"
+    batch_id = getattr(error, "batch_id", None)
+    set_aside(delivery, status, batch_id)
+    log.warning("source %s: delivery set aside as %s by batch %s", source.name, status, batch_id)
 
 
 def route_delivery_messages(triggering_asset_events) -> list[dict[str, Any]]:
@@ -75,7 +101,7 @@ def _export_map_index() -> None:
 @contextmanager
 def failing_without_retry():
     """The project's errors that say no retry can help become `AirflowFailException`, which Airflow does not
-    retry; the others are raised as they are."""
+    retry; the others are raised as they are. The failure alert reads the batch id and the error's kind off it."""
     from health_ingest.errors import HealthIngestError
 
     try:
@@ -85,7 +111,12 @@ def failing_without_retry():
             raise
         from airflow.sdk.exceptions import AirflowFailException
 
-        raise AirflowFailException(str(error)) from None
+        from health_ingest.airflow.notifiers import error_kind
+
+        failure = AirflowFailException(str(error))
+        failure.batch_id = getattr(error, "batch_id", None)
+        failure.alert_kind = error_kind(error)
+        raise failure from None
 
 
 def announce_tables(source_name: str, summary: dict[str, Any], outlet_events) -> dict[str, Any]:
@@ -166,6 +197,26 @@ def purge_raw_data() -> dict[str, int]:
     return {"landing_folders": report.landing_folders, "quarantine_records": report.quarantine_records}
 
 
+def check_quiet_sources() -> dict[str, str]:
+    """The maintenance DAG's check: one alert for each source that went quiet, or came back, since the last one."""
+    from datetime import UTC, datetime
+
+    from health_ingest.airflow.notifiers import alert_once
+    from health_ingest.alerts.cadence import cadence_alerts
+    from health_ingest.sources.registry import load_sources
+    from health_ingest.warehouse.connection import connect, warehouse_url
+
+    conn = connect(warehouse_url())
+    conn.autocommit = True
+    try:
+        due = cadence_alerts(conn, load_sources().values(), datetime.now(UTC))
+    finally:
+        conn.close()
+    for alert, channels in due:
+        alert_once(alert, channels)
+    return {alert.source: alert.kind for alert, _ in due}
+
+
 # --- implementation details -------------------------------------------------------------------
 
 
@@ -179,3 +230,18 @@ def _name_mapped_task(delivery: str) -> None:
 
     with suppress(RuntimeError):  # called outside a task
         get_current_context()["delivery_label"] = delivery_label(delivery)
+
+
+def _task_context() -> dict:
+    try:
+        from airflow.sdk import get_current_context
+
+        return get_current_context()
+    except Exception:  # called outside a task
+        return {}
+
+
+def _last_try() -> bool:
+    """Whether this try is the task's last: Airflow will not retry a failure now (outside a task, every try is)."""
+    ti = _task_context().get("ti")
+    return ti is None or ti.try_number > ti.max_tries

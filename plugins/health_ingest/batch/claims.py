@@ -31,6 +31,7 @@ from health_ingest.batch.lifecycle import (
     BatchLoader,
     BatchResult,
     StageFailure,
+    check_ceiling,
     commit_batch,
     landing_folder,
     run_batch,
@@ -96,7 +97,7 @@ class ClaimsLoader(BatchLoader):
         plans = {f.file_no: self._plan(f) for f in landed.loadable}  # every header, before anything is written
 
         conn.autocommit = False
-        file_counts = {f.file_no: FileCounts() for f in landed.loadable}
+        file_counts = self.file_counts = {f.file_no: FileCounts() for f in landed.loadable}
         self.file_names = {f.file_no: f.name for f in landed.loadable}
         tables = self._in_dependency_order(sorted({f.resource_type for f in landed.loadable}))
         files_of = {table: [f for f in landed.loadable if f.resource_type == table] for table in tables}
@@ -133,6 +134,7 @@ class ClaimsLoader(BatchLoader):
                     finished.append(table)
                     for ready in self._suites_ready(tables, finished):
                         outcomes += self._suite(cur, ready)
+                check_ceiling(self, landed, file_counts)
                 clock = time.perf_counter()
                 self.position = "while running the quality suites"
                 quality_gate(cur, self.batch_id, self.source, outcomes, self.times.suites)
@@ -345,6 +347,7 @@ class ClaimsLoader(BatchLoader):
         self.position = f"while merging {table}"
         warehouse_table, schema = self.profile.warehouse_table(table), self.profile.tables[table]
         chunks, savepoint = merge, merge.savepoint
+        superseded: dict[int, int] = {}
 
         def merge_whole() -> None:
             nonlocal merge
@@ -359,6 +362,7 @@ class ClaimsLoader(BatchLoader):
                 cur, whole, warehouse_table, schema, chunks.plan, self.batch_id, self.source.name
             )
             merge.add(whole, written, claims_tables.staged_counts(cur, whole))
+            superseded.update(claims_tables.superseded_counts(cur, whole))
             claims_tables.quarantine_rows(cur, whole, self.batch_id, self.file_names)
 
         savepoint.finish(
@@ -375,6 +379,7 @@ class ClaimsLoader(BatchLoader):
             good, bad = merge.staged.get(landed_file.file_no, (0, 0))
             # the typing and the merge may quarantine more rows than the reader did: those move from loaded
             counts.rows_quarantined = bad
+            counts.rows_superseded = superseded.get(landed_file.file_no, 0)
             if good + bad != counts.rows_read:
                 raise LoadError(
                     f"{landed_file.name}: read {counts.rows_read} rows but staged {good + bad}; "

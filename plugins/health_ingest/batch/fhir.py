@@ -30,6 +30,7 @@ from health_ingest.batch.lifecycle import (
     BatchLoader,
     BatchResult,
     StageFailure,
+    check_ceiling,
     commit_batch,
     landing_folder,
     run_batch,
@@ -102,6 +103,7 @@ class FhirLoader(BatchLoader):
         conn.autocommit = False
         with conn.cursor() as cur, copy_conn.cursor() as copy_cur:
             file_counts = self._stage_and_merge(cur, copy_cur, landed)
+            check_ceiling(self, landed, file_counts)
             self._apply_export_files(cur, landed)
             self._quality_gate(cur, landed)
 
@@ -143,7 +145,7 @@ class FhirLoader(BatchLoader):
         batches.lock_new_tables(cur, [f"fhir.{t.lower()}" for t in types])
         for resource_type in types:
             staging.create_staging_table(copy_cur, self.batch_id, resource_type)
-        file_counts = {f.file_no: FileCounts() for f in landed.loadable}
+        file_counts = self.file_counts = {f.file_no: FileCounts() for f in landed.loadable}
         stages = Stages()
         handoff: queue.Queue = queue.Queue(maxsize=2)
         staged: queue.Queue = queue.Queue()
@@ -163,6 +165,7 @@ class FhirLoader(BatchLoader):
                 else:
                     for file_no, count in item.duplicates.items():
                         file_counts[file_no].rows_quarantined += count
+                        file_counts[file_no].rows_superseded += count
                     offered = sum(
                         file_counts[f.file_no].rows_loaded
                         for f in landed.loadable

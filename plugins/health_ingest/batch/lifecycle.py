@@ -26,6 +26,7 @@ from health_ingest.errors import BatchRejected, HealthIngestError, LoadError, re
 from health_ingest.privacy.gate import KAnonymityReport, record_k_anonymity
 from health_ingest.privacy.keyring import Keyring, load_keyring
 from health_ingest.privacy.tokens import Tokeniser
+from health_ingest.quality.ceiling import FileQuarantine, check_quarantine_ceiling
 from health_ingest.quality.suites import record_outcomes
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import batches, merge, staging
@@ -125,6 +126,7 @@ class Loader(Protocol):
 
     position: str
     before_commit: BeforeCommit | None
+    file_counts: dict[int, FileCounts]  # what the reader saw so far, per file: a failed batch keeps it
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         """Land, read, stage and merge the delivery; `copy_conn` stages (autocommit), `conn` holds the transaction
@@ -149,6 +151,7 @@ class BatchLoader:
         self.before_commit: BeforeCommit | None = context.before_commit
         self.position = "while landing the delivery"
         self.times = StepTimes()
+        self.file_counts: dict[int, FileCounts] = {}  # what the reader saw so far, per file: a failed batch keeps it
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,7 @@ def run_batch(
         try:
             result = loader.load(conn, copy_conn, Path(delivery))
         except BaseException as error:
-            _fail(conn, warehouse, source, batch_id, error, loader.position)
+            _fail(conn, warehouse, source, batch_id, error, loader)
         result.elapsed = time.perf_counter() - started
         log.info(
             "source %s: batch %s committed: %d read = %d loaded + %d quarantined in %.1f s",
@@ -273,6 +276,18 @@ def commit_batch(
     )
 
 
+def check_ceiling(loader: BatchLoader, landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> None:
+    """Once every record is read: a file (or a type, or a table) mostly quarantined rejects the batch, by name.
+    Records superseded by a later one of the same key are not faults and do not count."""
+    loader.position = "while checking the quarantine ceiling"
+    files = [
+        FileQuarantine(f.name, f.resource_type, counts.rows_read, counts.rows_quarantined - counts.rows_superseded)
+        for f in landed.loadable
+        for counts in [file_counts[f.file_no]]
+    ]
+    check_quarantine_ceiling(files, loader.source.quality)
+
+
 def counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> dict[str, TypeCounts]:
     """Per resource type (or claims table), the counts of its files."""
     counts: dict[str, TypeCounts] = {}
@@ -288,24 +303,35 @@ def counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -
 # --- implementation details -------------------------------------------------------------------
 
 
-def _fail(conn, warehouse: str, source: Source, batch_id: str, error: BaseException, position: str):
-    """Roll back, mark the batch, keep a rejection's evidence, and raise the batch's error (which says whether a
-    retry can help: that of the cause). A batch whose connection was lost is marked on a fresh one."""
-    message = _safe_message(error, position)
+def _fail(conn, warehouse: str, source: Source, batch_id: str, error: BaseException, loader):
+    """Roll back, mark the batch with what its reader saw and where it stopped, keep a rejection's evidence, and
+    raise the batch's error (which says whether a retry can help: that of the cause; and which batch it was). A
+    batch whose connection was lost is marked on a fresh one."""
+    message = _safe_message(error, loader.position)
     status = _failure_status(error)
-    recorded = _record_failure(conn, warehouse, batch_id, message, status, error)
+    seen = list(loader.file_counts.values())
+    counts = {
+        "rows_read": sum(c.rows_read for c in seen),
+        "rows_quarantined": sum(c.rows_quarantined for c in seen),
+        "failed_step": loader.position.removeprefix("while "),
+    }
+    recorded = _record_failure(conn, warehouse, batch_id, message, status, error, counts)
     log.error("source %s: batch %s %s, nothing committed: %s", source.name, batch_id, status, message)
     if not isinstance(error, HealthIngestError | psycopg2.Error):
         log.error("where it failed:\n%s", "".join(traceback.format_tb(error.__traceback__)))
     if isinstance(error, KeyboardInterrupt):
         raise error
-    failure = BatchRejected if isinstance(error, BatchRejected) else LoadError
+    failure_class = BatchRejected if isinstance(error, BatchRejected) else LoadError
     if not recorded:
         message += "; the warehouse could not be told, so the next run of this source marks the batch failed"
-    raise failure(f"batch {batch_id} of source {source.name} {status}: {message}", retryable=retryable(error)) from None
+    failure = failure_class(f"batch {batch_id} of source {source.name} {status}: {message}", retryable=retryable(error))
+    failure.batch_id = batch_id
+    raise failure from None
 
 
-def _record_failure(conn, warehouse: str, batch_id: str, message: str, status: str, error: BaseException) -> bool:
+def _record_failure(
+    conn, warehouse: str, batch_id: str, message: str, status: str, error: BaseException, counts: dict
+) -> bool:
     """Mark the batch failed (or rejected) after the rollback, on its own connection or, when that is lost, on a
     fresh one. False when the warehouse cannot be reached: the next run of the source marks it then."""
     try:
@@ -319,7 +345,7 @@ def _record_failure(conn, warehouse: str, batch_id: str, message: str, status: s
         except (psycopg2.Error, HealthIngestError):
             return False
     try:
-        batches.mark_failed(target, batch_id, message, status=status)
+        batches.mark_failed(target, batch_id, message, status=status, **counts)
         if isinstance(error, BatchRejected):
             _record_rejection_evidence(target, batch_id, error.evidence)
         return True

@@ -1,4 +1,5 @@
-"""The `health-ingest` command: the demo, one-off ingestion, the warehouse and the keys."""
+"""The `health-ingest` command: the demo, one-off ingestion, the warehouse, set-aside deliveries, alert channels and
+the keys."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import signal
 import sys
 
-from health_ingest.cli import demo, ingest, keys, warehouse
+from health_ingest.cli import alerts, deliveries, demo, ingest, keys, warehouse
 from health_ingest.errors import HealthIngestError
 
 log = logging.getLogger("health_ingest")
@@ -44,6 +45,6 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="health-ingest", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(title="commands")
-    for group in (demo, ingest, warehouse, keys):
+    for group in (demo, ingest, warehouse, deliveries, alerts, keys):
         group.add_commands(commands)
     return parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from health_ingest import config
 
@@ -83,7 +84,7 @@ def cmd_warehouse_status(args: argparse.Namespace) -> int:
     print(f"warehouse {redact(url)}: {len(rows)} most recent batches\n")
     print(
         table(
-            ["batch", "source", "status", "started (UTC)", "read", "loaded", "quarantined", "key", "error"],
+            ["batch", "source", "status", "started (UTC)", "read", "loaded", "quarantined", "key", "delivery"],
             [
                 (
                     b.batch_id,
@@ -94,13 +95,24 @@ def cmd_warehouse_status(args: argparse.Namespace) -> int:
                     b.rows_loaded,
                     b.rows_quarantined,
                     b.key_id,
-                    (b.error or "")[:80],
+                    b.delivery or "given by hand",
                 )
                 for b in rows
             ],
             right={4, 5, 6},
         )
     )
+    failures = [b for b in rows if b.error]
+    if failures:
+        print("\nWhy:")
+        for b in failures:
+            stopped = f", stopped {b.failed_step}" if b.failed_step else ""
+            print(f"  {b.batch_id}  {b.status}{stopped}")
+            print(
+                textwrap.fill(
+                    b.error, width=100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False
+                )
+            )
     reports = [(b.batch_id, b.dq_report) for b in rows if b.dq_report]
     if reports:
         print("\nData Docs:")

@@ -21,6 +21,11 @@ class QualityPolicy:
     # values are generated column by column (synthetic data), never to hide a real source's faults
     downgrade: tuple[str, ...] = ()
     strict_rules: StrictRules = field(default_factory=StrictRules)
+    # share of a file's (or of a whole resource type's or table's) records quarantined above which the batch is
+    # rejected instead of committed: a file mostly unreadable is a broken delivery, not a few bad records
+    quarantine_ceiling: float = 0.5
+    # per resource type or claims table, overriding `quarantine_ceiling` (1.0 never rejects)
+    quarantine_ceiling_by_type: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.strict, dict):
@@ -29,6 +34,13 @@ class QualityPolicy:
         if not 0.0 <= self.tolerance < 1.0:
             raise ValueError("tolerance must be in [0, 1)")
         object.__setattr__(self, "downgrade", tuple(self.downgrade))
+        ceilings = {"quarantine_ceiling": self.quarantine_ceiling, **dict(self.quarantine_ceiling_by_type)}
+        for name, ceiling in ceilings.items():
+            if not isinstance(ceiling, int | float) or not 0.0 <= ceiling <= 1.0:
+                raise ValueError(f"{name}: a quarantine ceiling is a share in [0, 1]")
+
+    def ceiling_for(self, resource_type: str) -> float:
+        return float(self.quarantine_ceiling_by_type.get(resource_type, self.quarantine_ceiling))
 
     def apply(self, outcomes: list) -> list:
         """The outcomes with this source's downgrades marked."""

@@ -1,30 +1,51 @@
 """A source's inbox: deliveries are sub-folders, and a marker file written last says one is complete.
 
-`_READY` (written by the sender) -> `_QUEUED` (seen by the triggerer) -> `_DONE` (committed).
+`_READY` (written by the sender) -> `_QUEUED` (seen by the triggerer) -> `_DONE` (committed), or set aside as
+`_REJECTED` / `_FAILED` (holding the batch id) until an operator requeues or discards it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 READY = "_READY"
 QUEUED = "_QUEUED"
 DONE = "_DONE"
+REJECTED = "_REJECTED"
+FAILED = "_FAILED"
+ASIDE = (REJECTED, FAILED)
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A delivery taken out of the pending set: its status, the batch that decided it, and when."""
+
+    folder: Path
+    status: str  # rejected | failed
+    batch_id: str
+    since: datetime
+
+    @property
+    def label(self) -> str:
+        return delivery_label(self.folder.name)
+
 
 # words a delivery folder's name may hold and still be shown: an export's usual vocabulary, nothing personal
 DELIVERY_WORDS = {"delivery", "export", "extract", "batch", "part", "run", "bulk", "full", "incremental", "daily"}
 
 
 def pending_deliveries(inbox: Path) -> list[Path]:
-    """Deliveries that are complete and not yet committed, oldest marker first."""
+    """Deliveries that are complete and not yet committed nor set aside, oldest marker first."""
     if not inbox.is_dir():
         return []
     found = []
     for folder in inbox.iterdir():
-        if folder.is_dir() and not (folder / DONE).exists():
+        if folder.is_dir() and not any((folder / m).exists() for m in (DONE, *ASIDE)):
             marker = next((folder / m for m in (QUEUED, READY) if (folder / m).exists()), None)
             if marker is not None:
                 found.append((marker.stat().st_mtime, folder))
@@ -49,6 +70,40 @@ def mark_done(delivery: Path) -> None:
     for marker in (READY, QUEUED):
         (delivery / marker).unlink(missing_ok=True)
     (delivery / DONE).touch()
+
+
+def set_aside(delivery: Path, status: str, batch_id: str | None) -> None:
+    """A rejected delivery, or one that failed for good, leaves the pending set: later runs take only new ones."""
+    marker = {"rejected": REJECTED, "failed": FAILED}[status]
+    (delivery / marker).write_text((batch_id or "none") + "\n", encoding="utf-8")
+    for pending in (READY, QUEUED):
+        (delivery / pending).unlink(missing_ok=True)
+
+
+def set_aside_deliveries(inbox: Path) -> list[SetAside]:
+    """The inbox's set-aside deliveries, oldest first."""
+    found = []
+    if inbox.is_dir():
+        for folder in inbox.iterdir():
+            for marker in ASIDE:
+                path = folder / marker
+                if folder.is_dir() and path.exists():
+                    since = datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
+                    batch_id = path.read_text(encoding="utf-8").strip()
+                    found.append(SetAside(folder, marker.strip("_").lower(), batch_id, since))
+    return sorted(found, key=lambda entry: entry.since)
+
+
+def requeue(entry: SetAside) -> None:
+    """After the sender's fix: the delivery is pending again, and its `_READY` wakes the source's DAG."""
+    for marker in ASIDE:
+        (entry.folder / marker).unlink(missing_ok=True)
+    (entry.folder / READY).touch()
+
+
+def discard(entry: SetAside) -> None:
+    """The delivery will never be loaded: its raw files (which hold identifiers) are deleted from the inbox."""
+    shutil.rmtree(entry.folder)
 
 
 def delivery_label(folder: str | Path) -> str:

@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from health_ingest import config
+from health_ingest.alerts.settings import AlertSettings, parse_alerts
 from health_ingest.errors import ConfigurationError
 from health_ingest.privacy.element_plan import check_kept_paths
 from health_ingest.privacy.policy import PrivacyPolicy
@@ -17,7 +18,7 @@ from health_ingest.sources.bulk.settings import BulkSettings, parse_bulk
 SOURCE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 KINDS = {"fhir", "claims"}
 FORMATS = {"fhir": {"ndjson"}, "claims": {"snds", "synthea", "cms-rif"}}
-DURATION = re.compile(r"^(?:(?P<w>\d+)w)?(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?$")
+DURATION = re.compile(r"^(?:(?P<w>\d+)w)?(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?$")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Source:
     quality: QualityPolicy = field(default_factory=QualityPolicy)
     bulk: BulkSettings | None = None  # a FHIR server this source pulls `$export`s from
     expect_every: timedelta | None = None  # a committed batch is expected at least this often (none: no cadence)
+    retry_delay: timedelta = timedelta(minutes=2)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     @property
     def dag_id(self) -> str:
@@ -72,9 +75,15 @@ def load_sources(path: Path | None = None) -> dict[str, Source]:
     entries = document.get("sources")
     if not isinstance(entries, list):
         raise ConfigurationError(f"{path}: expected a top-level 'sources:' list")
+    if set(document) - {"sources", "alerts"}:
+        raise ConfigurationError(f"{path}: unknown top-level keys {sorted(set(document) - {'sources', 'alerts'})}")
+    try:
+        default_alerts = parse_alerts(document.get("alerts"), None, parse_duration)
+    except ValueError as error:
+        raise ConfigurationError(f"{path}: alerts: {error}") from None
     sources: dict[str, Source] = {}
     for position, entry in enumerate(entries, start=1):
-        source = _parse_source(path, position, entry)
+        source = _parse_source(path, position, entry, default_alerts)
         if source.name in sources:
             raise ConfigurationError(f"{path}: source #{position} repeats the name '{source.name}'")
         sources[source.name] = source
@@ -92,7 +101,7 @@ def get_source(name: str, path: Path | None = None) -> Source:
 # --- implementation details -------------------------------------------------------------------
 
 
-def _parse_source(path: Path, position: int, entry: object) -> Source:
+def _parse_source(path: Path, position: int, entry: object, default_alerts: AlertSettings) -> Source:
     where = f"{path}: source #{position}"
     if not isinstance(entry, dict):
         raise ConfigurationError(f"{where}: expected a mapping")
@@ -123,6 +132,8 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         "quality",
         "bulk",
         "expect_every",
+        "retry_delay",
+        "alerts",
     }
     if unknown:
         raise ConfigurationError(f"{where}: unknown keys {sorted(unknown)}")
@@ -151,16 +162,19 @@ def _parse_source(path: Path, position: int, entry: object) -> Source:
         quality=_parse_quality(where, entry),
         bulk=_parse_bulk(where, kind, entry),
         expect_every=_parse_expect_every(where, entry.get("expect_every")),
+        retry_delay=_parse_retry_delay(where, entry.get("retry_delay")),
+        alerts=_parse_alerts(where, entry, default_alerts),
     )
 
 
 def parse_duration(text: str) -> timedelta:
-    """`26h`, `7d`, `1w`, `1d12h`, `90m`: weeks, days, hours and minutes, each at most once, in that order."""
+    """`26h`, `7d`, `1w`, `1d12h`, `90m`, `30s`: weeks, days, hours, minutes and seconds, each at most once, in that
+    order."""
     match = DURATION.match(text.strip()) if isinstance(text, str) else None
     if not match or not any(match.groupdict().values()):
         raise ValueError(f"{text!r} is not a duration such as 26h, 7d, 1w or 1d12h")
-    weeks, days, hours, minutes = (int(match[unit] or 0) for unit in "wdhm")
-    duration = timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes)
+    weeks, days, hours, minutes, seconds = (int(match[unit] or 0) for unit in "wdhms")
+    duration = timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
     if not duration:
         raise ValueError(f"{text!r} is no time at all")
     return duration
@@ -181,6 +195,22 @@ def _state_path(value: str) -> Path:
     return path if path.is_absolute() else config.state_dir() / path
 
 
+def _parse_retry_delay(where: str, value: object) -> timedelta:
+    if value is None:
+        return timedelta(minutes=2)
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise ConfigurationError(f"{where}: retry_delay: {error}") from None
+
+
+def _parse_alerts(where: str, entry: dict, default: AlertSettings) -> AlertSettings:
+    try:
+        return parse_alerts(entry.get("alerts"), default, parse_duration)
+    except ValueError as error:
+        raise ConfigurationError(f"{where}: alerts: {error}") from None
+
+
 def _parse_bulk(where: str, kind: str, entry: dict) -> BulkSettings | None:
     if entry.get("bulk") is not None and kind != "fhir":
         raise ConfigurationError(f"{where}: 'bulk' (a FHIR server to pull from) applies to fhir sources only")
@@ -192,8 +222,9 @@ def _parse_bulk(where: str, kind: str, entry: dict) -> BulkSettings | None:
 
 def _parse_quality(where: str, entry: dict) -> QualityPolicy:
     options = entry.get("quality") or {}
-    if not isinstance(options, dict) or set(options) - {"tolerance", "strict", "suites", "downgrade"}:
-        raise ConfigurationError(f"{where}: 'quality' takes only 'tolerance', 'strict', 'suites' and 'downgrade'")
+    known = {"tolerance", "strict", "suites", "downgrade", "quarantine_ceiling", "quarantine_ceiling_by_type"}
+    if not isinstance(options, dict) or set(options) - known:
+        raise ConfigurationError(f"{where}: 'quality' takes only {sorted(known)}")
     try:
         return QualityPolicy(**options)
     except (TypeError, ValueError) as error:

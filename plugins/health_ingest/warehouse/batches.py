@@ -33,6 +33,8 @@ class BatchRow:
     key_id: str
     error: str | None
     dq_report: str | None
+    delivery: str | None = None
+    failed_step: str | None = None
 
 
 def lock_source(conn, source: str) -> None:
@@ -177,11 +179,27 @@ def mark_committed(
     return commit_seq
 
 
-def mark_failed(conn, batch_id: str, error: str, *, status: str = "failed") -> None:
+def mark_failed(
+    conn,
+    batch_id: str,
+    error: str,
+    *,
+    status: str = "failed",
+    rows_read: int = 0,
+    rows_quarantined: int = 0,
+    failed_step: str | None = None,
+) -> None:
+    """After the rollback: the batch keeps what its reader saw (read, quarantined; nothing loaded) and where it
+    stopped, so that the operator sees the delivery's true size."""
     with conn.cursor() as cur:
         cur.execute(
-            "UPDATE ingest.batches SET status = %s, finished_at = now(), error = %s WHERE batch_id = %s",
-            (status, error[:2000], batch_id),
+            """
+            UPDATE ingest.batches
+               SET status = %s, finished_at = now(), error = %s, rows_read = %s, rows_loaded = 0,
+                   rows_quarantined = %s, failed_step = %s
+             WHERE batch_id = %s
+            """,
+            (status, error[:2000], rows_read, rows_quarantined, failed_step, batch_id),
         )
 
 
@@ -190,7 +208,7 @@ def recent_batches(conn, limit: int = 20, source: str | None = None) -> list[Bat
         cur.execute(
             """
             SELECT batch_id::text, source, kind, status, started_at, committed_at,
-                   rows_read, rows_loaded, rows_quarantined, key_id, error, dq_report
+                   rows_read, rows_loaded, rows_quarantined, key_id, error, dq_report, delivery, failed_step
               FROM ingest.batches
              WHERE %(source)s::text IS NULL OR source = %(source)s
              ORDER BY started_at DESC

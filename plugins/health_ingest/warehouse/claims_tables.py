@@ -289,6 +289,12 @@ def staged_counts(cur, staged: str) -> dict[int, tuple[int, int]]:
     return {file_no: (good, bad) for file_no, good, bad in cur.fetchall()}
 
 
+def superseded_counts(cur, staged: str) -> dict[int, int]:
+    """Per file, the rows quarantined only because a later row of the delivery has the same key."""
+    cur.execute(f"SELECT file_no, count(*) FROM {staged} WHERE reason = 'duplicate_in_batch' GROUP BY file_no")
+    return dict(cur.fetchall())
+
+
 # --- implementation details -------------------------------------------------------------------
 
 
