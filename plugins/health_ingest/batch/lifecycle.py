@@ -28,6 +28,7 @@ from health_ingest.privacy.keyring import Keyring, load_keyring
 from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.ceiling import FileQuarantine, check_quarantine_ceiling
 from health_ingest.quality.suites import record_outcomes
+from health_ingest.sources.inbox import says_nothing_of_a_person
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import batches, merge, staging
 from health_ingest.warehouse.connection import connect, hosting_decision, warehouse_url
@@ -199,8 +200,7 @@ def run_batch(
             source=source.name,
             kind=kind,
             key_id=keyring.active_id,
-            # the folder's name is the sender's, sometimes a patient's: a keyed label of it, the same for the same name
-            delivery=Tokeniser(keyring, id_space=source.id_space).token("delivery-name", Path(delivery).name),
+            delivery=_stored_delivery_name(Path(delivery).name, keyring, source),
             hosting=hosting_decision(warehouse).describe(),
         )
         log.info("source %s: batch %s started (key %s)", source.name, batch_id, keyring.active_id)
@@ -383,6 +383,14 @@ def _record_rejection_evidence(conn, batch_id: str, evidence: object) -> None:
         from health_ingest.quality.docs import publish_data_docs
 
         publish_data_docs(conn, batch_id)
+
+
+def _stored_delivery_name(name: str, keyring: Keyring, source: Source) -> str:
+    """The folder's name is the sender's, sometimes a patient's: kept when made of an export's words, dates and
+    numbers, else a keyed label of it (the same for the same name)."""
+    if says_nothing_of_a_person(name):
+        return name
+    return Tokeniser(keyring, id_space=source.id_space).token("delivery-name", name)
 
 
 def _failure_status(error: BaseException) -> str:

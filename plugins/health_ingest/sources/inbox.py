@@ -106,14 +106,19 @@ def discard(entry: SetAside) -> None:
     shutil.rmtree(entry.folder)
 
 
+def says_nothing_of_a_person(name: str) -> bool:
+    """A folder name made only of digits, separators and an export's usual words (`2026-12-01`, `export-0042`)."""
+    words = [w for w in re.split(r"[-_.:]+", name) if w and not re.fullmatch(r"\d+(T\d+Z?)?", w)]
+    shown = len(name) <= 64 and re.fullmatch(r"[A-Za-z0-9_.:-]+", name)
+    return bool(shown) and all(w.lower() in DELIVERY_WORDS for w in words)
+
+
 def delivery_label(folder: str | Path) -> str:
     """The name a delivery is shown by (task names in the UI, logs): its folder's name when made only of digits,
     separators and an export's usual words (`2026-12-01`, `export-0042`), else `delivery-<time it was marked
     ready>`: a sender may name a folder after a patient."""
     folder = Path(folder)
-    words = [w for w in re.split(r"[-_.:]+", folder.name) if w and not re.fullmatch(r"\d+(T\d+Z?)?", w)]
-    shown = len(folder.name) <= 64 and re.fullmatch(r"[A-Za-z0-9_.:-]+", folder.name)
-    if shown and all(w.lower() in DELIVERY_WORDS for w in words):
+    if says_nothing_of_a_person(folder.name):
         return folder.name
     marker = next((folder / m for m in (QUEUED, READY, DONE) if (folder / m).exists()), folder)
     try:
