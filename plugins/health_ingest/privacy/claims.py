@@ -98,9 +98,9 @@ def plan_columns(
         class_name = classify_column(table, column, roles)
         if class_name is None:
             continue
-        if class_name == "free_text" and not {name, name.upper(), f"{table}.{name}", f"{table}.{name.upper()}"} & set(
-            keep_free_text
-        ):
+        kept_on_purpose = {name, name.upper(), f"{table}.{name}", f"{table}.{name.upper()}"} & set(keep_free_text)
+        # free text goes, unless kept on purpose or only its numbers are kept (the rest is removed value by value)
+        if class_name == "free_text" and not kept_on_purpose and not has(roles.numbers_only, name):
             continue
         if has(roles.identifiers, name):
             system = next(
