@@ -26,16 +26,7 @@ from pathlib import Path
 
 import psycopg2
 
-from health_ingest.batch.lifecycle import (
-    BatchContext,
-    BatchLoader,
-    BatchResult,
-    StageFailure,
-    check_ceiling,
-    commit_batch,
-    landing_folder,
-    run_batch,
-)
+from health_ingest.batch.lifecycle import BatchContext, BatchLoader, BatchResult, StageFailure, run_batch
 from health_ingest.batch.workers import SavepointMerge, Stages, WorkerPool
 from health_ingest.deliveries import FileCounts, LandedFile
 from health_ingest.errors import DeliveryError, LoadError
@@ -90,7 +81,7 @@ class ClaimsLoader(BatchLoader):
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         started = clock = time.perf_counter()
-        landing = landing_folder(self.source, self.batch_id)
+        landing = self.landing
         landed = land_files(delivery, landing, is_claims_file, self._table_of, what="claims file (*.csv, *.csv.gz)")
         self.times.land = time.perf_counter() - clock
         self.position = "while checking the headers"
@@ -134,14 +125,14 @@ class ClaimsLoader(BatchLoader):
                     finished.append(table)
                     for ready in self._suites_ready(tables, finished):
                         outcomes += self._suite(cur, ready)
-                check_ceiling(self, landed, file_counts)
+                self.check_ceiling(landed, file_counts)
                 clock = time.perf_counter()
                 self.position = "while running the quality suites"
                 quality_gate(cur, self.batch_id, self.source, outcomes, self.times.suites)
                 self.times.verify += time.perf_counter() - clock
                 clock = time.perf_counter()
                 self.position = "while committing"
-                result = commit_batch(cur, self, landed, file_counts, started)
+                result = self.commit(cur, landed, file_counts, started)
             conn.commit()
             self.times.commit += time.perf_counter() - clock
         finally:

@@ -25,16 +25,7 @@ from typing import BinaryIO
 import orjson
 
 from health_ingest import config
-from health_ingest.batch.lifecycle import (
-    BatchContext,
-    BatchLoader,
-    BatchResult,
-    StageFailure,
-    check_ceiling,
-    commit_batch,
-    landing_folder,
-    run_batch,
-)
+from health_ingest.batch.lifecycle import BatchContext, BatchLoader, BatchResult, StageFailure, run_batch
 from health_ingest.batch.workers import SavepointMerge, Stages, WorkerPool, release_free_memory
 from health_ingest.deliveries import FileCounts, LandedDelivery, LandedFile
 from health_ingest.errors import DeliveryError, LoadError, MixedResourceTypes, RecordProblem
@@ -94,7 +85,7 @@ class FhirLoader(BatchLoader):
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         """`copy_conn` stages (autocommit); `conn` holds the load transaction that merges and commits."""
         clock = started = time.perf_counter()
-        landed = land_fhir_delivery(delivery, landing_folder(self.source, self.batch_id))
+        landed = land_fhir_delivery(delivery, self.landing)
         self.times.land = time.perf_counter() - clock
         for skipped in landed.files:
             if skipped.skip_reason:
@@ -103,7 +94,7 @@ class FhirLoader(BatchLoader):
         conn.autocommit = False
         with conn.cursor() as cur, copy_conn.cursor() as copy_cur:
             file_counts = self._stage_and_merge(cur, copy_cur, landed)
-            check_ceiling(self, landed, file_counts)
+            self.check_ceiling(landed, file_counts)
             self._apply_export_files(cur, landed)
             self._quality_gate(cur, landed)
 
@@ -111,7 +102,7 @@ class FhirLoader(BatchLoader):
             self.position = "while committing"
             with_rejects = {f.resource_type for f in landed.loadable if file_counts[f.file_no].rows_quarantined}
             merge.quarantine_rejected(cur, self.batch_id, landed, with_rejects)
-            result = commit_batch(cur, self, landed, file_counts, started)
+            result = self.commit(cur, landed, file_counts, started)
         conn.commit()
         self.times.commit += time.perf_counter() - clock
         if self.strict_warnings:

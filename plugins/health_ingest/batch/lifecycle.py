@@ -3,7 +3,7 @@ and on failure a rollback with a message that quotes no record.
 
 A format plugs in through a `Loader` (`fhir.FhirLoader`, `claims.ClaimsLoader`): `run_batch` opens the batch and
 hands the loader a `BatchContext`; the loader lands, reads, stages and merges, then ends its transaction with
-`commit_batch`.
+`BatchLoader.commit`.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class BatchContext:
 
 class Loader(Protocol):
     """One format's load transaction. `position` says where it stands, so that a failure can say where it happened
-    without quoting a record; `before_commit` (from the context) runs in `commit_batch`."""
+    without quoting a record; `before_commit` (from the context) runs in `BatchLoader.commit`."""
 
     position: str
     before_commit: BeforeCommit | None
@@ -131,7 +131,7 @@ class Loader(Protocol):
 
     def load(self, conn, copy_conn, delivery: Path) -> BatchResult:
         """Land, read, stage and merge the delivery; `copy_conn` stages (autocommit), `conn` holds the transaction
-        that ends with `commit_batch` and commits."""
+        that ends with `BatchLoader.commit` and commits."""
         ...
 
     def warehouse_table(self, name: str) -> str:
@@ -143,7 +143,8 @@ LoaderFactory = Callable[[BatchContext], Loader]
 
 
 class BatchLoader:
-    """What every format's loader holds of its batch; a loader adds `load` and `warehouse_table`."""
+    """What every format's loader holds of its batch, and the steps every format ends with (ceiling, commit); a
+    loader adds `load` and `warehouse_table`."""
 
     def __init__(self, context: BatchContext) -> None:
         self.batch_id, self.source, self.warehouse = context.batch_id, context.source, context.warehouse
@@ -153,6 +154,57 @@ class BatchLoader:
         self.position = "while landing the delivery"
         self.times = StepTimes()
         self.file_counts: dict[int, FileCounts] = {}  # what the reader saw so far, per file: a failed batch keeps it
+
+    @property
+    def landing(self) -> Path:
+        """Where the batch's delivery is copied: the ingestion zone, one folder per source and batch."""
+        return config.state_dir() / "landing" / self.source.name / self.batch_id
+
+    def check_ceiling(self, landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> None:
+        """Once every record is read: a file (or a type, or a table) mostly quarantined rejects the batch, by name.
+        Records superseded by a later one of the same key are not faults and do not count."""
+        self.position = "while checking the quarantine ceiling"
+        files = [
+            FileQuarantine(f.name, f.resource_type, counts.rows_read, counts.rows_quarantined - counts.rows_superseded)
+            for f in landed.loadable
+            for counts in [file_counts[f.file_no]]
+        ]
+        check_quarantine_ceiling(files, self.source.quality)
+
+    def commit(self, cur, landed: LandedDelivery, file_counts: dict[int, FileCounts], started: float) -> BatchResult:
+        """The end of every load transaction: the files recorded, the batch marked committed with its counts, then
+        the caller's last writes (`before_commit`). Returns the batch's result, for once the transaction commits."""
+        merge.record_files(cur, self.batch_id, landed, file_counts)
+        counts = counts_by_type(landed, file_counts)
+        totals = TypeCounts(*(sum(getattr(c, k) for c in counts.values()) for k in vars(TypeCounts())))
+        commit_seq = batches.mark_committed(
+            cur,
+            self.batch_id,
+            rows_read=totals.rows_read,
+            rows_loaded=totals.rows_loaded,
+            rows_quarantined=totals.rows_quarantined,
+            input_sha256=landed.input_sha256,
+            step_seconds={
+                **{step: round(seconds, 4) for step, seconds in vars(self.times).items()},
+                "elapsed": round(time.perf_counter() - started, 4),
+            },
+            privacy_removed=getattr(self, "privacy_removed", None),
+        )
+        if self.before_commit is not None:
+            self.before_commit(cur, self.batch_id)
+        return BatchResult(
+            batch_id=self.batch_id,
+            source=self.source.name,
+            status="committed",
+            key_id=self.key_id,
+            input_sha256=landed.input_sha256,
+            counts=counts,
+            skipped_files=[f.name for f in landed.files if f.skip_reason],
+            elapsed=0.0,
+            commit_seq=commit_seq,
+            times=self.times,
+            tables={name: self.warehouse_table(name) for name in counts},
+        )
 
 
 @dataclass(frozen=True)
@@ -231,61 +283,6 @@ def run_batch(
             if connection is not None:
                 with contextlib.suppress(psycopg2.Error):
                     connection.close()
-
-
-def landing_folder(source: Source, batch_id: str) -> Path:
-    """Where a batch's delivery is copied: the ingestion zone, one folder per source and batch."""
-    return config.state_dir() / "landing" / source.name / batch_id
-
-
-def commit_batch(
-    cur, loader: BatchLoader, landed: LandedDelivery, file_counts: dict[int, FileCounts], started: float
-) -> BatchResult:
-    """The end of every load transaction: the files recorded, the batch marked committed with its counts, then the
-    caller's last writes (`before_commit`). Returns the batch's result, for once the transaction commits."""
-    merge.record_files(cur, loader.batch_id, landed, file_counts)
-    counts = counts_by_type(landed, file_counts)
-    totals = TypeCounts(*(sum(getattr(c, k) for c in counts.values()) for k in vars(TypeCounts())))
-    commit_seq = batches.mark_committed(
-        cur,
-        loader.batch_id,
-        rows_read=totals.rows_read,
-        rows_loaded=totals.rows_loaded,
-        rows_quarantined=totals.rows_quarantined,
-        input_sha256=landed.input_sha256,
-        step_seconds={
-            **{step: round(seconds, 4) for step, seconds in vars(loader.times).items()},
-            "elapsed": round(time.perf_counter() - started, 4),
-        },
-        privacy_removed=getattr(loader, "privacy_removed", None),
-    )
-    if loader.before_commit is not None:
-        loader.before_commit(cur, loader.batch_id)
-    return BatchResult(
-        batch_id=loader.batch_id,
-        source=loader.source.name,
-        status="committed",
-        key_id=loader.key_id,
-        input_sha256=landed.input_sha256,
-        counts=counts,
-        skipped_files=[f.name for f in landed.files if f.skip_reason],
-        elapsed=0.0,
-        commit_seq=commit_seq,
-        times=loader.times,
-        tables={name: loader.warehouse_table(name) for name in counts},
-    )
-
-
-def check_ceiling(loader: BatchLoader, landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> None:
-    """Once every record is read: a file (or a type, or a table) mostly quarantined rejects the batch, by name.
-    Records superseded by a later one of the same key are not faults and do not count."""
-    loader.position = "while checking the quarantine ceiling"
-    files = [
-        FileQuarantine(f.name, f.resource_type, counts.rows_read, counts.rows_quarantined - counts.rows_superseded)
-        for f in landed.loadable
-        for counts in [file_counts[f.file_no]]
-    ]
-    check_quarantine_ceiling(files, loader.source.quality)
 
 
 def counts_by_type(landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> dict[str, TypeCounts]:

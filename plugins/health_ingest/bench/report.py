@@ -48,30 +48,24 @@ def main(argv: list[str] | None = None) -> int:
         view = _measure_ingestion_view(admin_url)
         print(render_ingestion_view(view))
         return 0
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    bench = config.project_root() / ".bench"
     runs = []
-    for size in QUICK_SIZES if args.quick else FULL_SIZES:
-        dataset = config.project_root() / ".bench" / f"fhir-{size}"
-        print(f"[bench] dataset of {size:,} resources in {dataset}", flush=True)
-        build_fhir_dataset(config.project_root() / "samples" / "smart-bulk-10", dataset, size)
-        url = _fresh_database(admin_url, f"bench_{size}")
+    for size in sizes:
+        print(f"[bench] dataset of {size:,} resources in {bench / f'fhir-{size}'}", flush=True)
+        build_fhir_dataset(config.project_root() / "samples" / "smart-bulk-10", bench / f"fhir-{size}", size)
         print(f"[bench] running the batch path and the floor on {size:,} resources", flush=True)
-        runs.append({"target": size, **_measure(url, dataset)})
-        _drop_database(admin_url, f"bench_{size}")
+        runs.append({"target": size, **_measure_in(admin_url, f"bench_{size}", bench / f"fhir-{size}")})
     # strict validation beside the default, on the first size (its FHIRPath invariants make it far slower)
     size = runs[0]["target"]
-    url = _fresh_database(admin_url, f"bench_strict_{size}")
     print(f"[bench] running the batch path with strict validation on {size:,} resources", flush=True)
-    strict_run = {"target": size, **_measure(url, config.project_root() / ".bench" / f"fhir-{size}", "--strict")}
-    _drop_database(admin_url, f"bench_strict_{size}")
+    strict_run = {"target": size, **_measure_in(admin_url, f"bench_strict_{size}", bench / f"fhir-{size}", "--strict")}
 
     claims_runs = []
-    for size in QUICK_SIZES if args.quick else FULL_SIZES:
-        dataset = config.project_root() / ".bench" / f"snds-{size}"
-        print(f"[bench] SNDS dataset of {size:,} rows in {dataset}", flush=True)
-        build_snds_dataset(config.project_root() / "samples" / "snds-dcir", dataset, size)
-        url = _fresh_database(admin_url, f"bench_snds_{size}")
-        run = _measure(url, dataset, "--claims")
-        _drop_database(admin_url, f"bench_snds_{size}")
+    for size in sizes:
+        print(f"[bench] SNDS dataset of {size:,} rows in {bench / f'snds-{size}'}", flush=True)
+        build_snds_dataset(config.project_root() / "samples" / "snds-dcir", bench / f"snds-{size}", size)
+        run = _measure_in(admin_url, f"bench_snds_{size}", bench / f"snds-{size}", "--claims")
         run["rows_per_second"] = round(run["rows"] / run["end_to_end_seconds"])
         floor = run["floor"]
         run["floor_rows_per_second"] = round(floor["bare_copy_rows"] / floor["bare_copy_seconds"])
@@ -251,6 +245,15 @@ def _server() -> str:
     from health_ingest.warehouse.embedded import start_embedded_warehouse
 
     return start_embedded_warehouse(config.state_dir() / "bench-pg", database="postgres")
+
+
+def _measure_in(admin_url: str, database: str, dataset: Path, *flags: str) -> dict:
+    """One measured run in a database of its own, dropped afterwards."""
+    url = _fresh_database(admin_url, database)
+    try:
+        return _measure(url, dataset, *flags)
+    finally:
+        _drop_database(admin_url, database)
 
 
 def _fresh_database(admin_url: str, name: str) -> str:

@@ -104,49 +104,52 @@ def table_suite(profile: ClaimsProfile, schema: TableSchema) -> dict:
         value = f's."{name.lower()}"::date'
         return f"nullif({value}, '{sentinel}')" if sentinel else value
 
-    def expect(kind: str, kwargs: dict, category: str, severity: str, why: str) -> None:
+    def expect(kind: str, category: str, severity: str, why: str, **kwargs) -> None:
         meta = {"category": category, "severity": severity, "notes": why}
         expectations.append({"type": kind, "kwargs": kwargs, "meta": meta})
 
     expect(
         "expect_table_row_count_to_be_between",
-        {"min_value": {"$PARAMETER": "half_of_previous_batch"}},
         "plausibility",
         "warning",
         "a sudden drop against the source's previous batch of this table",
+        min_value={"$PARAMETER": "half_of_previous_batch"},
     )
     key = [k for k in schema.primary_key if k in kept]
     for name in key:
-        expect("expect_column_values_to_not_be_null", {"column": column(name)}, "completeness", "error", "key")
+        expect("expect_column_values_to_not_be_null", "completeness", "error", "key", column=column(name))
     if len(key) == 1:
-        expect("expect_column_values_to_be_unique", {"column": column(key[0])}, "conformance", "error", "key")
+        expect("expect_column_values_to_be_unique", "conformance", "error", "key", column=column(key[0]))
     if persons:
         columns["patient_id"] = "s.patient_id"
         expect(
             "expect_column_values_to_not_be_null",
-            {"column": "patient_id"},
             "completeness",
             "warning",
             "a row no person pseudonym links to",
+            column="patient_id",
         )
     for name, kind in typed.items():
         if kind in DATE_TYPES:
             target = column(name)
             expect(
                 "expect_column_values_to_be_between",
-                {"column": target, "min_value": "1600-01-01", "max_value": "2100-12-31"},
                 "conformance",
                 "error",
                 "a date the format cannot mean",
+                column=target,
+                min_value="1600-01-01",
+                max_value="2100-12-31",
             )
             ahead = f"{target}_days_ahead"
             columns[ahead] = f"{day(name)} - current_date"
             expect(
                 "expect_column_values_to_be_between",
-                {"column": ahead, "max_value": 366},
                 "plausibility",
                 "warning",
                 "more than a year in the future",
+                column=ahead,
+                max_value=366,
             )
     for name, kind in typed.items():
         if kind not in NUMBER_TYPES:
@@ -155,38 +158,43 @@ def table_suite(profile: ClaimsProfile, schema: TableSchema) -> dict:
         if any(v is not None for v in bounds.values()):
             expect(
                 "expect_column_values_to_be_between",
-                {"column": column(name), "min_value": bounds["minimum"], "max_value": bounds["maximum"]},
                 "conformance",
                 "error",
                 "outside the bounds the Table Schema declares",
+                column=column(name),
+                min_value=bounds["minimum"],
+                max_value=bounds["maximum"],
             )
         elif re.search(AMOUNTS.get(profile.name, "$^"), name, re.IGNORECASE):
             expect(
                 "expect_column_values_to_be_between",
-                {"column": column(name), "min_value": 0},
                 "plausibility",
                 "error",
                 "an amount or a count below zero",
+                column=column(name),
+                min_value=0,
             )
     for start, end in _periods(typed):
         days = f"{start.lower()}_to_{end.lower()}_days"
         columns[days] = f"{day(end)} - {day(start)}"
         expect(
             "expect_column_values_to_be_between",
-            {"column": days, "min_value": 0},
             "plausibility",
             "error",
             f"{end} before {start}",
+            column=days,
+            min_value=0,
         )
     for pattern, (regex, system) in CODES.get(profile.name, {}).items():
         for name in kept:
             if re.fullmatch(pattern, name, re.IGNORECASE) and kept[name].action == "keep":
                 expect(
                     "expect_column_values_to_match_regex",
-                    {"column": code(name), "regex": regex},
                     "conformance",
                     "error",
                     f"not a {system} code",
+                    column=code(name),
+                    regex=regex,
                 )
     for header, on in _headers(profile, schema, descriptor, kept):
         # a yearly table's header is the same year's (`T_MCO19D` -> `T_MCO19B`): see `TableSuites`
@@ -200,10 +208,11 @@ def table_suite(profile: ClaimsProfile, schema: TableSchema) -> dict:
         }
         expect(
             "expect_column_values_to_be_in_set",
-            {"column": name, "value_set": [True]},
             "conformance",
             "error",
             f"a detail row without its {header} header",
+            column=name,
+            value_set=[True],
         )
     _life_events(profile, schema, typed, columns, expect)
     settings: dict = {"table": warehouse_table, "volume_key": schema.name, "columns": columns}
@@ -287,8 +296,9 @@ def _life_events(profile: ClaimsProfile, schema: TableSchema, typed, columns: di
         columns[name] = {"sql": sql, "requires": table, "otherwise": "false"}
         expect(
             "expect_column_values_to_be_in_set",
-            {"column": name, "value_set": [False]},
             "plausibility",
             "error",
             name.replace("_", " "),
+            column=name,
+            value_set=[False],
         )

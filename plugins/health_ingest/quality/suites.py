@@ -37,13 +37,21 @@ _CHUNK_UNKNOWN = re.compile(r"\bselect\b|\bbatch_id\b|\bingest_source\b|\bingest
 
 
 @dataclass(frozen=True)
-class Suite:
+class SuiteFile:
+    """What every suite file holds: its expectations, over columns computed from the rows it checks."""
+
     name: str
-    resource_type: str
-    columns: dict[str, str]
+    columns: dict[str, Any]
     expectations: tuple[dict[str, Any], ...]
-    patient_reference: str | None
     path: Path
+
+
+@dataclass(frozen=True)
+class Suite(SuiteFile):
+    """A suite over a FHIR resource type's staged rows."""
+
+    resource_type: str
+    patient_reference: str | None
 
     def table_for(self, resource_type: str) -> str:
         return f"fhir.{resource_type.lower()}"
@@ -83,18 +91,14 @@ class Outcome:
 
 
 @dataclass(frozen=True)
-class TableSuite:
+class TableSuite(SuiteFile):
     """A suite over rows of a warehouse table (claims, flat), read by batch id after the batch's merge.
 
     `columns` are SQL expressions over the table's row `s`; a column given as `{"sql": ..., "requires": table,
     "otherwise": ...}` falls back to `otherwise` while `requires` does not exist (a header table never loaded)."""
 
-    name: str
     table: str
-    columns: dict[str, Any]
-    expectations: tuple[dict[str, Any], ...]
     volume_key: str | None
-    path: Path
 
 
 @lru_cache(maxsize=1)
@@ -103,15 +107,7 @@ def load_suites(folder: Path | None = None) -> dict[str, Suite]:
     folder = folder or config.project_root() / "expectations" / "fhir"
     suites = {}
     for path in sorted(folder.glob("*.json")):
-        document, settings = _read_suite(path)
-        suite = Suite(
-            document["name"],
-            settings["resource_type"],
-            settings["columns"],
-            tuple(document["expectations"]),
-            settings.get("patient_reference"),
-            path,
-        )
+        suite = Suite(*_read_suite(path, "resource_type", "patient_reference"))
         suites[suite.resource_type] = suite
     return suites
 
@@ -122,17 +118,9 @@ def load_table_suites(root: Path | None = None) -> TableSuites:
     root = root or config.project_root() / "expectations"
     suites = TableSuites()
     for path in sorted([*root.glob("claims/*/*.json"), *root.glob("flat/*.json")]):
-        document, settings = _read_suite(path)
-        suite = TableSuite(
-            document["name"],
-            settings["table"],
-            settings["columns"],
-            tuple(document["expectations"]),
-            settings.get("volume_key"),
-            path,
-        )
-        if settings.get("yearly"):
-            suites.add_yearly(suite, settings["yearly"]["table"], settings["yearly"]["volume_key"])
+        suite = TableSuite(*_read_suite(path, "table", "volume_key"))
+        if yearly := _settings(path).get("yearly"):
+            suites.add_yearly(suite, yearly["table"], yearly["volume_key"])
             suite = _of_year(suite, "aa")  # the schema's own name: a file named `T_MCOaaB.csv`
         suites[suite.table] = suite
     return suites
@@ -407,8 +395,9 @@ def _outcomes(counts, suite_name, table, expectations, parameters, tolerance) ->
     return outcomes
 
 
-def _read_suite(path: Path) -> tuple[dict, dict]:
-    """A suite file, checked: every expectation of a supported type, with its category and severity."""
+def _read_suite(path: Path, target: str, option: str) -> tuple:
+    """A suite file, checked (every expectation of a supported type, with its category and severity), as the fields
+    of a `SuiteFile` followed by what it checks (`target` of its settings) and its `option`."""
     document = json.loads(path.read_text(encoding="utf-8"))
     for expectation in document["expectations"]:
         if expectation["type"] not in SUPPORTED:
@@ -419,7 +408,21 @@ def _read_suite(path: Path) -> tuple[dict, dict]:
             "warning",
         }:
             raise ValueError(f"{path}: every expectation needs a Kahn category and a severity in its meta")
-    return document, document["meta"]["health_ingest"]
+    settings = _settings(path, document)
+    return (
+        document["name"],
+        settings["columns"],
+        tuple(document["expectations"]),
+        path,
+        settings[target],
+        settings.get(option),
+    )
+
+
+def _settings(path: Path, document: dict | None = None) -> dict:
+    """The project's own settings of a suite file (`meta.health_ingest`)."""
+    document = document if document is not None else json.loads(path.read_text(encoding="utf-8"))
+    return document["meta"]["health_ingest"]
 
 
 def _aggregate(index: int, expectation: dict[str, Any], params: dict[str, Any]) -> str:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 
 from health_ingest import config
 from health_ingest.airflow.ui import URL_PREFIX, pages
@@ -41,20 +41,12 @@ class SourceOut(BaseModel):
     last_committed_batch: dict[str, Any] | None
 
 
-class BatchOut(BaseModel):
-    batch_id: str
-    source: str
-    kind: str
-    status: str
-    started_at: datetime
-    finished_at: datetime | None
-    committed_at: datetime | None
-    commit_seq: int | None
-    rows_read: int
-    rows_loaded: int
-    rows_quarantined: int
-    rows_deleted: int
-    seconds: float | None
+# the batch fields of the JSON API are the query's own, so the two cannot drift apart
+BatchOut = create_model(
+    "BatchOut",
+    **{name: (kind, ...) for name, kind in get_type_hints(monitoring.BatchSummary).items()},
+    seconds=(float | None, ...),
+)
 
 
 class BatchDetailOut(BatchOut):
@@ -363,8 +355,7 @@ def _batch_record(batch_id: str, user) -> monitoring.BatchRecord:
 
 
 def _batch_out(summary: monitoring.BatchSummary) -> BatchOut:
-    fields = {k: getattr(summary, k) for k in BatchOut.model_fields if k != "seconds"}
-    return BatchOut(**fields, seconds=summary.seconds)
+    return BatchOut.model_validate(summary, from_attributes=True)
 
 
 def _table_name(summary: monitoring.BatchSummary, name: str) -> str:
