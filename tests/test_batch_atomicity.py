@@ -232,17 +232,16 @@ def test_rows_kept_by_the_batch_process_load_like_the_workers_rows(tmp_path, db,
     assert _table_counts(db) == {t.lower(): n for t, n in sample_line_counts().items()}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known: on the embedded server one batch can fail landing with FileExistsError; under investigation",
-)
-def test_two_sources_bringing_the_same_new_tables_at_once_both_commit(db, monkeypatch):
+def test_two_sources_bringing_the_same_new_tables_at_once_both_commit(tmp_path, db, monkeypatch):
     """Deliveries of different sources load at the same time (Celery workers); the first to create a table new to
-    the warehouse makes the other wait for its commit instead of failing it on the catalog's unique key."""
+    the warehouse makes the other wait for its commit instead of failing it on the catalog's unique key. On a fresh
+    state folder both find no demo key at the same instant: one makes it, and both pseudonymise with it."""
     import threading
 
     from health_ingest.sources.registry import get_source
 
+    monkeypatch.setenv("HEALTH_INGEST_STATE", str(tmp_path / "state"))
+    started = threading.Barrier(2, timeout=30)
     barrier = threading.Barrier(2, timeout=5)
     waited: set[int] = set()
     real_create = merge.create_unindexed_table
@@ -260,7 +259,9 @@ def test_two_sources_bringing_the_same_new_tables_at_once_both_commit(db, monkey
 
     def load(name: str) -> None:
         try:
-            results[name] = run_fhir_batch(SAMPLE, get_source(name))
+            source = get_source(name)
+            started.wait()  # both batches look for the demo key at once
+            results[name] = run_fhir_batch(SAMPLE, source)
         except Exception as error:  # reported below with the other batch's outcome
             results[name] = error
 
@@ -274,6 +275,7 @@ def test_two_sources_bringing_the_same_new_tables_at_once_both_commit(db, monkey
         "smart_sample": "committed",
         "synthea_fhir": "committed",
     }
+    assert len({result.key_id for result in results.values()}) == 1, "one demo key, made once"
     assert _table_counts(db) == {t.lower(): 2 * n for t, n in sample_line_counts().items()}
 
 

@@ -124,3 +124,25 @@ def test_without_any_warehouse_configured_the_embedded_one_is_announced(tmp_path
         assert (state / "warehouse-pg").exists()
     finally:
         stop_embedded_warehouse(state / "warehouse-pg")
+
+
+def test_commands_starting_together_without_a_warehouse_share_one_embedded_server(tmp_path):
+    """Several batches (commands, Celery workers) start at once on a fresh state folder with no warehouse
+    configured: one creates and starts the embedded server and its database, the others wait and find them."""
+    from health_ingest.warehouse.embedded import stop_embedded_warehouse
+
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k not in {"HEALTH_INGEST_WAREHOUSE_URL"}}
+    env = {k: v for k, v in env.items() if not k.startswith("AIRFLOW_CONN_HEALTH_INGEST_WAREHOUSE")}
+    env["HEALTH_INGEST_STATE"] = str(state)
+    command = [sys.executable, "-m", "health_ingest", "warehouse", "url"]
+    try:
+        runs = [
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(3)
+        ]
+        outputs = [run.communicate(timeout=120) for run in runs]
+        assert [run.returncode for run in runs] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+        assert len({out for out, _ in outputs}) == 1, "one server and one database for all"
+    finally:
+        stop_embedded_warehouse(state / "warehouse-pg")

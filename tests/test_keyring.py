@@ -45,3 +45,38 @@ def test_keys_new_and_list_never_print_key_material(tmp_path, capsys):
         assert form not in output.out + output.err
     assert keyring.active_id in output.out
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_batches_starting_together_on_a_fresh_state_folder_share_one_demo_key(tmp_path, monkeypatch):
+    """Batches of several sources start together on a fresh state folder, as threads of one process or as
+    processes (Celery workers), and each finds no demo key: one makes it, the others read it whole. None fails on
+    the file another made (FileExistsError), none reads half of it."""
+    import multiprocessing
+    import queue
+    import threading
+
+    def load(barrier, found) -> None:
+        barrier.wait()
+        try:
+            found.put(load_keyring().active_id)
+        except Exception as error:  # reported by the assertion below
+            found.put(repr(error))
+
+    fork = multiprocessing.get_context("fork")
+    for trial in range(40):
+        monkeypatch.setenv("HEALTH_INGEST_STATE", str(tmp_path / f"state-{trial}"))
+        if trial % 2:
+            barrier, found = fork.Barrier(4, timeout=30), fork.Queue()
+            runners = [fork.Process(target=load, args=(barrier, found)) for _ in range(4)]
+        else:
+            barrier, found = threading.Barrier(4, timeout=30), queue.Queue()
+            runners = [threading.Thread(target=load, args=(barrier, found)) for _ in range(4)]
+        for runner in runners:
+            runner.start()
+        key_ids = [found.get(timeout=30) for _ in runners]
+        for runner in runners:
+            runner.join(timeout=30)
+        assert len(set(key_ids)) == 1 and key_ids[0].startswith("k"), (trial, key_ids)
+        stored = json.loads((tmp_path / f"state-{trial}" / "keyring.demo.json").read_text())
+        assert stored["active"] == key_ids[0] and len(stored["keys"]) == 1
+        assert [path.name for path in (tmp_path / f"state-{trial}").iterdir()] == ["keyring.demo.json"]

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import secrets
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,12 +102,20 @@ def parse_keyring(document: dict, path: str) -> Keyring:
 
 
 def new_keyring_file(path: Path, *, demo: bool = False) -> Keyring:
-    """Write a keyring holding one fresh random key (mode 0600); never over an existing file."""
+    """Write a keyring holding one fresh random key (mode 0600); never over an existing file (FileExistsError).
+    The file appears whole: it is written beside its place, then linked there, so that a process reading it never
+    sees half a keyring, and of two writers at once one wins and the other is told the file exists."""
     entry = _new_key_entry(_new_key_id(), demo=demo)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump({"active": entry["id"], "keys": [entry]}, handle, indent=2)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({"active": entry["id"], "keys": [entry]}, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temporary, path)  # atomic, and never over an existing file
+    finally:
+        os.unlink(temporary)
     return read_keyring_file(path)
 
 
@@ -152,8 +161,14 @@ def _airflow_keyring_document() -> dict | None:
 
 
 def _demo_keyring() -> Keyring:
+    """The state folder's demo key, made by the first batch that needs it. Batches of several sources often start
+    together on a fresh state folder: each may find no key and make one; the first to link its file wins, and the
+    others read that key, so that every batch pseudonymises with the same one."""
     path = config.state_dir() / DEMO_KEYRING_NAME
-    keyring = read_keyring_file(path) if path.exists() else new_keyring_file(path, demo=True)
+    try:
+        keyring = read_keyring_file(path) if path.exists() else new_keyring_file(path, demo=True)
+    except FileExistsError:
+        keyring = read_keyring_file(path)
     log.warning(
         "DEMO MODE: pseudonyms use a generated demo key (%s) kept in the state folder. "
         "Never load real patient data this way.",

