@@ -3,9 +3,11 @@ error or a quarantined record, nothing partial in the warehouse, no process or l
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from conftest import SAMPLE, TEST_DATA
+from conftest import SAMPLE, TEST_DATA, sample_line_counts
 
 pytestmark = pytest.mark.faults
 
@@ -353,6 +355,120 @@ def test_two_sources_creating_the_same_tables_at_once_both_commit(db):
         assert cur.fetchall() == [("smart_sample", "committed"), ("synthea_fhir", "committed")]
         cur.execute("SELECT count(DISTINCT batch_id) FROM fhir.patient")
         assert cur.fetchone()[0] == 2
+
+
+# --- a full disk -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk():
+    """Mounts a real file system of a given size (a tmpfs) on a folder, and unmounts it after the test: its disk
+    really fills (ENOSPC), as a landing zone's volume does. Mounting needs root (CAP_SYS_ADMIN): where it is
+    refused, the test cannot run, and says why."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: int) -> Path:
+        folder.mkdir(parents=True)
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)]
+        try:
+            run = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            pytest.skip("cannot fill a real disk: no mount command on this machine")
+        if run.returncode != 0:
+            said = (run.stderr.strip().splitlines() or [f"mount exited {run.returncode}"])[0]
+            pytest.skip(
+                "cannot fill a real disk: mounting a small file system needs root (CAP_SYS_ADMIN), and this "
+                f"machine refused it ({said})"
+            )
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("kind", "delivery", "source"),
+    [("fhir", SAMPLE, "smart_sample"), ("claims", TEST_DATA / "synthea-ma11" / "csv", "synthea_claims")],
+    ids=["fhir", "claims"],
+)
+def test_a_full_landing_disk_fails_the_batch_cleanly_and_frees_what_it_took(
+    tmp_path, db, small_disk, kind, delivery, source
+):
+    """The landing zone on a file system of its own (four times the delivery), filled by another file: first so
+    that the delivery's copy does not fit, then so that the copy fits and its spools do not. Each time the batch
+    fails with an error that names the full disk and where the batch was, nothing of it is committed or left
+    staged, and what it wrote on that disk is removed, to the byte. With the space back, the same source commits."""
+    size = sum(path.stat().st_size for path in delivery.iterdir())
+    state = tmp_path / "state"
+    landing = small_disk(state / "landing", 4 * size)
+    env = {"HEALTH_INGEST_STATE": str(state)}
+    other = landing / "another-file"
+    schema = "fhir" if kind == "fhir" else "claims"
+    disk_full = r"\(\d+\.\d MiB free of \d+\.\d MiB on that disk now\)"
+    failures = {
+        size // 2: (
+            "landing the delivery",
+            "landing the delivery failed: no space left on the landing zone's disk; the partial copy was removed "
+            + disk_full,
+        ),
+        size + MiB: (
+            "(reading|after) ",
+            r"no space left on the landing zone's disk (while|after) [^;]+; the batch's landing copy and spools "
+            r"were removed " + disk_full,
+        ),
+    }
+    for free, (failed_step, message) in failures.items():
+        other.unlink(missing_ok=True)
+        fd = os.open(other, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.posix_fallocate(fd, 0, _free_bytes(landing) - free)
+        os.close(fd)
+        before = _free_bytes(landing)
+        assert before < 4 * size // 2, "the disk is mostly taken before the batch starts"
+
+        run = _cli("ingest", kind, str(delivery), "--source", source, "--quiet", **env)
+
+        assert run.returncode == 4, run.stderr
+        assert re.search(f"failed: {message}", run.stderr), run.stderr
+        assert "Traceback" not in run.stderr and "where it failed" not in run.stderr
+        assert _free_bytes(landing) == before, "what the batch wrote on the full disk is removed"
+        assert [path for path in landing.rglob("*") if not path.is_dir()] == [other]
+        with db.cursor() as cur:
+            cur.execute("SELECT status, failed_step, error FROM ingest.batches ORDER BY started_at DESC LIMIT 1")
+            status, step, error = cur.fetchone()
+            assert status == "failed" and re.match(failed_step, step) and re.fullmatch(message, error), error
+            cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'ingest_staging'")
+            assert cur.fetchone()[0] == 0, "the failed batch's staging is dropped"
+            cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s", (schema,))
+            tables = cur.fetchone()[0]
+            assert tables == 0, "nothing of the batch was committed"
+
+    other.unlink()
+    run = _cli("ingest", kind, str(delivery), "--source", source, "--quiet", **env)
+
+    assert run.returncode == 0, run.stderr
+    with db.cursor() as cur:
+        cur.execute("SELECT status, rows_read, rows_loaded + rows_quarantined FROM ingest.batches ORDER BY started_at")
+        batches = cur.fetchall()
+    assert [status for status, *_ in batches] == ["failed", "failed", "committed"]
+    assert batches[-1][1] == batches[-1][2] == _records_in(kind, delivery)
+
+
+def _free_bytes(folder: Path) -> int:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _records_in(kind: str, delivery: Path) -> int:
+    """Records of a delivery, counted from its files: non-blank NDJSON lines, or CSV rows after each header."""
+    if kind == "fhir":
+        return sum(sample_line_counts().values())
+    total = 0
+    for path in delivery.glob("*.csv"):
+        with path.open(newline="", encoding="utf-8") as handle:
+            total += sum(1 for _ in csv.reader(handle)) - 1
+    return total
 
 
 # --- helpers ----------------------------------------------------------------------------------

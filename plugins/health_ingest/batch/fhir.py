@@ -8,6 +8,7 @@ transaction merges each staged part.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -611,11 +612,15 @@ class FileEncoder(WorkerPool):
         when `rows_folder` is given, each appends its chunks' rows to a file of its own per part (`part_bytes`
         of the input; None: the whole file): neither the raw lines nor the rows pass through this process (a
         gzip file, which cannot be read at an offset, is sent to them line by line and its rows come back)."""
+        # the file's reader is closed as soon as its encoding ends, by an error too: a failed batch's traceback
+        # would otherwise keep the landing copy open, and its space taken after it is removed
         if not self.parallel:
-            for lines in self._chunks(path):
-                yield self._local.encode(file_no, expected_type, lines, inexact_of(lines))
+            with contextlib.closing(self._chunks(path)) as chunks:
+                for lines in chunks:
+                    yield self._local.encode(file_no, expected_type, lines, inexact_of(lines))
             return
         if not path.name.lower().endswith(".gz"):
+            reader = self._ranges(path)
             tasks = (
                 (
                     _encode_range_in_worker,
@@ -629,11 +634,13 @@ class FileEncoder(WorkerPool):
                     start // part_bytes if part_bytes else 0,
                     too_long,
                 )
-                for start, end, first_line, too_long in self._ranges(path)
+                for start, end, first_line, too_long in reader
             )
         else:
-            tasks = ((_encode_in_worker, file_no, expected_type, lines) for lines in self._chunks(path))
-        yield from self.in_order(tasks)
+            reader = self._chunks(path)
+            tasks = ((_encode_in_worker, file_no, expected_type, lines) for lines in reader)
+        with contextlib.closing(reader):
+            yield from self.in_order(tasks)
 
     def _ranges(self, path: Path) -> Iterator[tuple[int, int, int, bool]]:
         """(start, end, first line number, too long) of runs of whole lines of about CHUNK_BYTES; one reused buffer

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.ceiling import FileQuarantine, check_quarantine_ceiling
 from health_ingest.quality.suites import record_outcomes
 from health_ingest.sources.inbox import says_nothing_of_a_person
+from health_ingest.sources.landing import disk_full, free_space
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import batches, merge, staging
 from health_ingest.warehouse.connection import connect, hosting_decision, warehouse_url
@@ -158,7 +160,12 @@ class BatchLoader:
     @property
     def landing(self) -> Path:
         """Where the batch's delivery is copied: the ingestion zone, one folder per source and batch."""
-        return config.state_dir() / "landing" / self.source.name / self.batch_id
+        return self.landing_of(self.source, self.batch_id)
+
+    @staticmethod
+    def landing_of(source: Source, batch_id: str) -> Path:
+        """The landing folder of any batch of the source, this loader's or another's (one gone, failed)."""
+        return config.state_dir() / "landing" / source.name / batch_id
 
     def check_ceiling(self, landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> None:
         """Once every record is read: a file (or a type, or a table) mostly quarantined rejects the batch, by name.
@@ -305,6 +312,8 @@ def _fail(conn, warehouse: str, source: Source, batch_id: str, error: BaseExcept
     raise the batch's error (which says whether a retry can help: that of the cause; and which batch it was). A
     batch whose connection was lost is marked on a fresh one."""
     message = _safe_message(error, loader.position)
+    if disk_full(error):
+        message = _free_the_full_disk(loader)
     status = _failure_status(error)
     seen = list(loader.file_counts.values())
     counts = {
@@ -314,7 +323,7 @@ def _fail(conn, warehouse: str, source: Source, batch_id: str, error: BaseExcept
     }
     recorded = _record_failure(conn, warehouse, batch_id, message, status, error, counts)
     log.error("source %s: batch %s %s, nothing committed: %s", source.name, batch_id, status, message)
-    if not isinstance(error, HealthIngestError | psycopg2.Error):
+    if not isinstance(error, HealthIngestError | psycopg2.Error) and not disk_full(error):
         log.error("where it failed:\n%s", "".join(traceback.format_tb(error.__traceback__)))
     if isinstance(error, KeyboardInterrupt):
         raise error
@@ -351,6 +360,18 @@ def _record_failure(
     finally:
         if target is not conn:
             target.close()
+
+
+def _free_the_full_disk(loader: BatchLoader) -> str:
+    """Once landed, a batch writes only inside its landing folder (its Bundles' entries, its spools, the escrow's
+    spool): a disk that fills during its load is the landing zone's. The failed batch's folder is removed, so that
+    the disk it filled does not stay full for the next run; the message says how much is free then."""
+    folder = loader.landing
+    shutil.rmtree(folder, ignore_errors=True)
+    return (
+        f"no space left on the landing zone's disk {loader.position}; the batch's landing copy and spools were "
+        f"removed ({free_space(folder)} on that disk now)"
+    )
 
 
 def _drop_staging(copy_conn, warehouse: str, batch_id: str) -> None:
@@ -409,4 +430,6 @@ def _safe_message(error: BaseException, position: str) -> str:
         # PostgreSQL quotes input values in some primary messages: keep the words, drop the quotes
         primary = QUOTED.sub('"..."', getattr(diag, "message_primary", None) or "no message")
         return f"PostgreSQL error {pgcode} ({primary}) {position}"
+    if isinstance(error, OSError) and error.strerror:  # its words only: its file name may be a delivered one
+        return f"{type(error).__name__} ({error.strerror}) {position}"
     return f"{type(error).__name__} {position}"

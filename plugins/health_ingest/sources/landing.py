@@ -24,6 +24,7 @@ EXPORT_RECORD = "_export.json"  # a pulled export's record: its manifest's files
 EXPORT_WORDS = {"log", "error", "errors", "deleted", "output"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 CHUNK = 1 << 20
+SENDFILE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV})
 
 
 def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
@@ -227,9 +228,16 @@ class _landing:
         self.folder = folder
 
     def __enter__(self) -> Path:
-        self.folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.folder.mkdir(mode=0o700)
-        os.chmod(self.folder, 0o700)  # whatever the umask
+        created = False
+        try:
+            self.folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.folder.mkdir(mode=0o700)
+            created = True
+            os.chmod(self.folder, 0o700)  # whatever the umask
+        except OSError as error:  # a disk so full that not even the folder fits
+            if created:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            raise landing_failed(error, self.folder) from None
         return self.folder
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -237,8 +245,40 @@ class _landing:
             return
         shutil.rmtree(self.folder, ignore_errors=True)
         if isinstance(error, OSError) and not isinstance(error, DeliveryError):
-            reason = "no space left on the landing zone's disk" if error.errno == errno.ENOSPC else error.strerror
-            raise DeliveryError(f"landing the delivery failed: {reason}; the partial copy was removed") from None
+            raise landing_failed(error, self.folder) from None
+
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(error: BaseException) -> bool:
+    """No space (or no quota) left where the error was met."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL
+
+
+def free_space(folder: Path) -> str:
+    """What is free on the disk of the folder (or of its nearest existing parent), in words."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return "free space unknown"
+    free, size = (blocks * stats.f_frsize / (1 << 20) for blocks in (stats.f_bavail, stats.f_blocks))
+    return f"{free:.1f} MiB free of {size:.1f} MiB"
+
+
+def landing_failed(error: OSError, folder: Path) -> DeliveryError:
+    """The error of a landing that failed on the file system, after its partial copy was removed. A full disk may
+    have room again later (a purge, another batch's copy removed): a retry can help. A delivered file's name is
+    never said (`strerror` only, not the error's file name)."""
+    if disk_full(error):
+        return DeliveryError(
+            "landing the delivery failed: no space left on the landing zone's disk; the partial copy was removed "
+            f"({free_space(folder)} on that disk now)",
+            retryable=True,
+        )
+    return DeliveryError(f"landing the delivery failed: {error.strerror}; the partial copy was removed")
 
 
 def _private_copy(source: Path, target: Path, label: str) -> int:
@@ -251,7 +291,9 @@ def _private_copy(source: Path, target: Path, label: str) -> int:
             offset = 0
             while sent := os.sendfile(writer.fileno(), reader.fileno(), offset, 1 << 30):
                 offset += sent
-        except OSError:  # a file system without sendfile between files: copy through this process
+        except OSError as error:  # a file system without sendfile between files: copy through this process
+            if error.errno not in SENDFILE_UNSUPPORTED:
+                raise  # a full disk, an I/O error: copying another way would fail the same, later
             reader.seek(0)
             writer.seek(0)
             writer.truncate()
