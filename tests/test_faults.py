@@ -279,6 +279,18 @@ def test_a_killed_ingest_leaves_nothing_running_and_the_next_run_commits_in_seco
         workers = _children(process.pid)
         process.send_signal(signal.SIGKILL)
         process.wait()
+        killed = time.monotonic()
+        # the batch process alone held its sessions: the server ends them at once (a busy one within the 2 s of
+        # `client_connection_check_interval`), and with them its transaction and its source's lock
+        with db.cursor() as cur:
+            while time.monotonic() < killed + 5:
+                cur.execute(_BATCH_SESSIONS)
+                if cur.fetchone()[0] == 0:
+                    break
+                time.sleep(0.01)
+            released = time.monotonic() - killed
+            cur.execute(_BATCH_SESSIONS)
+            assert cur.fetchone()[0] == 0 and released < 3, f"sessions left {released:.1f} s after a kill while {point}"
         deadline = time.monotonic() + 5
         while _alive(workers) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -299,6 +311,9 @@ def test_a_killed_ingest_leaves_nothing_running_and_the_next_run_commits_in_seco
     with db.cursor() as cur:
         cur.execute("SELECT status, count(*) FROM ingest.batches GROUP BY 1 ORDER BY 1")
         assert cur.fetchall() == [("committed", 1), ("failed", len(points))]
+        cur.execute("SELECT batch_id::text FROM ingest.batches WHERE status = 'failed'")
+        landing = Path(os.environ["HEALTH_INGEST_STATE"]) / "landing" / "smart_sample"
+        assert not any((landing / batch_id / ".spool").exists() for (batch_id,) in cur.fetchall()), "spools removed"
         cur.execute("SELECT rows_read, rows_loaded + rows_quarantined FROM ingest.batches WHERE status = 'committed'")
         assert cur.fetchone() == (resources, resources)
         cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'ingest_staging'")
@@ -312,6 +327,70 @@ def test_a_killed_ingest_leaves_nothing_running_and_the_next_run_commits_in_seco
             stored += cur.fetchone()[0]
         assert stored == loaded
     assert elapsed < 30, "the re-run commits within 30 s"
+
+
+def test_a_batch_s_sessions_end_with_its_process_whatever_becomes_of_processes_forked_from_it(warehouse_url):
+    """A worker is forked from the batch's process, with copies of the sockets of its warehouse sessions: its copies
+    are pointed at /dev/null when it starts, so that the batch's lock is released the moment the batch's process
+    dies, even while a process forked from it still lives; and the batch's own sessions go on unharmed."""
+    from health_ingest.batch.workers import WorkerPool
+    from health_ingest.warehouse.connection import connect
+
+    conn = connect(warehouse_url)
+    with WorkerPool(_nothing, (), workers=2) as pool:
+        assert list(pool.in_order([(_is_a_socket, conn.fileno())] * 4)) == [False] * 4
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,), "the batch's session is whole"
+    conn.close()
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_LOCK_AND_FORK, warehouse_url], stdout=subprocess.PIPE, text=True
+    )
+    forked = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        killed = time.monotonic()
+        with psycopg2.connect(warehouse_url) as watcher, watcher.cursor() as cur:
+            while time.monotonic() < killed + 5:
+                cur.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 "
+                    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                )
+                if cur.fetchone()[0] == 0:
+                    break
+                time.sleep(0.01)
+            assert time.monotonic() - killed < 1, "the lock is released once its process is gone"
+        assert _alive([forked]), "while the process forked from it still lives"
+    finally:
+        os.kill(forked, signal.SIGKILL)
+
+
+_HOLD_A_LOCK_AND_FORK = """
+import os, sys, time
+from health_ingest.warehouse.connection import connect, release_inherited_connections
+conn = connect(sys.argv[1])
+conn.autocommit = True
+conn.cursor().execute("SELECT pg_advisory_lock(4242)")
+forked = os.fork()
+if forked == 0:  # as a batch's worker starts
+    release_inherited_connections()
+    time.sleep(60)
+    os._exit(0)
+print(forked, flush=True)
+time.sleep(60)
+"""
+
+
+def _nothing() -> None:
+    pass
+
+
+def _is_a_socket(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(os.fstat(fd).st_mode)
 
 
 @pytest.mark.parametrize("statement", ["COPY %", "%INSERT INTO fhir.%"], ids=["mid-copy", "mid-merge"])
@@ -520,6 +599,12 @@ def _start_cli(*args: str) -> subprocess.Popen:
         text=True,
         env=os.environ.copy(),
     )
+
+
+_BATCH_SESSIONS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'health-ingest' "
+    "AND datname = current_database() AND pid <> pg_backend_pid()"
+)
 
 
 def _activity(pattern: str) -> str:

@@ -144,6 +144,10 @@ class ClaimsLoader(BatchLoader):
     def warehouse_table(self, name: str) -> str:
         return f"claims.{self.profile.warehouse_table(name)}"
 
+    @staticmethod
+    def remove_spools(folder: Path) -> None:
+        remove_spools(folder)
+
     # --- the stages, each in its own thread; an error travels down the queues to the load transaction ---------
 
     def _read_files(self, tables, files_of, plans, file_counts, spools: queue.Queue, stages: Stages) -> None:
@@ -728,6 +732,8 @@ def _line_breaks(values: list[str]) -> str:
 
 def remove_spools(folder: Path) -> None:
     """The spools that a stopped batch left beside its landed files (a finished batch has removed its own)."""
+    if not folder.is_dir():  # a batch stopped before it landed anything
+        return
     for spool in folder.iterdir():
         if _SPOOL_NAME.search(spool.name):
             spool.unlink(missing_ok=True)

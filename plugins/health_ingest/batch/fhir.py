@@ -60,6 +60,7 @@ from health_ingest.warehouse.staging import encode_loaded, encode_rejected
 log = logging.getLogger(__name__)
 
 ESCROW_SPOOL = "escrow.copy"
+SPOOLS = ".spool"  # the spools' folder, in the landing folder
 SPOOL_BYTES = 16 << 20  # a file's spool is staged in parts of about this size, while the workers encode the next
 CHUNK_LINES = 2000
 CHUNK_BYTES = 1 << 19  # about 512 KiB of raw lines
@@ -114,6 +115,10 @@ class FhirLoader(BatchLoader):
     def warehouse_table(self, name: str) -> str:
         return f"fhir.{name.lower()}"
 
+    @staticmethod
+    def remove_spools(folder: Path) -> None:
+        shutil.rmtree(folder / SPOOLS, ignore_errors=True)
+
     def _apply_export_files(self, cur, landed: LandedDelivery) -> None:
         """An export's deleted[] files delete by pseudonym; its error[] files are counted and recorded."""
         clock = time.perf_counter()
@@ -142,7 +147,7 @@ class FhirLoader(BatchLoader):
         handoff: queue.Queue = queue.Queue(maxsize=2)
         staged: queue.Queue = queue.Queue()
         suites = _SuiteRunner(self, landed)
-        stages.start("encode", self._encode_into_spools, landed, file_counts, landed.folder / ".spool", handoff, stages)
+        stages.start("encode", self._encode_into_spools, landed, file_counts, landed.folder / SPOOLS, handoff, stages)
         stages.start("stage", self._stage_spools, copy_cur, landed, file_counts, handoff, staged, suites, stages)
         merger = _TypeMerge(cur, self.batch_id, self.source.id_space)
         try:
@@ -173,7 +178,7 @@ class FhirLoader(BatchLoader):
         finally:
             stages.close()  # what the stager did not take is dropped with the spool folder
             suites.close()
-            shutil.rmtree(landed.folder / ".spool", ignore_errors=True)
+            self.remove_spools(landed.folder)
         return file_counts
 
     def _stage_spools(
@@ -229,7 +234,7 @@ class FhirLoader(BatchLoader):
             merge.link_persons(
                 cur, self.batch_id, self.source.id_space, staging.staging_table(self.batch_id, "Patient")
             )
-        escrow_spool = landed.folder / ".spool" / ESCROW_SPOOL
+        escrow_spool = landed.folder / SPOOLS / ESCROW_SPOOL
         if escrow_spool.exists():
             self.position = "while storing the escrow"
             merge.store_escrow(cur, self.batch_id, escrow_spool)

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 from health_ingest import config
+from health_ingest.warehouse.connection import release_inherited_connections
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that forked it ends
 
@@ -156,6 +157,7 @@ def release_free_memory() -> None:
 
 
 def _start_worker(parent: int, niceness: int, initializer: Callable[..., None], initargs: tuple) -> None:
+    release_inherited_connections()  # the batch's sessions end with its process, not with the last of its workers
     _die_with_parent(parent)
     # workers yield to the database (staging, merging, checking the previous parts), which the batch waits for
     os.nice(niceness)
@@ -163,9 +165,9 @@ def _start_worker(parent: int, niceness: int, initializer: Callable[..., None], 
 
 
 def _die_with_parent(parent: int) -> None:
-    """Ask the kernel to kill this worker when the thread that forked it ends: a worker that outlived a killed batch
-    process would keep its copies of the warehouse connections open, and with them the batch's transaction and
-    its source's lock. If the parent is already gone, exit now."""
+    """Ask the kernel to kill this worker when the thread that forked it ends: a worker has nothing to do once its
+    batch is gone (it no longer holds the batch's sessions: `release_inherited_connections`). If the parent is
+    already gone, exit now."""
     libc = _glibc()
     if libc is not None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

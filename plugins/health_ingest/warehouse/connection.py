@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import weakref
 from urllib.parse import urlsplit, urlunsplit
 
 from health_ingest import config
@@ -12,6 +14,8 @@ log = logging.getLogger(__name__)
 
 # hosting declarations found in Airflow connection extras, by the URL they describe
 _DECLARED_BY_AIRFLOW: dict[str, dict] = {}
+# the warehouse connections this process opened, for the processes forked from it (`release_inherited_connections`)
+_OPENED = weakref.WeakSet()
 
 
 def warehouse_url() -> str:
@@ -74,10 +78,27 @@ def connect(url: str):
     given = parse_dsn(url).get("options", "")
     options = " ".join([given, *(f"-c {name}={value}" for name, value in SESSION_SETTINGS.items())]).strip()
     try:
-        return psycopg2.connect(url, application_name="health-ingest", options=options, **KEEPALIVES)
+        conn = psycopg2.connect(url, application_name="health-ingest", options=options, **KEEPALIVES)
     except psycopg2.OperationalError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
         raise LoadError(f"the warehouse cannot be reached ({reason}); nothing was loaded") from None
+    _OPENED.add(conn)
+    return conn
+
+
+def release_inherited_connections() -> None:
+    """In a process forked from one holding warehouse sessions (a batch's worker), its copies of their sockets are
+    pointed at /dev/null. The process that opened a session is then the only one holding it: when that process
+    dies, the server sees the session end at once and releases its transaction and locks, whatever becomes of its
+    workers; and nothing done in the fork (a connection object collected there) can speak on the session."""
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for conn in list(_OPENED):
+            if not conn.closed:
+                with contextlib.suppress(Exception):  # a connection whose socket is already gone
+                    os.dup2(devnull, conn.fileno(), inheritable=False)
+    finally:
+        os.close(devnull)
 
 
 def redact(url: str) -> str:
