@@ -6,6 +6,7 @@ are refreshed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,7 +33,6 @@ SOURCES = {
     "clinic_d": {"allowed_roots": ["dropbox/clinic_d"]},
 }
 ENCOUNTER_FILES = [SAMPLE / "Patient.000.ndjson", SAMPLE / "Encounter.000.ndjson"]
-COPIES = 4
 PATIENT_LIKE_NAME = "Durand_Marie_1968"  # a folder a sender named after a person
 
 
@@ -106,20 +106,48 @@ def stack():
 def test_two_sources_deliveries_started_through_the_rest_api_load_at_once_on_the_two_workers(stack):
     from health_ingest.bench.datasets import build_fhir_dataset
 
-    # four copies of the sample under new ids: each batch lasts longer than the scheduler takes to start the other
-    counts = {resource_type: COPIES * n for resource_type, n in sample_line_counts().items()}
+    # the sample under new ids in each delivery: how long a batch lasts does not matter (see below)
+    counts = sample_line_counts()
     deliveries = {
         "clinic_a": stack.state / "inbox/clinic_a/delivery-001",
         "clinic_b": stack.state / f"inbox/clinic_b/{PATIENT_LIKE_NAME}",
     }
     for folder in deliveries.values():
         assert build_fhir_dataset(SAMPLE, folder, sum(counts.values())) == sum(counts.values())
-    runs = {
-        source: stack.request(
-            "POST", f"/api/v2/dags/fhir_{source}/dagRuns", {"logical_date": None, "conf": {"delivery_path": str(path)}}
-        )["dag_run_id"]
-        for source, path in deliveries.items()
-    }
+
+    # A batch's first write is to ingest.batches (its source's abandoned batches, then its own row). Held here, the
+    # table makes each batch wait as soon as it reaches the warehouse; only when both ingest tasks run, on the two
+    # workers, each waiting for this lock, is it released. Anything that serialised the two sources (a pool, a lock
+    # taken before that write, one worker slot) leaves one of them queued or waiting for the other: then this wait
+    # times out.
+    with _holding_table(stack, "ingest.batches") as holder:
+        runs = {
+            source: stack.request(
+                "POST",
+                f"/api/v2/dags/fhir_{source}/dagRuns",
+                {"logical_date": None, "conf": {"delivery_path": str(path)}},
+            )["dag_run_id"]
+            for source, path in deliveries.items()
+        }
+        seen: dict = {}
+
+        def both_waiting_at_once() -> bool:
+            seen["ingest"] = {
+                source: [t["state"] for t in stack.task_instances(f"fhir_{source}", run_id) if t["task_id"] == "ingest"]
+                for source, run_id in runs.items()
+            }
+            seen["workers"] = {source: _workers_of(stack, f"fhir_{source}", run_id) for source, run_id in runs.items()}
+            seen["waiting"] = _sessions_waiting_for(stack, holder)
+            return (
+                all(states == ["running"] for states in seen["ingest"].values())
+                and sorted(w for found in seen["workers"].values() for w in found) == ["worker1", "worker2"]
+                and seen["waiting"] == 2
+            )
+
+        try:
+            wait_for("both ingest tasks to wait for the held table", both_waiting_at_once, timeout=240, stack=stack)
+        except AssertionError as error:
+            raise AssertionError(f"the two sources did not run at once: last seen {seen}") from error
 
     for source, run_id in runs.items():
         _wait_for_run(stack, f"fhir_{source}", run_id)
@@ -233,8 +261,6 @@ def _delivery(stack: Stack, relative: str, files: list[Path]) -> Path:
 
 
 def _warehouse(stack: Stack):
-    import contextlib
-
     import psycopg2
 
     @contextlib.contextmanager
@@ -285,14 +311,47 @@ def _task(stack: Stack, dag_id: str, run_id: str, task_id: str) -> dict:
 
 def _worker_of(stack: Stack, dag_id: str, run_id: str) -> str:
     """The Celery worker whose log shows it executing the run's ingest task."""
-    found = [
+    found = _workers_of(stack, dag_id, run_id)
+    assert len(found) == 1, (dag_id, found)
+    return found[0]
+
+
+def _workers_of(stack: Stack, dag_id: str, run_id: str) -> list[str]:
+    return [
         name
         for name in ("worker1", "worker2")
         for line in stack.log(name).splitlines()
         if "Executing workload" in line and dag_id in line and run_id in line and "task_id='ingest'" in line
     ]
-    assert len(found) == 1, (dag_id, found)
-    return found[0]
+
+
+@contextlib.contextmanager
+def _holding_table(stack: Stack, table: str):
+    """A transaction of the test's own holding `table` in EXCLUSIVE mode (reads go on, writes wait) until the block
+    ends; yields its server process id. A plain session: none of the project's session settings (its
+    idle-in-transaction timeout) ends it while it waits."""
+    import psycopg2
+
+    conn = psycopg2.connect(stack.warehouse_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+            cur.execute("SELECT pg_backend_pid()")
+            yield cur.fetchone()[0]
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def _sessions_waiting_for(stack: Stack, holder: int) -> int:
+    """How many of the project's warehouse sessions wait for a lock the session `holder` holds."""
+    with _warehouse(stack) as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'health-ingest' AND %s = ANY(pg_blocking_pids(pid))",
+            (holder,),
+        )
+        return cur.fetchone()[0]
 
 
 def _at(stamp: str) -> datetime:
