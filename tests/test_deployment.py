@@ -33,7 +33,9 @@ SOURCES = {
     "clinic_d": {"allowed_roots": ["dropbox/clinic_d"]},
 }
 ENCOUNTER_FILES = [SAMPLE / "Patient.000.ndjson", SAMPLE / "Encounter.000.ndjson"]
-PATIENT_LIKE_NAME = "Durand_Marie_1968"  # a folder a sender named after a person
+# folders senders named after patients
+PATIENT_LIKE_NAME = "Durand_Marie_1968"
+INBOX_PERSON_LIKE_NAME = "Martin_Paul_1975"
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +174,9 @@ def test_two_sources_deliveries_started_through_the_rest_api_load_at_once_on_the
     # the UI names each mapped task by its delivery's label, never by a folder named after a person
     assert first["rendered_map_index"] == "delivery-001"
     assert second["rendered_map_index"].startswith("delivery-2") and "Durand" not in second["rendered_map_index"]
+    # nor does any XCom or task argument Airflow keeps of the run (its conf, the operator's own input, does)
+    kept = _kept_by_airflow(stack, "fhir_clinic_b", runs["clinic_b"])
+    assert "Durand" not in kept and second["rendered_map_index"] in kept
 
     _assert_consumer_read_each_batch(stack, ["clinic_a", "clinic_b"], counts["Encounter"])
 
@@ -185,7 +190,7 @@ def test_two_sources_deliveries_started_through_the_rest_api_load_at_once_on_the
 
 
 def test_a_ready_marker_in_an_inbox_becomes_a_committed_batch(stack):
-    folder = _delivery(stack, "inbox/clinic_c/export-0042", ENCOUNTER_FILES)
+    folder = _delivery(stack, f"inbox/clinic_c/{INBOX_PERSON_LIKE_NAME}", ENCOUNTER_FILES)
     (folder / "_READY").touch()
 
     wait_for("the batch of the marked delivery", lambda: _batches(stack, "clinic_c"), timeout=240, stack=stack)
@@ -194,6 +199,13 @@ def test_a_ready_marker_in_an_inbox_becomes_a_committed_batch(stack):
     assert run["run_type"] == "asset_triggered"
     assert _batches(stack, "clinic_c") == [("committed", 13 + 1215, 13 + 1215, 0)]
     assert (folder / "_DONE").exists() and not (folder / "_QUEUED").exists()
+    # found in the inbox, it travels from the task that found it to the one that loaded it by a keyed reference
+    (found,) = stack.xcom("fhir_clinic_c", run["dag_run_id"], "find_deliveries")
+    assert found["where"] == "inbox" and found["label"].startswith("delivery-2")
+    with _warehouse(stack) as cur:
+        cur.execute("SELECT delivery FROM ingest.batches WHERE source = 'clinic_c'")
+        assert cur.fetchone() == (found["ref"],), "the keyed label the batch stores"
+    assert "Martin" not in _kept_by_airflow(stack, "fhir_clinic_c", run["dag_run_id"])
     _assert_consumer_read_each_batch(stack, ["clinic_c"], 1215)
 
 
@@ -352,6 +364,19 @@ def _sessions_waiting_for(stack: Stack, holder: int) -> int:
             (holder,),
         )
         return cur.fetchone()[0]
+
+
+def _kept_by_airflow(stack: Stack, dag_id: str, run_id: str) -> str:
+    """What Airflow keeps of a run, as its REST API gives it: every XCom (as stored, and deserialised) and the task
+    instances (their rendered arguments and names), as one JSON text."""
+    base = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+    entries = stack.request("GET", f"{base}/~/xcomEntries?limit=100")["xcom_entries"]
+    assert {entry["task_id"] for entry in entries} >= {"find_deliveries", "ingest"}, entries
+    values = []
+    for entry in entries:
+        path = f"{base}/{entry['task_id']}/xcomEntries/{entry['key']}?map_index={entry['map_index']}"
+        values += [stack.request("GET", path)["value"], stack.request("GET", f"{path}&deserialize=true")["value"]]
+    return json.dumps({"xcom": values, "task_instances": stack.task_instances(dag_id, run_id)}, default=str)
 
 
 def _at(stamp: str) -> datetime:
