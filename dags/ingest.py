@@ -56,18 +56,19 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
         else:
 
             @task
-            def find_deliveries(source_name: str, params=None) -> list[str]:
+            def find_deliveries(source_name: str, params=None) -> list[dict]:
                 from health_ingest.airflow.tasks import find_deliveries
 
                 return find_deliveries(source_name, params or {})
 
             deliveries = find_deliveries(source.name)
 
+        # a delivery travels as its label and a keyed reference (a folder's name may name a person)
         @task(max_active_tis_per_dagrun=1, map_index_template="{{ delivery_label }}")
-        def ingest(source_name: str, delivery: str) -> dict:
+        def ingest(source_name: str, delivery: dict, params=None) -> dict:
             from health_ingest.airflow.tasks import ingest_delivery
 
-            return ingest_delivery(source_name, delivery)
+            return ingest_delivery(source_name, delivery, params or {})
 
         summaries = ingest.partial(source_name=source.name).expand(delivery=deliveries)
 

@@ -6,6 +6,7 @@ are refreshed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,8 +33,9 @@ SOURCES = {
     "clinic_d": {"allowed_roots": ["dropbox/clinic_d"]},
 }
 ENCOUNTER_FILES = [SAMPLE / "Patient.000.ndjson", SAMPLE / "Encounter.000.ndjson"]
-COPIES = 4
-PATIENT_LIKE_NAME = "Durand_Marie_1968"  # a folder a sender named after a person
+# folders senders named after patients
+PATIENT_LIKE_NAME = "Durand_Marie_1968"
+INBOX_PERSON_LIKE_NAME = "Martin_Paul_1975"
 
 
 @pytest.fixture(scope="module")
@@ -106,20 +108,48 @@ def stack():
 def test_two_sources_deliveries_started_through_the_rest_api_load_at_once_on_the_two_workers(stack):
     from health_ingest.bench.datasets import build_fhir_dataset
 
-    # four copies of the sample under new ids: each batch lasts longer than the scheduler takes to start the other
-    counts = {resource_type: COPIES * n for resource_type, n in sample_line_counts().items()}
+    # the sample under new ids in each delivery: how long a batch lasts does not matter (see below)
+    counts = sample_line_counts()
     deliveries = {
         "clinic_a": stack.state / "inbox/clinic_a/delivery-001",
         "clinic_b": stack.state / f"inbox/clinic_b/{PATIENT_LIKE_NAME}",
     }
     for folder in deliveries.values():
         assert build_fhir_dataset(SAMPLE, folder, sum(counts.values())) == sum(counts.values())
-    runs = {
-        source: stack.request(
-            "POST", f"/api/v2/dags/fhir_{source}/dagRuns", {"logical_date": None, "conf": {"delivery_path": str(path)}}
-        )["dag_run_id"]
-        for source, path in deliveries.items()
-    }
+
+    # A batch's first write is to ingest.batches (its source's abandoned batches, then its own row). Held here, the
+    # table makes each batch wait as soon as it reaches the warehouse; only when both ingest tasks run, on the two
+    # workers, each waiting for this lock, is it released. Anything that serialised the two sources (a pool, a lock
+    # taken before that write, one worker slot) leaves one of them queued or waiting for the other: then this wait
+    # times out.
+    with _holding_table(stack, "ingest.batches") as holder:
+        runs = {
+            source: stack.request(
+                "POST",
+                f"/api/v2/dags/fhir_{source}/dagRuns",
+                {"logical_date": None, "conf": {"delivery_path": str(path)}},
+            )["dag_run_id"]
+            for source, path in deliveries.items()
+        }
+        seen: dict = {}
+
+        def both_waiting_at_once() -> bool:
+            seen["ingest"] = {
+                source: [t["state"] for t in stack.task_instances(f"fhir_{source}", run_id) if t["task_id"] == "ingest"]
+                for source, run_id in runs.items()
+            }
+            seen["workers"] = {source: _workers_of(stack, f"fhir_{source}", run_id) for source, run_id in runs.items()}
+            seen["waiting"] = _sessions_waiting_for(stack, holder)
+            return (
+                all(states == ["running"] for states in seen["ingest"].values())
+                and sorted(w for found in seen["workers"].values() for w in found) == ["worker1", "worker2"]
+                and seen["waiting"] == 2
+            )
+
+        try:
+            wait_for("both ingest tasks to wait for the held table", both_waiting_at_once, timeout=240, stack=stack)
+        except AssertionError as error:
+            raise AssertionError(f"the two sources did not run at once: last seen {seen}") from error
 
     for source, run_id in runs.items():
         _wait_for_run(stack, f"fhir_{source}", run_id)
@@ -144,6 +174,9 @@ def test_two_sources_deliveries_started_through_the_rest_api_load_at_once_on_the
     # the UI names each mapped task by its delivery's label, never by a folder named after a person
     assert first["rendered_map_index"] == "delivery-001"
     assert second["rendered_map_index"].startswith("delivery-2") and "Durand" not in second["rendered_map_index"]
+    # nor does any XCom or task argument Airflow keeps of the run (its conf, the operator's own input, does)
+    kept = _kept_by_airflow(stack, "fhir_clinic_b", runs["clinic_b"])
+    assert "Durand" not in kept and second["rendered_map_index"] in kept
 
     _assert_consumer_read_each_batch(stack, ["clinic_a", "clinic_b"], counts["Encounter"])
 
@@ -157,7 +190,7 @@ def test_two_sources_deliveries_started_through_the_rest_api_load_at_once_on_the
 
 
 def test_a_ready_marker_in_an_inbox_becomes_a_committed_batch(stack):
-    folder = _delivery(stack, "inbox/clinic_c/export-0042", ENCOUNTER_FILES)
+    folder = _delivery(stack, f"inbox/clinic_c/{INBOX_PERSON_LIKE_NAME}", ENCOUNTER_FILES)
     (folder / "_READY").touch()
 
     wait_for("the batch of the marked delivery", lambda: _batches(stack, "clinic_c"), timeout=240, stack=stack)
@@ -166,6 +199,13 @@ def test_a_ready_marker_in_an_inbox_becomes_a_committed_batch(stack):
     assert run["run_type"] == "asset_triggered"
     assert _batches(stack, "clinic_c") == [("committed", 13 + 1215, 13 + 1215, 0)]
     assert (folder / "_DONE").exists() and not (folder / "_QUEUED").exists()
+    # found in the inbox, it travels from the task that found it to the one that loaded it by a keyed reference
+    (found,) = stack.xcom("fhir_clinic_c", run["dag_run_id"], "find_deliveries")
+    assert found["where"] == "inbox" and found["label"].startswith("delivery-2")
+    with _warehouse(stack) as cur:
+        cur.execute("SELECT delivery FROM ingest.batches WHERE source = 'clinic_c'")
+        assert cur.fetchone() == (found["ref"],), "the keyed label the batch stores"
+    assert "Martin" not in _kept_by_airflow(stack, "fhir_clinic_c", run["dag_run_id"])
     _assert_consumer_read_each_batch(stack, ["clinic_c"], 1215)
 
 
@@ -233,8 +273,6 @@ def _delivery(stack: Stack, relative: str, files: list[Path]) -> Path:
 
 
 def _warehouse(stack: Stack):
-    import contextlib
-
     import psycopg2
 
     @contextlib.contextmanager
@@ -285,14 +323,60 @@ def _task(stack: Stack, dag_id: str, run_id: str, task_id: str) -> dict:
 
 def _worker_of(stack: Stack, dag_id: str, run_id: str) -> str:
     """The Celery worker whose log shows it executing the run's ingest task."""
-    found = [
+    found = _workers_of(stack, dag_id, run_id)
+    assert len(found) == 1, (dag_id, found)
+    return found[0]
+
+
+def _workers_of(stack: Stack, dag_id: str, run_id: str) -> list[str]:
+    return [
         name
         for name in ("worker1", "worker2")
         for line in stack.log(name).splitlines()
         if "Executing workload" in line and dag_id in line and run_id in line and "task_id='ingest'" in line
     ]
-    assert len(found) == 1, (dag_id, found)
-    return found[0]
+
+
+@contextlib.contextmanager
+def _holding_table(stack: Stack, table: str):
+    """A transaction of the test's own holding `table` in EXCLUSIVE mode (reads go on, writes wait) until the block
+    ends; yields its server process id. A plain session: none of the project's session settings (its
+    idle-in-transaction timeout) ends it while it waits."""
+    import psycopg2
+
+    conn = psycopg2.connect(stack.warehouse_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+            cur.execute("SELECT pg_backend_pid()")
+            yield cur.fetchone()[0]
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def _sessions_waiting_for(stack: Stack, holder: int) -> int:
+    """How many of the project's warehouse sessions wait for a lock the session `holder` holds."""
+    with _warehouse(stack) as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'health-ingest' AND %s = ANY(pg_blocking_pids(pid))",
+            (holder,),
+        )
+        return cur.fetchone()[0]
+
+
+def _kept_by_airflow(stack: Stack, dag_id: str, run_id: str) -> str:
+    """What Airflow keeps of a run, as its REST API gives it: every XCom (as stored, and deserialised) and the task
+    instances (their rendered arguments and names), as one JSON text."""
+    base = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+    entries = stack.request("GET", f"{base}/~/xcomEntries?limit=100")["xcom_entries"]
+    assert {entry["task_id"] for entry in entries} >= {"find_deliveries", "ingest"}, entries
+    values = []
+    for entry in entries:
+        path = f"{base}/{entry['task_id']}/xcomEntries/{entry['key']}?map_index={entry['map_index']}"
+        values += [stack.request("GET", path)["value"], stack.request("GET", f"{path}&deserialize=true")["value"]]
+    return json.dumps({"xcom": values, "task_instances": stack.task_instances(dag_id, run_id)}, default=str)
 
 
 def _at(stamp: str) -> datetime:

@@ -122,3 +122,88 @@ def test_consumer_dag_reads_exactly_the_rows_of_each_new_batch(airflow_db, db, t
         cur.execute("SELECT batch_id::text FROM ingest.batches ORDER BY commit_seq DESC LIMIT 1")
         (latest,) = cur.fetchone()
     assert second_read == {latest: {"fhir.encounter": 100, "flat.encounter": 100}}, "only the new batch, whole"
+
+
+# folders senders named after patients
+PERSON_NAMED = "Durand_Marie_1968"
+
+
+def test_a_delivery_folder_named_after_a_person_is_in_no_xcom_nor_task_argument_of_its_run(
+    airflow_db, db, smart_source
+):
+    """What Airflow keeps of a run (XComs, the mapped tasks' rendered arguments, their names in the UI) holds each
+    delivery's label and a keyed reference, which the ingestion task resolves in the inbox; never the folder's
+    name, here found in the inbox by its marker."""
+    named = smart_source.inbox / PERSON_NAMED
+    usual = smart_source.inbox / "export-0042"
+    for folder in (named, usual):
+        folder.mkdir(parents=True)
+        shutil.copy(SAMPLE / "Patient.000.ndjson", folder)
+        shutil.copy(SAMPLE / "Encounter.000.ndjson", folder)
+        (folder / "_READY").touch()
+    try:
+        run = _fhir_dag().test()
+        assert run.state == "success"
+        assert (named / "_DONE").exists() and (usual / "_DONE").exists(), "both resolved and loaded"
+    finally:
+        for folder in (named, usual):
+            shutil.rmtree(folder)
+
+    kept = _kept_by_airflow(run.run_id)
+    assert PERSON_NAMED not in repr(kept) and "Durand" not in repr(kept)
+    found = kept["xcom"][("find_deliveries", -1)]
+    labels = {d["label"] for d in found}
+    assert "export-0042" in labels and len(labels) == 2
+    (person_label,) = labels - {"export-0042"}
+    assert person_label.startswith("delivery-2")
+    assert {d["where"] for d in found} == {"inbox"}
+    assert sorted(kept["map_index"].values()) == sorted(labels), "each mapped task is named by its label"
+    rendered = repr(kept["rendered"])
+    assert all(d["ref"] in rendered for d in found), "the mapped tasks' arguments are kept, and read here"
+    with db.cursor() as cur:
+        cur.execute("SELECT delivery FROM ingest.batches WHERE status = 'committed'")
+        stored = {row[0] for row in cur.fetchall()}
+    assert stored == {"export-0042", next(d["ref"] for d in found if d["label"] == person_label)}, (
+        "the reference is the keyed label the batch stores"
+    )
+
+
+def test_a_delivery_path_given_in_the_conf_is_read_again_from_it_not_from_an_xcom(airflow_db, db, smart_source):
+    """The run's `delivery_path` is the operator's own input, kept as the run's conf; the XComs do not repeat it."""
+    files = [SAMPLE / "Patient.000.ndjson", SAMPLE / "Encounter.000.ndjson"]
+    folder = into_inbox("smart_sample", files, "Martin_Paul_1975")
+
+    run = _fhir_dag().test(run_conf={"delivery_path": str(folder)})
+
+    assert run.state == "success"
+    kept = _kept_by_airflow(run.run_id)
+    assert "Martin" not in repr(kept)
+    (found,) = kept["xcom"][("find_deliveries", -1)]
+    assert found["where"] == "delivery_path" and found["label"].startswith("delivery-2") and "ref" not in found
+    assert list(kept["map_index"].values()) == [found["label"]]
+    with db.cursor() as cur:
+        cur.execute("SELECT status, rows_loaded FROM ingest.batches")
+        assert cur.fetchall() == [("committed", 13 + 1215)]
+
+
+def _kept_by_airflow(run_id: str) -> dict:
+    """What Airflow's metadata database keeps of a run of `fhir_smart_sample`: XCom values (as stored, and as read
+    back), the rendered arguments and the names of its task instances."""
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        xcoms = session.query(XComModel).filter_by(dag_id="fhir_smart_sample", run_id=run_id, key="return_value")
+        stored = {(x.task_id, x.map_index): (x.value, XComModel.deserialize_value(x)) for x in xcoms}
+        rendered = session.query(RenderedTaskInstanceFields).filter_by(dag_id="fhir_smart_sample", run_id=run_id)
+        fields = {(r.task_id, r.map_index): r.rendered_fields for r in rendered}
+        instances = session.query(TaskInstance).filter_by(dag_id="fhir_smart_sample", run_id=run_id, task_id="ingest")
+        names = {ti.map_index: ti.rendered_map_index for ti in instances}
+    return {
+        "xcom": {key: value for key, (_, value) in stored.items()},
+        "xcom_stored": {key: raw for key, (raw, _) in stored.items()},
+        "rendered": fields,
+        "map_index": names,
+    }

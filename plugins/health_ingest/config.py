@@ -210,14 +210,36 @@ def _environment_connection(conn_id: str) -> Connection | None:
     if "://" not in raw:
         raise ConfigurationError(f"connection {conn_id}: AIRFLOW_CONN_* must use Airflow's JSON form")
     parts = urlsplit(raw)
-    query = dict(parse_qsl(parts.query))
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
     extra = query.pop("__extra__", None) or (json.dumps(query) if query else "")
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    login, colon, password = userinfo.partition(":")
+    host, port = _host_and_port(conn_id, hostport)
     return Connection(
         conn_id,
-        login=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        host=parts.hostname,
-        port=parts.port,
+        login=unquote(login) or None,
+        password=unquote(password) if colon else None,
+        host=host,
+        port=port,
         schema=unquote(parts.path.lstrip("/")) or None,
         extra=extra,
     )
+
+
+def _host_and_port(conn_id: str, hostport: str) -> tuple[str | None, int | None]:
+    """The host and port of a URI's authority, as Airflow reads them (`[::1]:5432` is `::1` and 5432; a socket
+    folder given as `%2Fvar%2Frun%2Fpostgresql` is that folder). Several hosts (libpq's `h1:5432,h2:5433`), which
+    no single host and port can hold, are kept as written, as the host."""
+    if not hostport:
+        return None, None
+    if "," in hostport:
+        return unquote(hostport), None
+    host, port = hostport, None
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    elif ":" in hostport:
+        host, _, port = hostport.rpartition(":")
+    if port is not None and not port.isdigit():
+        raise ConfigurationError(f"connection {conn_id}: the port is not a number")
+    return unquote(host) or None, int(port) if port else None

@@ -15,24 +15,26 @@ log = logging.getLogger(__name__)
 class PullExportOperator(BaseOperator):
     """Kicks off (or resumes) the source's export, defers while the server prepares it, then downloads it.
 
-    Returns the deliveries the run loads: the export's folder, then any pending inbox deliveries (or the
-    `delivery_path` of the trigger form instead)."""
+    Returns the deliveries the run loads, as `find_deliveries` names them: the export's folder, then any pending
+    inbox deliveries (or the `delivery_path` of the trigger form instead)."""
 
     def __init__(self, *, source_name: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.source_name = source_name
 
-    def execute(self, context) -> list[str]:
+    def execute(self, context) -> list[dict[str, str]]:
         from health_ingest.airflow.tasks import failing_without_retry
         from health_ingest.airflow.triggers import ExportReadyTrigger
         from health_ingest.sources.bulk.pull import prepare_export
+        from health_ingest.sources.references import given_delivery, given_folder
         from health_ingest.sources.registry import get_source
 
         params = context["params"]
-        if params.get("delivery_path"):
-            return [str(Path(params["delivery_path"]).resolve())]
         with failing_without_retry():
-            prepared = prepare_export(get_source(self.source_name), full_refresh=bool(params.get("full_refresh")))
+            source = get_source(self.source_name)
+            if params.get("delivery_path"):
+                return [given_delivery(given_folder(source, params["delivery_path"]))]
+            prepared = prepare_export(source, full_refresh=bool(params.get("full_refresh")))
         if "delivery" in prepared:
             return self._deliveries(prepared["delivery"])
         self.defer(
@@ -40,7 +42,7 @@ class PullExportOperator(BaseOperator):
             method_name="execute_complete",
         )
 
-    def execute_complete(self, context, event: dict[str, Any]) -> list[str]:
+    def execute_complete(self, context, event: dict[str, Any]) -> list[dict[str, str]]:
         """The manifest is ready (or the export expired, which the pull starts again): download it."""
         from health_ingest.airflow.tasks import failing_without_retry
         from health_ingest.errors import ExportError
@@ -61,7 +63,10 @@ class PullExportOperator(BaseOperator):
         )
         return self._deliveries(str(export.delivery))
 
-    def _deliveries(self, first: str) -> list[str]:
+    def _deliveries(self, export: str) -> list[dict[str, str]]:
         from health_ingest.airflow.tasks import find_deliveries
+        from health_ingest.sources.references import EXPORTS, found_delivery
+        from health_ingest.sources.registry import get_source
 
-        return [str(Path(first).resolve()), *find_deliveries(self.source_name, {})]
+        found = found_delivery(get_source(self.source_name), Path(export), EXPORTS)
+        return [found, *find_deliveries(self.source_name, {})]

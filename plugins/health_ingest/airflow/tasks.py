@@ -17,38 +17,47 @@ from health_ingest.sources.registry import Source
 log = logging.getLogger(__name__)
 
 
-def find_deliveries(source_name: str, params: dict[str, Any]) -> list[str]:
+def find_deliveries(source_name: str, params: dict[str, Any]) -> list[dict[str, str]]:
     """The deliveries this run loads: the one given as a parameter (inside the source's allowed roots, else the
-    run fails without retry), else every pending one in the inbox."""
+    run fails without retry), else every pending one in the inbox. Each is named by its label and a keyed reference
+    only (`sources.references`): what a task returns stays in Airflow's metadata, and a folder's name may name a
+    person."""
     from health_ingest.sources.inbox import pending_deliveries
+    from health_ingest.sources.references import INBOX, found_delivery, given_delivery, given_folder
     from health_ingest.sources.registry import get_source
 
     with failing_without_retry():
         source = get_source(source_name)
         if params.get("delivery_path"):
-            return [str(source.allowed_delivery(params["delivery_path"]))]
-    found = [str(p) for p in pending_deliveries(source.inbox)] if source.inbox else []
-    log.info("source %s: %d pending deliveries", source_name, len(found))
-    return found
+            return [given_delivery(given_folder(source, params["delivery_path"]))]
+        found = pending_deliveries(source.inbox) if source.inbox else []
+        deliveries = [found_delivery(source, folder, INBOX) for folder in found]
+    log.info("source %s: %d pending deliveries", source_name, len(deliveries))
+    return deliveries
 
 
-def ingest_delivery(source_name: str, delivery: str) -> dict[str, Any]:
+def ingest_delivery(source_name: str, delivery: dict[str, str] | str, params: dict[str, Any] | None = None) -> dict:
     """Run one batch of a source; an error no retry can help (a rejection, a missing delivery, a configuration)
     fails the task at once, any other lets Airflow retry. A delivery no try will load any more (rejected, or failed
-    on the last try) is set aside in the inbox; a committed batch with many records quarantined sends a warning."""
+    on the last try) is set aside in the inbox; a committed batch with many records quarantined sends a warning.
+    `delivery` is as `find_deliveries` names it (found again here, the run's `params` holding a `delivery_path`),
+    or a folder's path (a run mapped before deliveries were named so, a caller outside Airflow)."""
     from health_ingest.airflow.notifiers import alert_quarantine_share
     from health_ingest.batch.load import load_delivery
+    from health_ingest.sources.inbox import delivery_label
+    from health_ingest.sources.references import resolve_delivery
     from health_ingest.sources.registry import get_source
 
     _export_map_index()
-    _name_mapped_task(delivery)
+    _name_mapped_task(delivery_label(delivery) if isinstance(delivery, str) else delivery["label"])
     with failing_without_retry():
         source = get_source(source_name)
+        folder = Path(delivery) if isinstance(delivery, str) else resolve_delivery(source, delivery, params or {})
         try:
-            loaded = load_delivery(source, Path(delivery))
+            loaded = load_delivery(source, folder)
         except Exception as error:
             if not retryable(error) or _last_try():
-                set_aside_delivery(source, Path(delivery), error)
+                set_aside_delivery(source, folder, error)
             raise
     summary = loaded.result.to_summary()
     alert_quarantine_share(source, summary, _task_context())
@@ -220,16 +229,14 @@ def check_quiet_sources() -> dict[str, str]:
 # --- implementation details -------------------------------------------------------------------
 
 
-def _name_mapped_task(delivery: str) -> None:
+def _name_mapped_task(label: str) -> None:
     """The mapped task is shown by its delivery's label (`map_index_template`), never by a raw folder name."""
     from contextlib import suppress
 
     from airflow.sdk import get_current_context
 
-    from health_ingest.sources.inbox import delivery_label
-
     with suppress(RuntimeError):  # called outside a task
-        get_current_context()["delivery_label"] = delivery_label(delivery)
+        get_current_context()["delivery_label"] = label
 
 
 def _task_context() -> dict:

@@ -26,11 +26,11 @@ from health_ingest.deliveries import FileCounts, LandedDelivery
 from health_ingest.errors import BatchRejected, HealthIngestError, LoadError, retryable
 from health_ingest.privacy.gate import KAnonymityReport, record_k_anonymity
 from health_ingest.privacy.keyring import Keyring, load_keyring
-from health_ingest.privacy.tokens import Tokeniser
 from health_ingest.quality.ceiling import FileQuarantine, check_quarantine_ceiling
 from health_ingest.quality.suites import record_outcomes
 from health_ingest.sources.inbox import says_nothing_of_a_person
 from health_ingest.sources.landing import disk_full, free_space
+from health_ingest.sources.references import keyed_delivery_name
 from health_ingest.sources.registry import Source
 from health_ingest.warehouse import batches, merge, staging
 from health_ingest.warehouse.connection import connect, hosting_decision, warehouse_url
@@ -415,7 +415,7 @@ def _stored_delivery_name(name: str, keyring: Keyring, source: Source) -> str:
     numbers, else a keyed label of it (the same for the same name)."""
     if says_nothing_of_a_person(name):
         return name
-    return Tokeniser(keyring, id_space=source.id_space).token("delivery-name", name)
+    return keyed_delivery_name(name, keyring, source)
 
 
 def _failure_status(error: BaseException) -> str:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import ipaddress
 import logging
 import os
+import re
 import weakref
 from urllib.parse import urlsplit, urlunsplit
 
 from health_ingest import config
+from health_ingest.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +106,8 @@ def release_inherited_connections() -> None:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, fit for logs and summaries."""
+    """The URL without its password (in the authority or as a query parameter), fit for logs and summaries."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
     parts = urlsplit(url)
     if not parts.password:
         return url.replace(":@", "@", 1) if parts.password == "" else url
@@ -122,20 +127,35 @@ def _airflow_connection_url() -> str | None:
     return uri
 
 
-LIBPQ_OPTIONS = {"sslmode", "sslrootcert", "sslcert", "sslkey", "connect_timeout", "target_session_attrs"}
-
-
 def _postgres_url(connection, extras: dict) -> str:
-    """A libpq URL from the connection's fields; only libpq options of the extras go into its query string."""
-    from urllib.parse import quote, urlencode
+    """A libpq URI from the connection's fields and extras, naming what libpq would connect to given the URI the
+    connection was made from: every libpq keyword of the extras (`host`, `hostaddr`, `port`, `sslmode`, `options`,
+    ...) goes into the query string, where libpq lets it override the authority; other extras are not libpq's and
+    stay out. A socket folder (or an abstract socket) given as the host goes into the query too, and a port given
+    with several hosts applies to each of them there. No host means libpq's default (`PGHOST`, else the local
+    socket), no database libpq's default as well, as for the URI."""
+    from urllib.parse import quote
 
-    credentials = quote(connection.login or "", safe="")
-    if connection.password:
-        credentials += ":" + quote(connection.password, safe="")
-    host = connection.host or "localhost"
-    port = f":{connection.port}" if connection.port else ""
-    query = urlencode({k: v for k, v in extras.items() if k in LIBPQ_OPTIONS})
-    return f"postgresql://{credentials}@{host}{port}/{connection.schema or 'postgres'}" + (f"?{query}" if query else "")
+    query = {key: _libpq_value(connection, key, value) for key, value in extras.items() if _libpq_keyword(key)}
+    userinfo = quote(connection.login or "", safe="")
+    if connection.password is not None:
+        userinfo += ":" + quote(connection.password, safe="")
+    host = connection.host or ""
+    if host.startswith(("/", "@")):
+        query.setdefault("host", host)
+        host = ""
+    elif _ipv6(host):
+        host = f"[{host}]"
+    else:
+        host = quote(host, safe=",:[]")
+    authority = (userinfo + "@" if userinfo else "") + host
+    if connection.port and "," in host:
+        query.setdefault("port", str(connection.port))
+    elif connection.port:
+        authority += f":{connection.port}"
+    path = "/" + quote(connection.schema, safe="") if connection.schema else "/"
+    text = "&".join(f"{key}={quote(value, safe='/,:')}" for key, value in query.items())
+    return f"postgresql://{authority}{path}" + (f"?{text}" if text else "")
 
 
 def hosting_decision(url: str):
@@ -143,3 +163,36 @@ def hosting_decision(url: str):
     from health_ingest.warehouse.jurisdiction import check_warehouse, declared_hosting_from_env
 
     return check_warehouse(url, _DECLARED_BY_AIRFLOW.get(url) or declared_hosting_from_env())
+
+
+# --- implementation details -------------------------------------------------------------------
+
+
+@functools.cache
+def _libpq_keyword(key: str) -> bool:
+    """Whether libpq itself (the one psycopg2 connects with) knows `key` as a connection keyword."""
+    from psycopg2 import ProgrammingError
+    from psycopg2.extensions import parse_dsn
+
+    if not re.fullmatch(r"[a-z_]+", key):
+        return False
+    try:
+        parse_dsn(f"{key}=''")
+    except ProgrammingError:
+        return False
+    return True
+
+
+def _libpq_value(connection, key: str, value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise ConfigurationError(f"connection {connection.conn_id}: extra {key!r} must be a string or a number")
+
+
+def _ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False

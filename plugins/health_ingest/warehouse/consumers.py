@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
 
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 EMBEDDED_ASSET_BASE = "postgres://localhost:5432/warehouse"
@@ -33,10 +32,16 @@ def table_asset_uri(schema: str, table: str, url: str | None = None) -> str:
     url = url or configured_warehouse_url()
     if not url:
         return f"{EMBEDDED_ASSET_BASE}/{schema}/{table}"
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"  # a Unix socket is this machine
-    port = parts.port or int((parse_qs(parts.query).get("port") or ["5432"])[0])
-    database = parts.path.lstrip("/") or "postgres"
+    from psycopg2.extensions import parse_dsn
+
+    options = parse_dsn(url)  # as libpq reads it: `?host=` and `?port=` override the authority
+    host = (options.get("host") or "").split(",")[0].lower()  # of several hosts, the first names the warehouse
+    if not host or host.startswith(("/", "@")):
+        host = "localhost"  # a Unix socket is this machine
+    elif ":" in host:
+        host = f"[{host}]"
+    port = int((options.get("port") or "5432").split(",")[0] or 5432)
+    database = options.get("dbname") or options.get("user") or "postgres"
     return f"postgres://{host}:{port}/{database}/{schema}/{table}"
 
 

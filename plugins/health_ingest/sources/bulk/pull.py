@@ -156,6 +156,11 @@ def commit_hook(source: Source, delivery: Path):
     return check_and_move_since
 
 
+def exports_folder(source: Source) -> Path:
+    """Where the source's pulled exports are downloaded, one folder each."""
+    return config.state_dir() / "exports" / source.name
+
+
 def read_export_record(delivery: Path) -> dict:
     path = Path(delivery) / EXPORT_RECORD
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -270,7 +275,7 @@ def _instant(value: datetime) -> str:
 
 def _export_folder(source: Source, transaction_time: str) -> Path:
     stamp = "".join(c for c in transaction_time if c.isalnum())[:20] or str(int(time.time()))
-    return config.state_dir() / "exports" / source.name / f"export-{stamp}"
+    return exports_folder(source) / f"export-{stamp}"
 
 
 def _settings(source: Source, url: str | None):
