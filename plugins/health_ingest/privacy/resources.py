@@ -408,8 +408,8 @@ class ResourcePseudonymiser:
             node.update(added)
 
     def _scrub_plain_reference(self, reference: dict[str, Any]) -> bool:
-        """A Reference of a literal reference and perhaps a display (removed), walked as `_scrub` would; False, and
-        the Reference untouched, for any other."""
+        """A Reference of a literal reference and perhaps a display (removed, whatever its shape), walked as
+        `_scrub` would; False, and the Reference untouched, for any other."""
         literal = reference.get("reference")
         if type(literal) is not str:
             return False
@@ -417,7 +417,7 @@ class ResourcePseudonymiser:
         if size == 1:
             reference["reference"] = self.rewrite_reference(literal)
             return True
-        if size == 2 and type(reference.get("display")) is str:
+        if size == 2 and "display" in reference:
             reference["reference"] = self.rewrite_reference(literal)
             del reference["display"]
             self._log(_REFERENCE_DISPLAY)
