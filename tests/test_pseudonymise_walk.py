@@ -168,3 +168,25 @@ def test_the_shorter_ways_give_what_the_full_walk_gives(policy):
     assert differences[:3] == []
     for name in ("_scrub_plain_reference", "_scrub_plain_coding", "_scrub_plain_concept"):
         assert taken[name, True] > 1000 and taken[name, False] > 10, (name, taken)
+
+
+def test_the_stage_bench_measures_the_rows_the_batch_encoder_writes():
+    """`python -m health_ingest.bench.stage` encodes the rows, and counts the removals, that the batch's own
+    encoder does on the same files."""
+    import hashlib
+
+    from health_ingest.batch.fhir import FileEncoder
+    from health_ingest.bench.stage import BENCH_KEYRING, BENCH_SOURCE, measure
+    from health_ingest.formats.ndjson import resource_type_of
+
+    digest, removed, rows = hashlib.sha256(), 0, 0
+    with FileEncoder(BENCH_KEYRING, BENCH_SOURCE, workers=1) as encoder:
+        files = sorted(path for path in SAMPLE.glob("*.ndjson") if resource_type_of(path))
+        for file_no, path in enumerate(files):
+            for chunk in encoder.encode(path, file_no, resource_type_of(path)):
+                digest.update(chunk.data)
+                removed += sum(chunk.removed.values())
+                rows += chunk.rows_read
+    measured = measure(SAMPLE)
+    assert (measured["resources"], measured["removed"]) == (rows, removed) and rows == 7160 and removed > 20_000
+    assert measured["rows digest"] == digest.hexdigest()[:16]
