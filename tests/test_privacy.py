@@ -125,3 +125,22 @@ def test_the_token_mac_is_hmac_sha256(key_length):
     mac = keyed_sha256(key)
     for message in (b"", b"identifier|urn:oid:2.16.840.1.113883.4.1\x1f999-12-3456", os.urandom(300)):
         assert mac(message) == hmac.digest(key, message, "sha256")
+
+
+def test_a_token_is_the_key_id_and_the_url_safe_base64_of_its_mac_with_dots():
+    """Tokens must stay what they were: the MAC as `urlsafe_b64encode` writes it, unpadded, with "_" spelled "."
+    (over enough MACs that "-" and "." show)."""
+    import hmac
+
+    from health_ingest.privacy.tokens import TOKEN_PURPOSE
+
+    keyring = load_keyring()
+    tokeniser = Tokeniser(keyring, id_space="s")
+    key = keyring.subkey(TOKEN_PURPOSE)
+    seen = set()
+    for value in [f"value-{n}" for n in range(3000)]:
+        mac = hmac.digest(key, f"identifier|urn:x\x1f{value}".encode(), "sha256")
+        expected = base64.urlsafe_b64encode(mac).rstrip(b"=").replace(b"_", b".").decode("ascii")
+        assert tokeniser.identifier("urn:x", value) == f"{keyring.active_id}.{expected}"
+        seen.update(expected)
+    assert {"-", ".", "A", "z", "0"} <= seen and "_" not in seen and "=" not in seen

@@ -28,26 +28,37 @@ KEPT_PRIMITIVES = frozenset(
 TOKENISED_IDS = frozenset({"ImagingStudySeries.uid", "ImagingStudySeriesInstance.uid"})
 NUMBERS = frozenset({"decimal", "integer", "positiveInt", "unsignedInt"})
 TEXTS = frozenset({"string", "markdown", "xhtml", "base64Binary"})  # base64Binary: a document, a signature, a photo
+# Datatypes in nearly every resource, which the walk takes a shorter way through when an element has their usual shape
+# (`ResourcePseudonymiser._shortcuts`): a spec's `shortcut` is the position of its child's type here, from 1.
+SHORTCUT_TYPES = ("Reference", "Coding", "CodeableConcept")
+# the actions each shorter way assumes its type's table has: a kept path that changes one turns that way off
+_SHORTCUT_ACTIONS = {
+    "Reference": {"reference": REFERENCE, "display": REFERENCE_DISPLAY},
+    "Coding": {"system": KEEP_ONE, "code": KEEP_ONE, "display": DISPLAY},
+    "CodeableConcept": {"coding": COMPLEX_LIST, "text": TEXT},
+}
 
 
 class Spec(NamedTuple):
+    """What the walk does with one element; a compiled plan holds it as a plain tuple (`_finish`)."""
+
     action: int
     child: Fields | None
     is_list: bool
     label: str  # `Type.element`, for the counts of what was removed
     required: int  # 0, 1 or CHOICE (elements.Element.required)
     free_text: tuple[str, str] = ("", "")  # ("free text", label): what the walk logs when it removes free text
+    shortcut: int = 0  # 1 + the position in SHORTCUT_TYPES of the child's type, when the walk may take its shorter way
 
 
-# One FHIR type's elements by JSON key: a plain dict (a subclass would slow each of the walk's lookups), whose key
-# None (never a JSON key) holds the type's name.
+# One FHIR type's elements by JSON key: a plain dict of strings only (a subclass, or a key of another type, would
+# slow each of the walk's lookups).
 Fields = dict
 
 
-def new_fields(name: str, elements: dict | None = None) -> Fields:
-    fields = dict(elements or {})
-    fields[None] = name
-    return fields
+def type_name(fields: Fields) -> str:
+    """The name of a table's type, which each of its labels starts with (every type has elements)."""
+    return next(iter(fields.values()))[3].partition(".")[0]
 
 
 class Plan(NamedTuple):
@@ -89,7 +100,7 @@ def trusted_code_systems() -> tuple[frozenset[str], tuple[str, ...], tuple[str, 
 @cache
 def _compile(keep, dropped_fields, dropped_types, kept_strings) -> Plan:
     table = element_table()
-    compiled = {name: new_fields(name) for name in table}
+    compiled: dict[str, Fields] = {name: {} for name in table}
     for name, elements in table.items():
         fields = compiled[name]
         for key, element in elements.items():
@@ -110,6 +121,7 @@ def _compile(keep, dropped_fields, dropped_types, kept_strings) -> Plan:
         spec = owner[key]
         owner[key] = spec._replace(action=KEEP if spec.is_list else KEEP_ONE)
     resource_types = {name: compiled[name] for name, elements in table.items() if "implicitRules" in elements}
+    _finish(compiled, _shortcuts(compiled))
     return Plan(resource_types, compiled["Element"])
 
 
@@ -155,6 +167,37 @@ def _action(type_name, key, element_type, label, dropped_fields, dropped_types, 
     if element_type == "boolean":
         return BOOLEAN
     return COMPLEX
+
+
+def _shortcuts(compiled: dict[str, Fields]) -> dict[int, int]:
+    """`Spec.shortcut` by the id of the shared table it is for: those of SHORTCUT_TYPES whose table has the actions
+    its shorter way assumes. A table copied for a kept path has none: it is walked in full."""
+    usable = {}
+    for number, name in enumerate(SHORTCUT_TYPES, start=1):
+        fields = compiled[name]
+        if all(fields[key].action == action for key, action in _SHORTCUT_ACTIONS[name].items()):
+            usable[id(fields)] = number
+    concept = compiled["CodeableConcept"]
+    # a CodeableConcept's shorter way takes its Codings' own, and knows its text to be optional
+    if id(concept["coding"].child) not in usable or concept["text"].required:
+        usable.pop(id(concept), None)
+    return usable
+
+
+def _finish(compiled: dict[str, Fields], shortcuts: dict[int, int]) -> None:
+    """Give each spec its shortcut, and make it a plain tuple, whose subscripts the interpreter specialises (a named
+    tuple's it does not): every table, and every copy made for a kept path, once."""
+    done: set[int] = set()
+    tables = list(compiled.values())
+    while tables:
+        fields = tables.pop()
+        if id(fields) in done:
+            continue
+        done.add(id(fields))
+        for key, spec in fields.items():
+            if spec.child is not None:
+                tables.append(spec.child)
+            fields[key] = tuple(spec._replace(shortcut=shortcuts.get(id(spec.child), 0)))
 
 
 def _resolve(table, path: str, compiled: dict[str, Fields] | None = None) -> tuple[Fields | dict, str]:

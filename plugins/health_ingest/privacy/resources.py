@@ -24,6 +24,7 @@ from health_ingest.privacy.element_plan import (
     DISPLAY,
     DROP,
     EXTENSION,
+    FREE_TEXT,
     IDENTIFIER_VALUE,
     KEEP,
     KEEP_ONE,
@@ -86,6 +87,9 @@ MASKED_TEXT = "masked"  # what a required choice of free text (`contentString`) 
 _STRINGS, _NUMBERS, _BOOLEANS = frozenset({str}), frozenset({int, float, orjson.Fragment}), frozenset({bool})
 # why something was removed, as counted per batch
 UNEXPECTED_SHAPE, IDENTIFYING_VALUE = "unexpected shape", "identifying value"
+# what the shortcuts through References, Codings and CodeableConcepts log, as the walk of their tables would
+_REFERENCE_DISPLAY, _CODING_DISPLAY = (FREE_TEXT, "Reference.display"), (FREE_TEXT, "Coding.display")
+_CONCEPT_TEXT = (FREE_TEXT, "CodeableConcept.text")
 
 REFERENCE = re.compile(
     r"^(?P<base>(?:https?://[^?#]*/)?)(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-.]{1,64})"
@@ -95,9 +99,10 @@ URN_OID = re.compile(r"^urn:oid:[0-2](\.(0|[1-9][0-9]*))+\Z")
 CONDITIONAL_REFERENCE = re.compile(r"^(?P<type>[A-Z][A-Za-z]{1,63})\?(?P<query>.+)$")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pseudonymised:
-    """What the warehouse needs beside the rewritten resource."""
+    """What the warehouse needs beside the rewritten resource (made for every resource: not frozen, whose
+    initialiser costs twice as much)."""
 
     resource_id: str
     # the person pseudonym: a linking identifier's token when the Patient has one, else the Patient's token
@@ -132,6 +137,10 @@ class ResourcePseudonymiser:
         self._log = self.removed.append
         # a reference is rewritten the same way each time, and the same ones come back (a patient, a practitioner)
         self.rewrite_reference = lru_cache(maxsize=1 << 14)(self.rewrite_reference)
+        # a patient's resources name the same subject, so a reference is parsed once for it too
+        self._patient_token = lru_cache(maxsize=1 << 14)(self._patient_token)
+        # the shorter ways through `element_plan.SHORTCUT_TYPES`, by a spec's `shortcut`
+        self._shortcuts = (None, self._scrub_plain_reference, self._scrub_plain_coding, self._scrub_plain_concept)
 
     def pseudonymise(self, resource: dict[str, Any]) -> Pseudonymised:
         resource_type = resource["resourceType"]
@@ -205,10 +214,15 @@ class ResourcePseudonymiser:
         for field_name in PATIENT_FIELDS:
             value = resource.get(field_name)
             if isinstance(value, dict):
-                match = REFERENCE.match(value.get("reference") or "")
-                if match and match["type"] == "Patient":
-                    return self.tokens.resource_id("Patient", match["id"])
+                token = self._patient_token(value.get("reference") or "")
+                if token is not None:
+                    return token
         return None
+
+    def _patient_token(self, reference: str) -> str | None:
+        """The Patient's token when `reference` is a literal reference to a Patient."""
+        match = REFERENCE.match(reference)
+        return self.tokens.resource_id("Patient", match["id"]) if match and match["type"] == "Patient" else None
 
     def _rewrite_search_parameter(self, parameter: str) -> str:
         name, _, value = parameter.partition("=")
@@ -220,7 +234,8 @@ class ResourcePseudonymiser:
     def _scrub(self, node: dict[str, Any], fields: Fields) -> None:
         """Walk one element by its FHIR type: one lookup per key; what the type does not define, or holds in a
         shape its definition does not allow, is removed and counted, never passed through. The most frequent
-        actions are tested first (this walk is most of the pseudonymise stage's time)."""
+        actions are tested first, and References, Codings and CodeableConcepts of their usual shape take a shorter
+        way (this walk is most of the pseudonymise stage's time)."""
         removed: list[str] | None = None
         added: dict[str, Any] | None = None
         for key, value in node.items():
@@ -229,20 +244,22 @@ class ResourcePseudonymiser:
             except KeyError:
                 removed = removed or []
                 removed.append(key)
-                self._count(UNEXPECTED_SHAPE, f"{fields[None]}.(unknown element)")  # never the key: it is data
+                self._count(UNEXPECTED_SHAPE, f"{plan.type_name(fields)}.(unknown element)")  # never the key
                 continue
             action = spec[0]
-            kind = type(value)
             if action == KEEP_ONE:
-                if kind is str:
+                if type(value) is str:
                     continue
                 removed = removed or []
                 removed.append(key)
                 self._count(UNEXPECTED_SHAPE, spec[3])
                 continue
+            kind = type(value)
             if action == COMPLEX_ONE:
                 if kind is dict:
-                    self._scrub(value, spec[1])
+                    shortcut = spec[6]
+                    if not shortcut or not self._shortcuts[shortcut](value):
+                        self._scrub(value, spec[1])
                     if value:
                         continue
                 else:
@@ -253,13 +270,15 @@ class ResourcePseudonymiser:
             if action == COMPLEX_LIST:
                 if kind is list:
                     child = spec[1]
+                    shortcut = self._shortcuts[spec[6]]
                     index = 0
                     for item in value:
                         if type(item) is not dict:
                             break
-                        self._scrub(item, child)
-                        if not item:
-                            break
+                        if shortcut is None or not shortcut(item):  # what a shortcut takes stays, never empty
+                            self._scrub(item, child)
+                            if not item:
+                                break
                         index += 1
                     else:
                         if value:
@@ -273,7 +292,24 @@ class ResourcePseudonymiser:
                 removed = removed or []
                 removed.append(key)
                 continue
-            if action == DISPLAY:  # every Coding has one: tested before the rarer actions
+            if action == TEXT and not spec[4]:  # optional free text, whatever its shape
+                removed = removed or []
+                removed.append(key)
+                self._log(spec[5])
+                continue
+            if action == KEEP:  # a list of strings (a resource's profiles)
+                if kind is list and value:
+                    for item in value:
+                        if type(item) is not str:
+                            break
+                    else:
+                        continue
+                if not (kind is list and self._primitives_are(value, spec[3], _STRINGS)):
+                    removed = removed or []
+                    removed.append(key)
+                    self._count(UNEXPECTED_SHAPE, spec[3])
+                continue
+            if action == DISPLAY:
                 trusted = self._trusted.get(node.get("system"))
                 if trusted is None:
                     trusted = self._is_trusted(node.get("system"))
@@ -290,12 +326,27 @@ class ResourcePseudonymiser:
                     removed.append(key)
                     self._log((UNEXPECTED_SHAPE, spec[3]))
                 continue
-            _, child, is_list, label, required, _ = spec
-            if action == KEEP:
-                if not (kind is list and self._primitives_are(value, label, _STRINGS)):
+            _, child, is_list, label, required, _, _ = spec
+            if action == IDENTIFIER_VALUE:
+                system = node.get("system")
+                if system is not None and type(system) is not str:  # its tokens' domain would be an object's text
+                    raise RecordProblem("invalid_identifier", "an identifier's system is not a string")
+                if kind is str:
+                    node[key] = self.tokens.identifier(system or "", value)
+                else:
                     removed = removed or []
                     removed.append(key)
                     self._count(UNEXPECTED_SHAPE, label)
+            elif action in (NUMBER, BOOLEAN):
+                kinds = _NUMBERS if action == NUMBER else _BOOLEANS
+                good = kind is list and self._primitives_are(value, label, kinds) if is_list else kind in kinds
+                if not good:
+                    removed = removed or []
+                    removed.append(key)
+                    self._count(UNEXPECTED_SHAPE, label)
+            elif action == DROP:
+                removed = removed or []
+                removed.append(key)
             elif action == REFERENCE_DISPLAY:
                 removed = removed or []
                 removed.append(key)  # a Reference's display is usually a person's name
@@ -321,9 +372,6 @@ class ResourcePseudonymiser:
                 elif required and not is_list:
                     added = added or {}
                     added["_" + key] = MASKED_PRIMITIVE  # a required element says why it is absent
-            elif action == DROP:
-                removed = removed or []
-                removed.append(key)
             elif action in (EXTENSION, SUB_EXTENSION):
                 kept = self._scrub_extensions(value, child, label, action == EXTENSION) if kind is list else None
                 if kept is not value:
@@ -332,23 +380,6 @@ class ResourcePseudonymiser:
                     else:
                         removed = removed or []
                         removed.append(key)
-            elif action == IDENTIFIER_VALUE:
-                system = node.get("system")
-                if system is not None and type(system) is not str:  # its tokens' domain would be an object's text
-                    raise RecordProblem("invalid_identifier", "an identifier's system is not a string")
-                if kind is str:
-                    node[key] = self.tokens.identifier(system or "", value)
-                else:
-                    removed = removed or []
-                    removed.append(key)
-                    self._count(UNEXPECTED_SHAPE, label)
-            elif action in (NUMBER, BOOLEAN):
-                kinds = _NUMBERS if action == NUMBER else _BOOLEANS
-                good = kind is list and self._primitives_are(value, label, kinds) if is_list else kind in kinds
-                if not good:
-                    removed = removed or []
-                    removed.append(key)
-                    self._count(UNEXPECTED_SHAPE, label)
             elif action == ADDRESS:
                 kept = self._generalise_addresses(value, is_list, label) if (kind is list) is is_list else None
                 if kept:
@@ -375,6 +406,58 @@ class ResourcePseudonymiser:
                 del node[key]
         if added:
             node.update(added)
+
+    def _scrub_plain_reference(self, reference: dict[str, Any]) -> bool:
+        """A Reference of a literal reference and perhaps a display (removed, whatever its shape), walked as
+        `_scrub` would; False, and the Reference untouched, for any other."""
+        literal = reference.get("reference")
+        if type(literal) is not str:
+            return False
+        size = len(reference)
+        if size == 1:
+            reference["reference"] = self.rewrite_reference(literal)
+            return True
+        if size == 2 and "display" in reference:
+            reference["reference"] = self.rewrite_reference(literal)
+            del reference["display"]
+            self._log(_REFERENCE_DISPLAY)
+            return True
+        return False
+
+    def _scrub_plain_coding(self, coding: dict[str, Any]) -> bool:
+        """A Coding of the usual shape (`_is_plain_coding`) walked as `_scrub` would; False, and the Coding
+        untouched, for any other."""
+        if not _is_plain_coding(coding):
+            return False
+        self._keep_trusted_display(coding)
+        return True
+
+    def _scrub_plain_concept(self, concept: dict[str, Any]) -> bool:
+        """A CodeableConcept of Codings of the usual shape and perhaps a text (removed, whatever its shape), walked
+        as `_scrub` would; False, and the concept untouched, for any other."""
+        codings = concept.get("coding")
+        if type(codings) is not list or not codings or len(concept) != 1 + ("text" in concept):
+            return False
+        for coding in codings:
+            if type(coding) is not dict or not _is_plain_coding(coding):
+                return False
+        for coding in codings:
+            self._keep_trusted_display(coding)
+        if len(concept) == 2:
+            del concept["text"]
+            self._log(_CONCEPT_TEXT)
+        return True
+
+    def _keep_trusted_display(self, coding: dict[str, Any]) -> None:
+        """A plain Coding's display goes unless its system is trusted."""
+        if len(coding) == 3:
+            system = coding["system"]
+            trusted = self._trusted.get(system)
+            if trusted is None:
+                trusted = self._is_trusted(system)
+            if not trusted:
+                del coding["display"]
+                self._log(_CODING_DISPLAY)
 
     def _rest_of_items(self, items: list, index: int, child: Fields, label: str) -> list:
         """A list of complex elements whose item at `index` (scrubbed when it is a dict) is to go: the items
@@ -501,3 +584,13 @@ class ResourcePseudonymiser:
             if generalised:
                 kept.append(generalised)
         return kept if is_list else (kept[0] if kept else None)
+
+
+def _is_plain_coding(coding: dict[str, Any]) -> bool:
+    """Whether a Coding is a system, a code and perhaps a display, all strings, as nearly all are."""
+    size = len(coding)
+    return (
+        (size == 2 or (size == 3 and type(coding.get("display")) is str))
+        and type(coding.get("system")) is str
+        and type(coding.get("code")) is str
+    )

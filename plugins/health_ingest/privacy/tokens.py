@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import uuid
+from binascii import b2a_base64
 from functools import lru_cache
 
 from health_ingest.privacy.keyring import Keyring
 
 TOKEN_PURPOSE = "identifier-tokens"
+# URL-safe base64 with "_" spelled ".": the FHIR id alphabet [A-Za-z0-9-.]
+_ID_ALPHABET = bytes.maketrans(b"+/", b"-.")
 
 
 def keyed_sha256(key: bytes):
@@ -45,8 +47,9 @@ class Tokeniser:
 
         def compute(domain: str, value: str) -> str:
             mac = mac_of(f"{domain}\x1f{value}".encode())
-            # URL-safe base64 with "_" spelled "." stays inside the FHIR id alphabet [A-Za-z0-9-.]
-            result = prefix + base64.urlsafe_b64encode(mac).rstrip(b"=").replace(b"_", b".").decode("ascii")
+            # one translation drops the padding and the line break, where `urlsafe_b64encode`, `rstrip` and
+            # `replace` took three passes (computed for every resource's own id)
+            result = prefix + b2a_base64(mac).translate(_ID_ALPHABET, b"=\n").decode()
             if new_tokens is not None:
                 new_tokens.append((domain, value, result))
             return result
