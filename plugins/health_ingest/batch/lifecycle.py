@@ -141,7 +141,15 @@ class Loader(Protocol):
         ...
 
 
-LoaderFactory = Callable[[BatchContext], Loader]
+class LoaderClass(Protocol):
+    """A format's loader, made for one batch; it also knows where a batch of its format keeps its spools."""
+
+    def __call__(self, context: BatchContext) -> Loader: ...
+
+    def remove_spools(self, folder: Path) -> None:
+        """Remove the spools a batch of this format left in its landing folder `folder` when its process died
+        (a batch that ends, committed or failed, removes its own); its landing copy stays, as a failed batch's."""
+        ...
 
 
 class BatchLoader:
@@ -166,11 +174,6 @@ class BatchLoader:
     def landing_of(source: Source, batch_id: str) -> Path:
         """The landing folder of any batch of the source, this loader's or another's (one gone, failed)."""
         return config.state_dir() / "landing" / source.name / batch_id
-
-    @staticmethod
-    def remove_spools(folder: Path) -> None:
-        """Remove the spools a batch of this format left in its landing folder `folder` when its process died
-        (a batch that ends, committed or failed, removes its own); its landing copy stays, as a failed batch's."""
 
     def check_ceiling(self, landed: LandedDelivery, file_counts: dict[int, FileCounts]) -> None:
         """Once every record is read: a file (or a type, or a table) mostly quarantined rejects the batch, by name.
@@ -231,7 +234,7 @@ def run_batch(
     delivery: Path,
     source: Source,
     kind: str,
-    make_loader: LoaderFactory,
+    make_loader: LoaderClass,
     *,
     url: str | None = None,
     keyring: Keyring | None = None,
@@ -251,8 +254,7 @@ def run_batch(
         require_migrated(conn)
         batches.lock_source(conn, source.name)
         for abandoned_id in batches.fail_abandoned_batches(conn, source.name):
-            remove_spools = getattr(make_loader, "remove_spools", BatchLoader.remove_spools)
-            remove_spools(BatchLoader.landing_of(source, abandoned_id))
+            make_loader.remove_spools(BatchLoader.landing_of(source, abandoned_id))
             log.warning(
                 "source %s: batch %s was left loading by a process that is gone (and its session with it): marked "
                 "failed, nothing of it was committed, its staging dropped and its spools removed",

@@ -6,14 +6,13 @@ which two versions whose output is the same share.
 
     python -m health_ingest.bench.stage [DATASET]    (default: `make bench`'s 100k dataset, built if missing)
 
-A version without this file is measured by running this one with that version's `plugins` folder on PYTHONPATH.
+Two versions are compared by running this file of the newer with each version's `plugins` folder on PYTHONPATH.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ from health_ingest import config
 from health_ingest.batch import fhir
 from health_ingest.bench.datasets import build_fhir_dataset
 from health_ingest.formats.ndjson import resource_type_of
+from health_ingest.formats.numbers import inexact_lines
 from health_ingest.privacy.keyring import Keyring, MasterKey
 from health_ingest.sources.registry import Source
 
@@ -35,19 +35,17 @@ BENCH_SOURCE = Source(name="bench", kind="fhir", format="ndjson", id_space="benc
 def measure(dataset: Path) -> dict:
     encoder = fhir.chunk_encoder(BENCH_KEYRING, BENCH_SOURCE)
     chunks = list(_chunks(dataset))  # read before the clock starts, as the workers' reading is not a step
-    exact = "exact" in inspect.signature(encoder.encode).parameters  # versions before exact numbers had none
     rows = check = pseudonymise = 0.0
     digest, removed = hashlib.sha256(), Counter()
     started = time.process_time()
     with mock.patch("time.perf_counter", time.process_time):
         for file_no, resource_type, lines, inexact in chunks:
-            args = (file_no, resource_type, lines, inexact) if exact else (file_no, resource_type, lines)
-            chunk = encoder.encode(*args)
+            chunk = encoder.encode(file_no, resource_type, lines, inexact)
             rows += chunk.rows_read
             check += chunk.check_seconds
             pseudonymise += chunk.pseudonymise_seconds
             digest.update(chunk.data)
-            removed.update(getattr(chunk, "removed", {}))
+            removed.update(chunk.removed)
     cpu = time.process_time() - started
     return {
         "resources": int(rows),
@@ -61,10 +59,6 @@ def measure(dataset: Path) -> dict:
 
 def _chunks(dataset: Path):
     """(file number, resource type, lines, lines to parse exactly) in the workers' chunks of whole lines."""
-    try:
-        from health_ingest.formats.numbers import inexact_lines
-    except ImportError:  # a version that parsed every number as a float
-        inexact_lines = None
     files = sorted(path for path in dataset.glob("*.ndjson") if resource_type_of(path))
     for file_no, path in enumerate(files):
         data, start, first_line = path.read_bytes(), 0, 1
@@ -72,7 +66,7 @@ def _chunks(dataset: Path):
             end = data.find(b"\n", min(start + fhir.CHUNK_BYTES, len(data)) - 1) + 1 or len(data)
             piece = data[start:end]
             lines = [(n, raw) for n, raw in enumerate(piece.split(b"\n"), start=first_line) if raw.strip()]
-            inexact = inexact_lines(piece, first_line) if inexact_lines else frozenset()
+            inexact = inexact_lines(piece, first_line)
             yield file_no, resource_type_of(path), lines, inexact
             first_line += piece.count(b"\n")
             start = end
