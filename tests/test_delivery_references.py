@@ -92,3 +92,29 @@ def test_a_delivery_given_in_the_runs_conf_is_read_again_from_it_and_checked_aga
         resolve_delivery(source, given, {"delivery_path": str(tmp_path)}, keyring)
     with pytest.raises(ConfigurationError, match="which it lacks"):
         resolve_delivery(source, given, {}, keyring)
+
+
+def test_a_pulling_sources_delivery_path_must_lie_in_its_exports_or_inbox_folder_too(tmp_path, monkeypatch):
+    """A source that pulls `$export`s has no looser rule: by default, its own exports folder and its inbox."""
+    from health_ingest.sources.registry import load_sources
+
+    monkeypatch.setenv("HEALTH_INGEST_STATE", str(tmp_path / "state"))
+    declared = tmp_path / "sources.yml"
+    declared.write_text(
+        "sources:\n"
+        "  - name: hospital_a\n"
+        "    kind: fhir\n"
+        "    inbox: inbox/hospital_a\n"
+        "    bulk: {url: 'https://fhir.hospital-a.example/r4', level: system}\n",
+        encoding="utf-8",
+    )
+    source = load_sources(declared)["hospital_a"]
+    pulled, dropped, elsewhere = source.exports / "export-0042", source.inbox / "2026-12-01", tmp_path / "elsewhere"
+    for folder in (pulled, dropped, elsewhere):
+        folder.mkdir(parents=True)
+
+    assert source.allowed_roots == (source.inbox, source.exports)
+    for folder in (pulled, dropped):
+        assert resolve_delivery(source, given_delivery(folder), {"delivery_path": str(folder)}) == folder
+    with pytest.raises(ConfigurationError, match="outside the source's allowed roots"):
+        resolve_delivery(source, given_delivery(elsewhere), {"delivery_path": str(elsewhere)})

@@ -44,10 +44,7 @@ def given_delivery(folder: Path) -> dict[str, str]:
 
 
 def given_folder(source: Source, path: str | Path) -> Path:
-    """The folder of a run's `delivery_path`: inside the source's allowed roots (else ConfigurationError); a source
-    that pulls `$export`s takes it resolved, as it is given."""
-    if source.bulk:
-        return Path(path).resolve()
+    """The folder of a run's `delivery_path`, inside the source's allowed roots (else ConfigurationError)."""
     return source.allowed_delivery(path)
 
 
@@ -62,7 +59,7 @@ def resolve_delivery(
         if not params.get("delivery_path"):
             raise ConfigurationError(f"source '{source.name}': {label} is the run's delivery_path, which it lacks")
         return given_folder(source, params["delivery_path"])
-    parent = {INBOX: source.inbox, EXPORTS: _exports_folder(source)}.get(where)
+    parent = {INBOX: source.inbox, EXPORTS: source.exports}.get(where)
     if parent is None:
         raise ConfigurationError(f"source '{source.name}': {label} is in no place this source has ({where!r})")
     keyring = keyring or load_keyring()
@@ -75,12 +72,3 @@ def resolve_delivery(
         if keyed_delivery_name(folder.name, named_under, source) == delivery["ref"]:
             return folder
     raise DeliveryError(f"source '{source.name}': {label} is no longer in its {where} folder")
-
-
-# --- implementation details -------------------------------------------------------------------
-
-
-def _exports_folder(source: Source) -> Path:
-    from health_ingest.sources.bulk.pull import exports_folder
-
-    return exports_folder(source)

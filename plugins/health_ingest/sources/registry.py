@@ -31,7 +31,7 @@ class Source:
     description: str = ""
     schedule: str | None = None
     inbox: Path | None = None
-    allowed_roots: tuple[Path, ...] = ()  # where a delivery named by hand or by a message may be; default the inbox
+    allowed_roots: tuple[Path, ...] = ()  # where a delivery named by hand or by a message may be (default below)
     owner: str = "health-ingest"
     retries: int = 2
     tags: tuple[str, ...] = ()
@@ -46,6 +46,11 @@ class Source:
     @property
     def dag_id(self) -> str:
         return f"{self.kind}_{self.name}"
+
+    @property
+    def exports(self) -> Path:
+        """Where the source's pulled `$export`s are downloaded, one folder each."""
+        return exports_folder(self.name)
 
     def allowed_delivery(self, path: str | Path) -> Path:
         """The delivery folder, resolved (symbolic links followed), if it lies inside one of the source's allowed
@@ -142,7 +147,9 @@ def _parse_source(path: Path, position: int, entry: object, default_alerts: Aler
     roots = entry.get("allowed_roots")
     if roots is not None and (not isinstance(roots, list) or not all(isinstance(r, str) and r for r in roots)):
         raise ConfigurationError(f"{where}: 'allowed_roots' must be a list of folders")
-    allowed_roots = tuple(_state_path(r) for r in roots) if roots is not None else (inbox_path,) if inbox_path else ()
+    bulk = _parse_bulk(where, kind, entry)
+    declared = tuple(_state_path(r) for r in roots) if roots is not None else None
+    allowed_roots = declared if declared is not None else _default_roots(name, inbox_path, bulk)
     retries = entry.get("retries", 2)
     if not isinstance(retries, int) or retries < 0:
         raise ConfigurationError(f"{where}: 'retries' must be a non-negative integer")
@@ -160,7 +167,7 @@ def _parse_source(path: Path, position: int, entry: object, default_alerts: Aler
         id_space=str(entry.get("id_space") or name),
         privacy=_parse_privacy(where, entry),
         quality=_parse_quality(where, entry),
-        bulk=_parse_bulk(where, kind, entry),
+        bulk=bulk,
         expect_every=_parse_expect_every(where, entry.get("expect_every")),
         retry_delay=_parse_retry_delay(where, entry.get("retry_delay")),
         alerts=_parse_alerts(where, entry, default_alerts),
@@ -187,6 +194,16 @@ def _parse_expect_every(where: str, value: object) -> timedelta | None:
         return parse_duration(value)
     except ValueError as error:
         raise ConfigurationError(f"{where}: expect_every: {error}") from None
+
+
+def exports_folder(name: str) -> Path:
+    return config.state_dir() / "exports" / name
+
+
+def _default_roots(name: str, inbox: Path | None, bulk: BulkSettings | None) -> tuple[Path, ...]:
+    """Where a delivery named from outside may lie when the sources file does not say: the source's inbox, and the
+    folder of its pulled exports for a source that pulls them."""
+    return tuple(root for root in (inbox, exports_folder(name) if bulk else None) if root is not None)
 
 
 def _state_path(value: str) -> Path:

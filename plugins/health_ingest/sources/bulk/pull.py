@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from health_ingest import config
 from health_ingest.errors import ConfigurationError, ExportError, ExportExpired
 from health_ingest.sources.bulk import state as export_state
 from health_ingest.sources.bulk.auth import Authoriser, load_credentials
@@ -156,11 +155,6 @@ def commit_hook(source: Source, delivery: Path):
     return check_and_move_since
 
 
-def exports_folder(source: Source) -> Path:
-    """Where the source's pulled exports are downloaded, one folder each."""
-    return config.state_dir() / "exports" / source.name
-
-
 def read_export_record(delivery: Path) -> dict:
     path = Path(delivery) / EXPORT_RECORD
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -275,7 +269,7 @@ def _instant(value: datetime) -> str:
 
 def _export_folder(source: Source, transaction_time: str) -> Path:
     stamp = "".join(c for c in transaction_time if c.isalnum())[:20] or str(int(time.time()))
-    return exports_folder(source) / f"export-{stamp}"
+    return source.exports / f"export-{stamp}"
 
 
 def _settings(source: Source, url: str | None):
