@@ -31,13 +31,7 @@ def land_fhir_delivery(delivery: Path, landing_folder: Path) -> LandedDelivery:
     """Copy the NDJSON files and FHIR Bundles (`*.json`) of a delivery (a folder or one file); other files are left
     where they are. Bundles are unpacked into one NDJSON file per resource type, checksummed like the rest."""
     delivery = delivery.resolve()
-    if delivery.is_dir():
-        candidates = _entries(delivery, _is_input)
-    elif delivery.is_file() and _is_input(delivery):
-        candidates = [delivery]
-    else:
-        # the delivery's name is the sender's (a patient's, sometimes): never said
-        raise DeliveryError("the delivery is no folder, NDJSON file or Bundle that can be read")
+    candidates = _candidates(delivery, _is_input, _entries, "NDJSON file or Bundle")
     if not candidates and not _empty_export(delivery):
         raise DeliveryError("the delivery holds no NDJSON file (*.ndjson, *.ndjson.gz) and no Bundle (*.json)")
     with _landing(landing_folder):
@@ -88,12 +82,7 @@ def land_files(
     folder's sub-folders are part of it: an extract published as one folder per product (SNDS `DCIR/`,
     `PMSI/PMSI MCO/`...) is one delivery, as a flat folder is."""
     delivery = delivery.resolve()
-    if delivery.is_dir():
-        candidates = _files_of_tree(delivery, accepts)
-    elif delivery.is_file() and accepts(delivery):
-        candidates = [delivery]
-    else:
-        raise DeliveryError(f"the delivery is no folder or {what} that can be read")
+    candidates = _candidates(delivery, accepts, _files_of_tree, what)
     if not candidates:
         raise DeliveryError(f"the delivery holds no {what}")
     kinds = {path: holds(path) for path in candidates}  # refuses an unknown table before anything is copied
@@ -113,6 +102,21 @@ def land_files(
             files.append(LandedFile(file_no, name, target, size, digests.of(target), kinds[source_file]))
     digests.close()
     return LandedDelivery(delivery, landing_folder, files)
+
+
+def _candidates(
+    delivery: Path,
+    accepts: Callable[[Path], bool],
+    listed: Callable[[Path, Callable[[Path], bool]], list[Path]],
+    what: str,
+) -> list[Path]:
+    """The input files of a delivery: those `listed` finds in a folder, or the file itself if `accepts` takes it."""
+    if delivery.is_dir():
+        return listed(delivery, accepts)
+    if delivery.is_file() and accepts(delivery):
+        return [delivery]
+    # the delivery's name is the sender's (a patient's, sometimes): never said
+    raise DeliveryError(f"the delivery is no folder, {what} that can be read")
 
 
 def _files_of_tree(folder: Path, accepts: Callable[[Path], bool]) -> list[Path]:
