@@ -242,16 +242,14 @@ class ResourcePseudonymiser:
             try:
                 spec = fields[key]  # a subscript costs less than a call to get, on every key of every element
             except KeyError:
-                removed = removed or []
-                removed.append(key)
+                removed = _adding(removed, key)
                 self._count(UNEXPECTED_SHAPE, f"{plan.type_name(fields)}.(unknown element)")  # never the key
                 continue
             action = spec[0]
             if action == KEEP_ONE:
                 if type(value) is str:
                     continue
-                removed = removed or []
-                removed.append(key)
+                removed = _adding(removed, key)
                 self._count(UNEXPECTED_SHAPE, spec[3])
                 continue
             kind = type(value)
@@ -264,8 +262,7 @@ class ResourcePseudonymiser:
                         continue
                 else:
                     self._count(UNEXPECTED_SHAPE, spec[3])
-                removed = removed or []
-                removed.append(key)
+                removed = _adding(removed, key)
                 continue
             if action == COMPLEX_LIST:
                 if kind is list:
@@ -289,12 +286,10 @@ class ResourcePseudonymiser:
                         continue
                 else:
                     self._count(UNEXPECTED_SHAPE, spec[3])
-                removed = removed or []
-                removed.append(key)
+                removed = _adding(removed, key)
                 continue
             if action == TEXT and not spec[4]:  # optional free text, whatever its shape
-                removed = removed or []
-                removed.append(key)
+                removed = _adding(removed, key)
                 self._log(spec[5])
                 continue
             if action == KEEP:  # a list of strings (a resource's profiles)
@@ -305,8 +300,7 @@ class ResourcePseudonymiser:
                     else:
                         continue
                 if not (kind is list and self._primitives_are(value, spec[3], _STRINGS)):
-                    removed = removed or []
-                    removed.append(key)
+                    removed = _adding(removed, key)
                     self._count(UNEXPECTED_SHAPE, spec[3])
                 continue
             if action == DISPLAY:
@@ -314,16 +308,14 @@ class ResourcePseudonymiser:
                 if trusted is None:
                     trusted = self._is_trusted(node.get("system"))
                 if kind is not str or not trusted:
-                    removed = removed or []
-                    removed.append(key)
+                    removed = _adding(removed, key)
                     self._log(spec[5] if kind is str else (UNEXPECTED_SHAPE, spec[3]))
                 continue
             if action == LITERAL_REFERENCE:
                 if kind is str:
                     node[key] = self.rewrite_reference(value)
                 else:
-                    removed = removed or []
-                    removed.append(key)
+                    removed = _adding(removed, key)
                     self._log((UNEXPECTED_SHAPE, spec[3]))
                 continue
             _, child, is_list, label, required, _, _ = spec
@@ -334,22 +326,18 @@ class ResourcePseudonymiser:
                 if kind is str:
                     node[key] = self.tokens.identifier(system or "", value)
                 else:
-                    removed = removed or []
-                    removed.append(key)
+                    removed = _adding(removed, key)
                     self._count(UNEXPECTED_SHAPE, label)
             elif action in (NUMBER, BOOLEAN):
                 kinds = _NUMBERS if action == NUMBER else _BOOLEANS
                 good = kind is list and self._primitives_are(value, label, kinds) if is_list else kind in kinds
                 if not good:
-                    removed = removed or []
-                    removed.append(key)
+                    removed = _adding(removed, key)
                     self._count(UNEXPECTED_SHAPE, label)
             elif action == DROP:
-                removed = removed or []
-                removed.append(key)
+                removed = _adding(removed, key)
             elif action == REFERENCE_DISPLAY:
-                removed = removed or []
-                removed.append(key)  # a Reference's display is usually a person's name
+                removed = _adding(removed, key)  # a Reference's display is usually a person's name
                 if type(node.get("reference")) is str or type(node.get("identifier")) is dict:
                     self._log(spec[5])
                 else:
@@ -358,8 +346,7 @@ class ResourcePseudonymiser:
                         added = added or {}
                         added["extension"] = [MASKED_EXTENSION]  # the Reference stays, saying it was masked
             elif action in (TEXT, OBSERVATION_TEXT):
-                removed = removed or []
-                removed.append(key)
+                removed = _adding(removed, key)
                 self._log(spec[5])
                 if action == OBSERVATION_TEXT:
                     if "dataAbsentReason" not in node:
@@ -378,29 +365,24 @@ class ResourcePseudonymiser:
                     if kept:
                         node[key] = kept
                     else:
-                        removed = removed or []
-                        removed.append(key)
+                        removed = _adding(removed, key)
             elif action == ADDRESS:
                 kept = self._generalise_addresses(value, is_list, label) if (kind is list) is is_list else None
                 if kept:
                     node[key] = kept
                 else:
-                    removed = removed or []
-                    removed.append(key)
+                    removed = _adding(removed, key)
             elif action == PRIMITIVE_EXT:
                 if not self._scrub_primitive_extension(value, label):
-                    removed = removed or []
-                    removed.append(key)
+                    removed = _adding(removed, key)
             elif action == CONTAINED:
                 kept = [c for c in value if self._scrub_resource(c, label, contained=True)] if kind is list else None
                 if kept:
                     node[key] = kept
                 else:
-                    removed = removed or []
-                    removed.append(key)
+                    removed = _adding(removed, key)
             elif action == NESTED_RESOURCE and (is_list or not self._scrub_resource(value, label, contained=False)):
-                removed = removed or []
-                removed.append(key)
+                removed = _adding(removed, key)
         if removed:
             for key in removed:
                 del node[key]
@@ -594,3 +576,11 @@ def _is_plain_coding(coding: dict[str, Any]) -> bool:
         and type(coding.get("system")) is str
         and type(coding.get("code")) is str
     )
+
+
+def _adding(keys: list[str] | None, key: str) -> list[str]:
+    """`keys` with `key` added: the walk makes a list of keys to remove only for an element that loses one."""
+    if keys is None:
+        return [key]
+    keys.append(key)
+    return keys
