@@ -80,3 +80,35 @@ def test_batches_starting_together_on_a_fresh_state_folder_share_one_demo_key(tm
         stored = json.loads((tmp_path / f"state-{trial}" / "keyring.demo.json").read_text())
         assert stored["active"] == key_ids[0] and len(stored["keys"]) == 1
         assert [path.name for path in (tmp_path / f"state-{trial}").iterdir()] == ["keyring.demo.json"]
+
+
+def test_rotations_of_one_keyring_at_once_each_add_their_key_and_none_is_lost(tmp_path):
+    """Two operators (or a script run twice) rotating one keyring at the same moment: each rotation adds its key
+    to what the other wrote, the file is always whole, and nothing is left beside it but its lock."""
+    import multiprocessing
+
+    from health_ingest.privacy.keyring import new_keyring_file, rotate_keyring_file
+
+    path = tmp_path / "keyring.json"
+    first = new_keyring_file(path)
+
+    def rotate(barrier, made) -> None:
+        barrier.wait()
+        for _ in range(15):
+            made.put(rotate_keyring_file(path).active_id)
+            read_keyring_file(path)  # never half a file
+
+    fork = multiprocessing.get_context("fork")
+    barrier, made = fork.Barrier(3, timeout=30), fork.Queue()
+    rotators = [fork.Process(target=rotate, args=(barrier, made)) for _ in range(3)]
+    for rotator in rotators:
+        rotator.start()
+    added = [made.get(timeout=60) for _ in range(45)]
+    for rotator in rotators:
+        rotator.join(timeout=30)
+        assert rotator.exitcode == 0
+
+    keyring = read_keyring_file(path)
+    assert set(keyring.keys) == {first.active_id, *added} and len(set(added)) == 45
+    assert keyring.active_id in added
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keyring.json.lock", "keyring.json"]

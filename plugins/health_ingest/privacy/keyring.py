@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
 import re
 import secrets
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,31 +110,50 @@ def new_keyring_file(path: Path, *, demo: bool = False) -> Keyring:
     sees half a keyring, and of two writers at once one wins and the other is told the file exists."""
     entry = _new_key_entry(_new_key_id(), demo=demo)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"active": entry["id"], "keys": [entry]}, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.link(temporary, path)  # atomic, and never over an existing file
-    finally:
-        os.unlink(temporary)
+    with _written_beside(path, {"active": entry["id"], "keys": [entry]}) as whole:
+        os.link(whole, path)  # atomic, and never over an existing file
     return read_keyring_file(path)
 
 
 def rotate_keyring_file(path: Path) -> Keyring:
-    """Add a fresh key and make it active; older keys stay, for re-keying and for reading old batches."""
-    document = json.loads(path.read_text(encoding="utf-8"))
-    parse_keyring(document, str(path))
-    key_id = _new_key_id(existing={k["id"] for k in document["keys"]})
-    document["keys"].append(_new_key_entry(key_id, demo=False))
-    document["active"] = key_id
-    temporary = path.with_name(path.name + ".new")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2)
-    os.replace(temporary, path)
+    """Add a fresh key and make it active; older keys stay, for re-keying and for reading old batches. Rotations
+    of one file take turns (a lock beside it), so that two at once both add their key: a key lost after a batch
+    used it would leave that batch's pseudonyms under a key nobody holds."""
+    with _rotation_lock(path):
+        document = json.loads(path.read_text(encoding="utf-8"))
+        parse_keyring(document, str(path))
+        key_id = _new_key_id(existing={k["id"] for k in document["keys"]})
+        document["keys"].append(_new_key_entry(key_id, demo=False))
+        document["active"] = key_id
+        with _written_beside(path, document) as whole:
+            os.replace(whole, path)
     return read_keyring_file(path)
+
+
+@contextmanager
+def _written_beside(path: Path, document: dict) -> Iterator[str]:
+    """A whole copy of `document` on disk beside `path` (mode 0600, a name of its own), removed after the block
+    unless the block moved it into place."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        yield temporary
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+@contextmanager
+def _rotation_lock(path: Path) -> Iterator[None]:
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _new_key_id(existing: set[str] = frozenset()) -> str:
