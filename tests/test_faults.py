@@ -8,9 +8,11 @@ import gzip
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -446,9 +448,10 @@ def small_disk():
     refused, the test cannot run, and says why."""
     mounted: list[Path] = []
 
-    def mount(folder: Path, size: int) -> Path:
+    def mount(folder: Path, size: int, owner: int | None = None) -> Path:
         folder.mkdir(parents=True)
-        command = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)]
+        options = f"size={size},mode=0700" + (f",uid={owner}" if owner is not None else "")
+        command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
         try:
             run = subprocess.run(command, capture_output=True, text=True, timeout=30)
         except FileNotFoundError:
@@ -465,6 +468,15 @@ def small_disk():
     yield mount
     for folder in mounted:
         subprocess.run(["umount", str(folder)], check=True, timeout=30)
+
+
+@pytest.fixture
+def server_reachable_folder():
+    """A folder the database server's own user can reach (a test's `tmp_path` is its runner's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="health-ingest-"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
@@ -532,6 +544,60 @@ def test_a_full_landing_disk_fails_the_batch_cleanly_and_frees_what_it_took(
         batches = cur.fetchall()
     assert [status for status, *_ in batches] == ["failed", "failed", "committed"]
     assert batches[-1][1] == batches[-1][2] == _records_in(kind, delivery)
+
+
+def test_a_full_warehouse_disk_fails_the_batch_cleanly_and_the_same_delivery_commits_once_there_is_room(
+    tmp_path, db, pg_admin_url, warehouse_url, server_reachable_folder, small_disk
+):
+    """The warehouse's new tables on a disk of their own (a tablespace on a small file system, the database's
+    default), too small for the batch: PostgreSQL stops it with 53100. The batch fails with an error that says the
+    warehouse's disk is full and where the batch was, nothing of it is committed or left staged, and the space it
+    took comes back. With a larger disk, the same delivery commits its exact counts."""
+    admin = psycopg2.connect(pg_admin_url)
+    admin.autocommit = True
+    tablespace, database = f"hi_small_{tmp_path.name[-8:].lower()}", warehouse_url.rsplit("/", 1)[1]
+    with admin.cursor() as cur:
+        cur.execute("SHOW data_directory")
+        owner = os.stat(cur.fetchone()[0]).st_uid  # the server's own user writes the tablespace
+    disk = small_disk(server_reachable_folder / "tablespace", 3 * MiB, owner=owner)
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE TABLESPACE {tablespace} LOCATION %s", (str(disk),))
+            cur.execute(f"ALTER DATABASE {database} SET default_tablespace = {tablespace}")
+        before = _free_bytes(disk)
+
+        run = _cli("ingest", "fhir", str(SAMPLE), "--source", "smart_sample", "--quiet")
+
+        assert run.returncode == 4, run.stderr
+        message = (
+            r"no space left on the warehouse's disk \(PostgreSQL error 53100: could not extend file \"\.\.\.\": "
+            r"No space left on device\) while [^\n]+"
+        )
+        assert re.search(f"failed: {message}", run.stderr), run.stderr
+        assert "Traceback" not in run.stderr
+        with db.cursor() as cur:
+            cur.execute("SELECT status, failed_step, error FROM ingest.batches")
+            [(status, step, error)] = cur.fetchall()
+            assert status == "failed" and step and re.fullmatch(message, error), error
+            cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname IN ('ingest_staging', 'fhir')")
+            assert cur.fetchone()[0] == 0, "nothing of the batch is committed or left staged"
+            cur.execute("CHECKPOINT")  # a dropped table's files are removed by the next checkpoint
+        assert _free_bytes(disk) == before, "the space the batch took comes back"
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True, timeout=30)
+        run = _cli("ingest", "fhir", str(SAMPLE), "--source", "smart_sample", "--quiet")
+
+        assert run.returncode == 0, run.stderr
+        with db.cursor() as cur:
+            cur.execute("SELECT status, rows_read, rows_loaded FROM ingest.batches ORDER BY started_at")
+            (failed, _, nothing), committed = cur.fetchall()  # the failed batch read part of the delivery
+            records = sum(sample_line_counts().values())
+            assert (failed, nothing) == ("failed", 0) and committed == ("committed", records, records)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            cur.execute(f"DROP TABLESPACE IF EXISTS {tablespace}")
+        admin.close()
 
 
 def _free_bytes(folder: Path) -> int:

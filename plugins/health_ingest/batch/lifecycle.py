@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[str, int, bool], None]  # file name, records so far, file done
 BeforeCommit = Callable[[object, str], None]  # (cursor, batch id): last writes of the load transaction
 QUOTED = re.compile(r'"[^"]*"')
+# PostgreSQL's class 53 (insufficient resources), said in an operator's words: the warehouse, not the batch, is short
+WAREHOUSE_SHORT_OF = {
+    "53100": "no space left on the warehouse's disk",
+    "53200": "the warehouse ran out of memory",
+    "53300": "the warehouse has too many connections open",
+    "53400": "the batch went past a limit set on the warehouse",
+}
 
 
 @dataclass
@@ -438,6 +445,8 @@ def _safe_message(error: BaseException, position: str) -> str:
         diag = getattr(error, "diag", None)
         # PostgreSQL quotes input values in some primary messages: keep the words, drop the quotes
         primary = QUOTED.sub('"..."', getattr(diag, "message_primary", None) or "no message")
+        if pgcode in WAREHOUSE_SHORT_OF:
+            return f"{WAREHOUSE_SHORT_OF[pgcode]} (PostgreSQL error {pgcode}: {primary}) {position}"
         return f"PostgreSQL error {pgcode} ({primary}) {position}"
     if isinstance(error, OSError) and error.strerror:  # its words only: its file name may be a delivered one
         return f"{type(error).__name__} ({error.strerror}) {position}"
