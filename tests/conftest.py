@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,12 @@ os.environ.update(airflow_environment())
 PROJECT = Path(__file__).resolve().parents[1]
 SAMPLE = PROJECT / "samples" / "smart-bulk-10"
 TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+def pytest_unconfigure(config):
+    """The session's state folder (its embedded server, landing copies, spools, Airflow's database) goes with it:
+    a gigabyte a run otherwise, left in the temporary folder."""
+    shutil.rmtree(_STATE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
