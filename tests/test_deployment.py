@@ -312,8 +312,26 @@ def _wait_for_run(stack: Stack, dag_id: str, run_id: str, expect: str = "success
             for t in tasks
             if t["state"] == "failed"
         ]
-        raise AssertionError(f"{dag_id}/{run_id} ended {run['state']}: {states}\n" + "\n".join(logs) + stack.tails())
+        failed = [t.get("id") or "(no id)" for t in tasks if t["state"] == "failed"]
+        raise AssertionError(
+            f"{dag_id}/{run_id} ended {run['state']}: {states}\n"
+            + "\n".join(logs)
+            + _server_lines_about(stack, failed)
+            + stack.tails()
+        )
     return run
+
+
+def _server_lines_about(stack: Stack, task_ids: list[str]) -> str:
+    """The API server's lines about these task instances, and its errors with their tracebacks: a task can end
+    failed there (its state update refused) while its own log ends normally."""
+    lines = stack.log("api-server").splitlines()
+    kept = [
+        "\n".join(lines[n : n + (40 if "Traceback" in line else 1)])
+        for n, line in enumerate(lines)
+        if any(task_id in line for task_id in task_ids) or "Traceback" in line or "[error" in line
+    ]
+    return "\n--- api-server, about the failed tasks ---\n" + "\n".join(kept[-60:]) + "\n"
 
 
 def _task(stack: Stack, dag_id: str, run_id: str, task_id: str) -> dict:
