@@ -26,14 +26,14 @@ class PullExportOperator(BaseOperator):
         from health_ingest.airflow.tasks import failing_without_retry
         from health_ingest.airflow.triggers import ExportReadyTrigger
         from health_ingest.sources.bulk.pull import prepare_export
-        from health_ingest.sources.references import given_delivery, given_folder
+        from health_ingest.sources.references import given_delivery
         from health_ingest.sources.registry import get_source
 
         params = context["params"]
         with failing_without_retry():
             source = get_source(self.source_name)
             if params.get("delivery_path"):
-                return [given_delivery(given_folder(source, params["delivery_path"]))]
+                return [given_delivery(source.allowed_delivery(params["delivery_path"]))]
             prepared = prepare_export(source, full_refresh=bool(params.get("full_refresh")))
         if "delivery" in prepared:
             return self._deliveries(prepared["delivery"])

@@ -23,13 +23,13 @@ def find_deliveries(source_name: str, params: dict[str, Any]) -> list[dict[str, 
     only (`sources.references`): what a task returns stays in Airflow's metadata, and a folder's name may name a
     person."""
     from health_ingest.sources.inbox import pending_deliveries
-    from health_ingest.sources.references import INBOX, found_delivery, given_delivery, given_folder
+    from health_ingest.sources.references import INBOX, found_delivery, given_delivery
     from health_ingest.sources.registry import get_source
 
     with failing_without_retry():
         source = get_source(source_name)
         if params.get("delivery_path"):
-            return [given_delivery(given_folder(source, params["delivery_path"]))]
+            return [given_delivery(source.allowed_delivery(params["delivery_path"]))]
         found = pending_deliveries(source.inbox) if source.inbox else []
         deliveries = [found_delivery(source, folder, INBOX) for folder in found]
     log.info("source %s: %d pending deliveries", source_name, len(deliveries))

@@ -43,11 +43,6 @@ def given_delivery(folder: Path) -> dict[str, str]:
     return {"label": delivery_label(folder), "where": GIVEN}
 
 
-def given_folder(source: Source, path: str | Path) -> Path:
-    """The folder of a run's `delivery_path`, inside the source's allowed roots (else ConfigurationError)."""
-    return source.allowed_delivery(path)
-
-
 def resolve_delivery(
     source: Source, delivery: dict[str, Any], params: dict[str, Any], keyring: Keyring | None = None
 ) -> Path:
@@ -58,7 +53,7 @@ def resolve_delivery(
     if where == GIVEN:
         if not params.get("delivery_path"):
             raise ConfigurationError(f"source '{source.name}': {label} is the run's delivery_path, which it lacks")
-        return given_folder(source, params["delivery_path"])
+        return source.allowed_delivery(params["delivery_path"])
     parent = {INBOX: source.inbox, EXPORTS: source.exports}.get(where)
     if parent is None:
         raise ConfigurationError(f"source '{source.name}': {label} is in no place this source has ({where!r})")

@@ -50,7 +50,7 @@ class Source:
     @property
     def exports(self) -> Path:
         """Where the source's pulled `$export`s are downloaded, one folder each."""
-        return exports_folder(self.name)
+        return _exports_folder(self.name)
 
     def allowed_delivery(self, path: str | Path) -> Path:
         """The delivery folder, resolved (symbolic links followed), if it lies inside one of the source's allowed
@@ -196,14 +196,14 @@ def _parse_expect_every(where: str, value: object) -> timedelta | None:
         raise ConfigurationError(f"{where}: expect_every: {error}") from None
 
 
-def exports_folder(name: str) -> Path:
+def _exports_folder(name: str) -> Path:
     return config.state_dir() / "exports" / name
 
 
 def _default_roots(name: str, inbox: Path | None, bulk: BulkSettings | None) -> tuple[Path, ...]:
     """Where a delivery named from outside may lie when the sources file does not say: the source's inbox, and the
     folder of its pulled exports for a source that pulls them."""
-    return tuple(root for root in (inbox, exports_folder(name) if bulk else None) if root is not None)
+    return tuple(root for root in (inbox, _exports_folder(name) if bulk else None) if root is not None)
 
 
 def _state_path(value: str) -> Path:
