@@ -125,9 +125,10 @@ def rotate_keyring_file(path: Path) -> Keyring:
         key_id = _new_key_id(existing={k["id"] for k in document["keys"]})
         document["keys"].append(_new_key_entry(key_id, demo=False))
         document["active"] = key_id
+        rotated = parse_keyring(document, str(path))
         with _written_beside(path, document) as whole:
             os.replace(whole, path)
-    return read_keyring_file(path)
+    return rotated  # not read back after the lock: another rotation may already have followed
 
 
 @contextmanager
