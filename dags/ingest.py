@@ -18,7 +18,15 @@ import pendulum
 from airflow.sdk import DAG, Param, task
 from health_ingest.airflow.notifiers import on_ingest_failure, on_ingest_retry, run_deadline
 from health_ingest.airflow.operators import PullExportOperator
-from health_ingest.airflow.schedules import doc_md, flat_alias, schedule_for, sources_of_kind, tables_alias
+from health_ingest.airflow.schedules import (
+    doc_md,
+    flat_alias,
+    flat_table_assets,
+    schedule_for,
+    sources_of_kind,
+    table_assets,
+    tables_alias,
+)
 
 for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
     with DAG(
@@ -72,7 +80,8 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
         summaries = ingest.partial(source_name=source.name).expand(delivery=deliveries)
 
-        @task(outlets=[tables_alias(source)], retries=3, retry_delay=timedelta(seconds=5))
+        # inlets: the tables it may announce, known to Airflow before their first event
+        @task(inlets=table_assets(source), outlets=[tables_alias(source)], retries=3, retry_delay=timedelta(seconds=5))
         def announce_tables(source_name: str, summary: dict, outlet_events=None) -> dict:
             from health_ingest.airflow.tasks import announce_tables
 
@@ -90,7 +99,7 @@ for source in [*sources_of_kind("fhir"), *sources_of_kind("claims")]:
 
         if source.kind == "fhir":
 
-            @task(outlets=[flat_alias(source)], retry_delay=timedelta(seconds=5))
+            @task(inlets=flat_table_assets(), outlets=[flat_alias(source)], retry_delay=timedelta(seconds=5))
             def refresh_flat_tables(source_name: str, summary: dict, outlet_events=None) -> dict:
                 from health_ingest.airflow.tasks import refresh_flat_tables
 

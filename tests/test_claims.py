@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import TEST_DATA, into_inbox, pg_dump
+from conftest import TEST_DATA, announced_undeclared, into_inbox, pg_dump
 from health_ingest import config
 from health_ingest.batch import claims as claims_loader
 from health_ingest.batch.claims import run_claims_batch
@@ -249,7 +249,9 @@ def test_the_claims_dag_and_the_cli_load_a_delivery(airflow_db, db, tmp_path):
 
     dag = DagBag(dag_folder=str(PROJECT / "dags")).dags["claims_snds_extract"]
     delivery = into_inbox("snds_extract", sorted((SNDS / "DCIR").iterdir()))
-    assert dag.test(run_conf={"delivery_path": str(delivery)}).state == "success"
+    run = dag.test(run_conf={"delivery_path": str(delivery)})
+    assert run.state == "success"
+    assert announced_undeclared(dag, run) == set(), "every table's Asset is known to Airflow before its event"
     cli = subprocess.run(
         [
             sys.executable,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import SAMPLE, into_inbox, sample_identifiers, sample_line_counts
+from conftest import SAMPLE, announced_undeclared, into_inbox, sample_identifiers, sample_line_counts
 
 pytestmark = pytest.mark.integration
 
@@ -21,9 +21,11 @@ def test_dag_run_loads_the_sample_into_the_warehouse(airflow_db, db):
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
-    run = _fhir_dag().test(run_conf={"delivery_path": str(into_inbox("smart_sample", list(SAMPLE.iterdir())))})
+    dag = _fhir_dag()
+    run = dag.test(run_conf={"delivery_path": str(into_inbox("smart_sample", list(SAMPLE.iterdir())))})
 
     assert run.state == "success"
+    assert announced_undeclared(dag, run) == set(), "every table's Asset is known to Airflow before its event"
     with create_session() as session:
         xcoms = session.query(XComModel).filter_by(dag_id="fhir_smart_sample", run_id=run.run_id).all()
         values = " ".join(str(XComModel.deserialize_value(x)) for x in xcoms)
@@ -96,7 +98,8 @@ def test_consumer_dag_reads_exactly_the_rows_of_each_new_batch(airflow_db, db, t
             return XComModel.deserialize_value(xcom)
 
     first = into_inbox("smart_sample", [SAMPLE / "Patient.000.ndjson", SAMPLE / "Encounter.000.ndjson"])
-    assert producer.test(run_conf={"delivery_path": str(first)}).state == "success"
+    first_run = producer.test(run_conf={"delivery_path": str(first)})
+    assert first_run.state == "success"
     with create_session() as session:
         events = {
             uri: [(e.extra["rows"], e.timestamp) for e in events]
@@ -112,6 +115,7 @@ def test_consumer_dag_reads_exactly_the_rows_of_each_new_batch(airflow_db, db, t
     assert [rows for rows, _ in events[flat_uri]] == [1215], "the flat refresh published the flat table's event"
     assert events[flat_uri][0][1] > events[encounter_uri][0][1]
     assert list(consumer_result().values()) == [{"fhir.encounter": 1215, "flat.encounter": 1215}]
+    assert announced_undeclared(producer, first_run) == set(), "every Asset is known to Airflow before its event"
 
     lines = (SAMPLE / "Encounter.000.ndjson").read_text().splitlines(keepends=True)
     second = into_inbox("smart_sample", [])

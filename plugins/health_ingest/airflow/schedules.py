@@ -1,5 +1,6 @@
 """What the DAG files build from the sources file: which sources, their schedules, their documentation, their Asset
-alias. Airflow is imported inside the functions: Airflow parses DAG files every few seconds."""
+aliases and the Assets of the tables they announce. Airflow is imported inside the functions: Airflow parses DAG
+files every few seconds."""
 
 from __future__ import annotations
 
@@ -44,6 +45,39 @@ def flat_alias(source: Source):
     from airflow.sdk import AssetAlias
 
     return AssetAlias(f"{source.name}_flat_tables")
+
+
+def table_assets(source: Source) -> list:
+    """Every warehouse table the source's batches can write, as the Assets its events name (`fhir.<type>`, or its
+    claims profile's tables). Declared as the announcing task's inlets, so that Airflow holds each Asset before any
+    event: an Asset that two sources' events create at the same instant breaks a unique key in Airflow's database,
+    and Airflow fails one of the two tasks without a retry. A yearly claims table (SNDS's `T_MCO19B`) cannot be
+    listed: its Asset is made by its first event."""
+    if source.kind == "fhir":
+        from health_ingest.formats.resource_types import RESOURCE_TYPES
+
+        return _assets("fhir", sorted(t.lower() for t in RESOURCE_TYPES))
+    from health_ingest.formats.claims import load_profile
+
+    profile = load_profile(source.format)
+    return _assets("claims", [profile.warehouse_table(name) for name in profile.tables.named_tables()])
+
+
+def flat_table_assets() -> list:
+    """The flat tables' Assets, declared as the refreshing task's inlets (see `table_assets`)."""
+    from health_ingest.views.flat import repository_view_names
+
+    return _assets("flat", repository_view_names())
+
+
+def _assets(schema: str, tables: list[str]) -> list:
+    from airflow.sdk import Asset
+
+    from health_ingest.warehouse.connection import configured_warehouse_url
+    from health_ingest.warehouse.consumers import table_asset_uri
+
+    url = configured_warehouse_url()
+    return [Asset(table_asset_uri(schema, table, url)) for table in tables]
 
 
 def delivery_messages_asset():

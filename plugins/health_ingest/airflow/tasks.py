@@ -130,9 +130,8 @@ def failing_without_retry():
 
 def announce_tables(source_name: str, summary: dict[str, Any], outlet_events) -> dict[str, Any]:
     """One Asset event per table the batch wrote, carrying the batch id consumers read by. A task of its own after
-    the load, so that a failure to record the events never loads the delivery again. Known gap: two sources'
-    tasks announcing the same table Airflow has never seen, at the same instant, both create its Asset; the
-    second breaks a unique key in Airflow's database and Airflow sets that task failed without a retry."""
+    the load, so that a failure to record the events never loads the delivery again. Each table's Asset is
+    declared beforehand, as the task's inlet (`schedules.table_assets`), so that no event has to create one."""
     from airflow.sdk import Asset
 
     from health_ingest.airflow.schedules import tables_alias

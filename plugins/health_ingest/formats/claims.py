@@ -389,6 +389,11 @@ class _TableSchemas(Mapping):
         """`T_MCO{year}B` for a yearly schema's name (`T_MCOAAB`), None for a table of its own."""
         return next((template for _, name, template in self._yearly if name == table), None)
 
+    def named_tables(self) -> list[str]:
+        """The tables whose name is their schema's: all but the yearly schemas, whose tables are one per year."""
+        yearly = {name for _, name, _ in self._yearly}
+        return [name for name in self._descriptors if name not in yearly]
+
     def __iter__(self):
         return iter(self._descriptors)
 

@@ -53,13 +53,19 @@ class FlatView:
 
 
 def repository_views() -> list[FlatView]:
+    return [FlatView(definition["name"], ViewRunner(definition)) for definition in _repository_definitions()]
+
+
+def repository_view_names() -> list[str]:
+    """The flat tables' names, without compiling their views."""
+    return [definition["name"] for definition in _repository_definitions()]
+
+
+def _repository_definitions() -> Iterator[dict]:
     folder = resources.files("health_ingest.views") / "definitions"
-    views = []
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
-            definition = json.loads(entry.read_text(encoding="utf-8"))
-            views.append(FlatView(definition["name"], ViewRunner(definition)))
-    return views
+            yield json.loads(entry.read_text(encoding="utf-8"))
 
 
 def refresh_batch(conn, batch_id: str, views: list[FlatView] | None = None) -> dict[str, int]:
